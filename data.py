@@ -1,0 +1,610 @@
+"""Data for D2VLM: annotations -> evidence format, the 1-fps frame sampler, synthetic event videos.
+
+Paper: "Experiments / implementation details" (E.T.Instruct-164K for training, E.T.Bench for testing,
+1 fps, 224 px) and "Overall Architecture" (the two-stage response: K <evi>, </evi>, then the answer
+with one <evi> per event). DESIGN.md §2 (frames), §4 (conversion), §9 (synthetic default).
+
+    load_records(path)          E.T.Instruct-164K (txt / vid) or E.T.Bench JSON/JSONL, validated
+    to_evidence(record)         -> prompt, two-stage response, spans (seconds and frames)
+    render(response, spans)     <evi> -> "s - e" (the text a scorer reads)
+    sample_frames(path)         PyAV, sequential decode, frame k nearest to t = k/fps
+    make_synthetic(root, ...)   mp4 files of coloured shapes + train (E.T.Instruct) / test (E.T.Bench) annotations
+
+CLI: python data.py synth --out data/synthetic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+EVI, EVI_END, VID = "<evi>", "</evi>", "<vid>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
+
+# E.T.Bench tasks and the shape of their `tgt` field (scoring-spec §1.1)
+SPAN_TASKS = ("tvg", "epm", "gvq")               # tgt = [s, e]
+SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]
+MCQ_TASKS = ("rar", "eca", "rvq", "gvq")         # o (4 or 5 options), p (answer index)
+CAPTION_TASKS = ("dvc", "slc")                   # g, one caption per tgt span
+BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
+LETTERS = "ABCDE"
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; `field` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field '{field}': {reason}")
+        self.field, self.reason = field, reason
+
+
+class Records(list):
+    """The records of one file, plus what was skipped (`on_error="skip"`): a list of 'index: reason'."""
+
+    def __init__(self, items, path, skipped):
+        super().__init__(items)
+        self.path, self.skipped = str(path), skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating annotation files
+
+
+def load_records(path, on_error: str = "raise") -> Records:
+    """Read an E.T.Instruct-164K or E.T.Bench annotation file (.json list or .jsonl) and validate
+    every record (fields per task, `tgt` shape, finite times inside the video, <vid> counts, and
+    that it converts to the evidence format). A bad record raises ValueError naming file, index and
+    field; with on_error="skip" it is left out, counted in `.skipped` and reported on stderr."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        raw = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(raw, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
+    good, skipped = [], []
+    for i, rec in enumerate(raw):
+        try:
+            to_evidence(rec)  # validates as it converts
+        except BadRecord as e:
+            if on_error == "raise":
+                raise ValueError(f"{path}: record {i}: {e}") from None
+            skipped.append(f"{i}: {e}")
+            continue
+        good.append(rec)
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} of {len(raw)} records (first: record {skipped[0]})",
+              file=sys.stderr)
+    return Records(good, path, skipped)
+
+
+def _number(x, field):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise BadRecord(field, f"expected a finite number, got {x!r}")
+    return float(x)
+
+
+def _span(x, field, duration):
+    if not isinstance(x, (list, tuple)) or len(x) != 2:
+        raise BadRecord(field, f"expected a span [start, end], got {x!r}")
+    s, e = _number(x[0], field), _number(x[1], field)
+    if not 0 <= s <= e <= duration + DURATION_TOLERANCE:
+        raise BadRecord(field, f"span [{s:g}, {e:g}] is not 0 <= start <= end <= duration ({duration:g} s)")
+    return [s, e]
+
+
+def _spans(x, field, duration):
+    if not isinstance(x, list) or not x:
+        raise BadRecord(field, f"expected a non-empty list of spans, got {x!r}")
+    return [_span(v, field, duration) for v in x]
+
+
+def _text(rec, field):
+    v = rec.get(field)
+    if not isinstance(v, str) or not v.strip():
+        raise BadRecord(field, "missing or not a non-empty string")
+    if EVI in v or EVI_END in v:
+        raise BadRecord(field, f"contains the reserved token {EVI} or {EVI_END}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps in text -> <evi>
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_UNIT = r"(?:\s*(?:seconds?|secs?|s)\b)"
+# a pair: "3 - 8", "3-8", "3 to 8", "from 3s to 8s", "3 seconds - 8 seconds" ("from" stays in the text)
+_PAIR = rf"{_NUM}{_UNIT}?\s*(?:-|–|\s+to\s+)\s*{_NUM}"
+# a single time: a number followed by a unit, directly or through a list ("at 3, 5 and 8 seconds")
+_POINT = rf"{_NUM}(?=(?:\s*(?:,|and|or|, and)\s*\d+(?:\.\d+)?)*{_UNIT})"
+_TXT_TIME = re.compile(rf"(?<![\w.]){_PAIR}|(?<![\w.]){_POINT}")
+_VID_TIME = re.compile(rf"{re.escape(VID)}\s*(?:-|–|\s+to\s+)\s*{re.escape(VID)}|{re.escape(VID)}")
+
+
+def extract_times(text: str, values=None):
+    """Replace each timestamp expression of `text` by one <evi> and return (template, spans).
+    With `values` (vid variant) the placeholders are <vid> tokens filled in order from `values`
+    (a flat list); otherwise the numbers are read from the text (txt variant). A pair gives a span
+    [a, b], a single time a point [a, a]. Raises BadRecord on a count mismatch or a reversed pair."""
+    spans, out, last = [], [], 0
+    if values is None:
+        for m in _TXT_TIME.finditer(text):
+            a = m.group(1) if m.group(1) is not None else m.group(3)
+            b = m.group(2) if m.group(1) is not None else a
+            spans.append([float(a), float(b)])
+            out += [text[last:m.start()], EVI]
+            last = m.end()
+    else:
+        n = text.count(VID)
+        if n != len(values):
+            raise BadRecord(VID, f"{n} {VID} placeholders but {len(values)} values")
+        vals = iter(values)
+        for m in _VID_TIME.finditer(text):
+            a = next(vals)
+            b = next(vals) if m.group(0) != VID else a
+            spans.append([a, b])
+            out += [text[last:m.start()], EVI]
+            last = m.end()
+    out.append(text[last:])
+    return "".join(out), spans
+
+
+def _check_spans(spans, field, duration):
+    for s, e in spans:
+        if not (math.isfinite(s) and math.isfinite(e)):
+            raise BadRecord(field, f"timestamp {s} - {e} is not finite")
+        if not 0 <= s <= e <= duration + DURATION_TOLERANCE:
+            raise BadRecord(field, f"span [{s:g}, {e:g}] is not 0 <= start <= end <= duration ({duration:g} s)")
+    return spans
+
+
+def fmt_time(x: float) -> str:
+    """Seconds as text, as E.T.Instruct writes them: 1 or 2 decimals (12 -> '12.0', 3.25 -> '3.25')."""
+    s = f"{x:.2f}"
+    return s[:-1] if s.endswith("0") else s
+
+
+def to_frames(spans, fps: float = 1.0):
+    """Spans in seconds -> inclusive frame-index spans at `fps` (frame k shows t = k/fps)."""
+    return [[int(math.floor(s * fps + 0.5)), int(math.floor(e * fps + 0.5))] for s, e in spans]
+
+
+def render(response: str, spans) -> str:
+    """Replace the i-th <evi> of `response` by spans[i] as "s - e" (seconds). Adjacent <evi>
+    (stage 1) are joined by ", " so that the evidence part stays parseable."""
+    if response.count(EVI) != len(spans):
+        raise ValueError(f"{response.count(EVI)} {EVI} tokens but {len(spans)} spans")
+    out, k, prev = [], 0, None
+    for piece in re.split(f"({re.escape(EVI)})", response):
+        if piece == EVI:
+            out.append((", " if prev == EVI else "") + "{} - {}".format(*map(fmt_time, spans[k])))
+            k += 1
+        elif piece:
+            out.append(piece)
+        prev = piece if piece else prev
+    return "".join(out)
+
+
+def answer_text(rendered: str) -> str:
+    """The stage-2 part of a rendered response (everything after the first </evi>)."""
+    return rendered.partition(EVI_END)[2]
+
+
+def to_evidence(record: dict, fps: float = 1.0) -> dict:
+    """Convert one E.T.Instruct-164K (`conversations`) or E.T.Bench (`q`) record to D2VLM's format:
+
+    prompt            the user question, question timestamps replaced by <evi>
+    response          K <evi>, </evi>, then the answer with one <evi> per event (2K <evi> in all);
+                      empty stage 1 for multiple choice
+    spans, frames     the K answer events, [s, e] in seconds / in frame indices at `fps`
+    question_spans, question_frames   the same for the question's <evi>
+    Raises BadRecord (naming the field) on anything it cannot convert.
+    """
+    if not isinstance(record, dict):
+        raise BadRecord("record", f"expected an object, got {type(record).__name__}")
+    task = record.get("task")
+    if not isinstance(task, str) or not task:
+        raise BadRecord("task", "missing or not a string")
+    for f in ("video", "source"):
+        if not isinstance(record.get(f), str) or not record[f]:
+            raise BadRecord(f, "missing or not a non-empty string")
+    duration = _number(record.get("duration"), "duration")
+    if duration <= 0:
+        raise BadRecord("duration", f"must be positive, got {duration:g}")
+    src = record.get("src")
+    if src is not None:
+        if not isinstance(src, list):
+            raise BadRecord("src", f"expected a flat list of seconds, got {src!r}")
+        src = [_number(v, "src") for v in src]
+    if "conversations" in record:
+        question, answer = _instruct_turns(record)
+        tgt = record.get("tgt")
+        if tgt is not None:
+            if not isinstance(tgt, list):
+                raise BadRecord("tgt", f"expected a flat list of seconds, got {tgt!r}")
+            tgt = [_number(v, "tgt") for v in tgt]
+        if VID in answer or tgt:
+            template, spans = _extract(answer, tgt or [], "tgt")
+        else:
+            template, spans = _extract(answer, None, "conversations")
+        _check_spans(spans, "tgt" if tgt else "conversations", duration)
+        qfield = "src" if VID in question else "conversations"
+    elif "q" in record:
+        question = _text(record, "q")
+        template, spans = _bench_answer(record, task, duration)
+        qfield = "src" if VID in question else "q"
+    else:
+        raise BadRecord("conversations", "record has neither 'conversations' (E.T.Instruct) nor 'q' (E.T.Bench)")
+    prompt, qspans = _extract(question, (src or []) if VID in question else None, qfield)
+    _check_spans(qspans, qfield, duration)
+    response = EVI * len(spans) + EVI_END + template
+    return {"task": task, "source": record["source"], "video": record["video"], "duration": duration,
+            "prompt": prompt, "response": response, "spans": spans, "frames": to_frames(spans, fps),
+            "question_spans": qspans, "question_frames": to_frames(qspans, fps)}
+
+
+def _extract(text, values, field):
+    try:
+        return extract_times(text, values)
+    except BadRecord as e:
+        raise BadRecord(field, e.reason) from None
+
+
+def _instruct_turns(record):
+    conv = record["conversations"]
+    if (not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(t, dict) for t in conv)
+            or [t.get("from") for t in conv] != ["human", "gpt"]):
+        raise BadRecord("conversations", "expected one human turn followed by one gpt turn")
+    q, a = (t.get("value") for t in conv)
+    for v in (q, a):
+        if not isinstance(v, str) or not v.strip():
+            raise BadRecord("conversations", "a turn has no text")
+        if EVI in v or EVI_END in v:
+            raise BadRecord("conversations", f"contains the reserved token {EVI} or {EVI_END}")
+    return q.replace("<image>", "").strip(), a.strip()
+
+
+def _options(record):
+    o, p = record.get("o"), record.get("p")
+    if not isinstance(o, list) or len(o) not in (4, 5):
+        raise BadRecord("o", f"expected a list of 4 or 5 options, got {o!r}")
+    for v in o:
+        if not (isinstance(v, str) or (isinstance(v, list) and len(v) == 2)):
+            raise BadRecord("o", f"an option must be a string or [s, e], got {v!r}")
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < len(o):
+        raise BadRecord("p", f"expected an option index in 0..{len(o) - 1}, got {p!r}")
+    opt = o[p] if isinstance(o[p], str) else "{} - {}".format(*o[p])
+    return f"({LETTERS[p]}) {opt}"
+
+
+def _bench_answer(record, task, duration):
+    """The ground-truth answer of an E.T.Bench record, phrased as E.T.Instruct answers are."""
+    tgt = record.get("tgt")
+    if task in ("rar", "eca", "rvq"):
+        return _options(record), []
+    if task in ("tvg", "epm"):
+        return f"The event happens in {EVI} seconds.", [_span(tgt, "tgt", duration)]
+    if task == "gvq":
+        return f"{_options(record)}. The evidence is in {EVI} seconds.", [_span(tgt, "tgt", duration)]
+    if task == "vhd":
+        if isinstance(tgt, list) and tgt and isinstance(tgt[0], list) and tgt[0] and isinstance(tgt[0][0], list):
+            spans = [s for ann in tgt for s in _spans(ann, "tgt", duration)]
+        else:
+            spans = _spans(tgt, "tgt", duration)
+        s, e = max(spans, key=lambda x: x[1] - x[0])  # a point inside the longest highlight span
+        return f"The highlight is at {EVI} seconds.", [[round((s + e) / 2, 1)] * 2]
+    if task in SPAN_LIST_TASKS:
+        spans = _spans(tgt, "tgt", duration)
+        if task in CAPTION_TASKS:
+            g = record.get("g")
+            if not isinstance(g, list) or len(g) != len(spans) or not all(isinstance(c, str) and c.strip() for c in g):
+                raise BadRecord("g", f"expected {len(spans)} captions (one per tgt span), got {g!r}")
+            return "\n".join(f"{EVI} seconds, {c.strip()}" for c in g), spans
+        return ", ".join([EVI] * len(spans)) + " seconds.", spans
+    raise BadRecord("task", f"unknown E.T.Bench task {task!r} (expected one of {', '.join(BENCH_TASKS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames: PyAV, sequential decode, frame k = the decoded frame nearest to t = k / fps
+
+
+def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
+    """Decode `path` once, front to back, and keep for every k with k/fps <= (time of the last frame)
+    the frame nearest to t = k/fps (ties go to the earlier frame). Each kept frame is resized so its
+    short side is `size` (bicubic) and centre-cropped. Returns uint8 (T, 3, size, size). With
+    `max_frames`, decoding stops after that many frames (the first max_frames/fps seconds).
+    Missing, unreadable, audio-only or frameless files raise an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot open as a video ({e})") from None
+    out = []
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        t0 = float((stream.start_time or 0) * stream.time_base)
+        k, prev, prev_t, picked, decoded = 0, None, 0.0, {}, 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                decoded += 1
+                t = frame.time - t0
+                while t >= k / fps and (max_frames is None or len(out) < max_frames):
+                    pick = prev if prev is not None and k / fps - prev_t <= t - k / fps else frame
+                    if id(pick) not in picked:  # a frame may serve several k when fps > video rate
+                        picked = {id(pick): _resize_crop(pick, size)}
+                    out.append(picked[id(pick)])
+                    k += 1
+                if max_frames is not None and len(out) >= max_frames:
+                    break
+                prev, prev_t = frame, t
+        except av.FFmpegError as e:
+            raise ValueError(f"{path}: corrupt video, decoding failed after {len(out)} frames ({e})") from None
+        declared, rate = stream.frames, float(stream.average_rate or 0)
+    if not out:
+        raise ValueError(f"{path}: no decodable video frames")
+    if max_frames is None and declared and declared - decoded > max(rate, 1):  # > 1 s of frames missing
+        raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def _resize_crop(frame, size):
+    w, h = frame.width, frame.height
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 with CLIP's mean and std."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (frames.float() / 255 - mean) / std
+
+
+def write_video(path, frames, fps: int) -> None:
+    """Encode RGB uint8 frames (T, H, W, 3) to an H.264 mp4 at `fps` (written to a temp name, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    with av.open(str(tmp), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.options = {"crf": "20", "preset": "veryfast"}
+        for img in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+        c.mux(s.encode())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic event videos (DESIGN §9): coloured shapes that appear / move / grow / blink during
+# known spans over a textured grey background. Spans are whole seconds and a shape is on screen
+# for every frame with start <= t <= end, so the 1-fps frames show exactly the annotated events.
+
+SYN_FPS, SYN_W, SYN_H = 4, 160, 120          # video frame rate and size (4:3, so the crop is exercised)
+SYN_DURATION = (10, 40)                      # seconds, inclusive
+SYN_EVENT_LEN = (2, 8)                       # seconds, inclusive
+SYN_MAX_EVENTS = 4
+SYN_GAP = 2                                  # seconds from one event's end to the next start
+SYN_COLOURS = {"red": (225, 35, 35), "green": (35, 190, 55), "blue": (40, 75, 235), "yellow": (235, 215, 30),
+               "purple": (150, 45, 215), "orange": (245, 130, 20), "cyan": (25, 200, 215)}
+SYN_SHAPES = ("square", "circle", "triangle")
+SYN_ACTIONS = ("appears", "moves left", "moves right", "grows", "blinks")
+SYN_STEPS = {"appears": "show the {c} {s}", "moves left": "move the {c} {s} to the left",
+             "moves right": "move the {c} {s} to the right", "grows": "enlarge the {c} {s}",
+             "blinks": "flash the {c} {s}"}
+SYN_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc")
+SYN_SOURCE = "synthetic"
+_INTRO = "You are given a video of coloured shapes on a textured background. Watch the video carefully and "
+
+
+def _scene(rng):
+    """Draw one video: duration, background and 1-4 non-overlapping events with distinct colours."""
+    duration = int(rng.integers(SYN_DURATION[0], SYN_DURATION[1] + 1))
+    k = int(rng.integers(1, SYN_MAX_EVENTS + 1))
+    lens = [int(rng.integers(SYN_EVENT_LEN[0], SYN_EVENT_LEN[1] + 1)) for _ in range(k)]
+    while sum(lens) + SYN_GAP * (len(lens) - 1) > duration - 1:  # all must end by the last frame
+        lens.pop()
+    k = len(lens)
+    free = duration - 1 - sum(lens) - SYN_GAP * (k - 1)
+    cuts = np.sort(rng.integers(0, free + 1, size=k))
+    colours = rng.choice(list(SYN_COLOURS), size=k, replace=False)
+    actions = [str(a) for a in rng.choice(SYN_ACTIONS, size=k)]
+    if k >= 2 and rng.random() < 0.5:  # same-class events, so that action localisation is not trivial
+        actions[int(rng.integers(1, k))] = actions[0]
+    events, t = [], 0
+    for i in range(k):
+        s = t + int(cuts[i]) - (int(cuts[i - 1]) if i else 0)
+        events.append({"colour": str(colours[i]), "shape": str(rng.choice(SYN_SHAPES)), "action": actions[i],
+                       "span": [float(s), float(s + lens[i])], "x": int(rng.integers(55, 106)), "y": int(rng.integers(35, 86))})
+        t = s + lens[i] + SYN_GAP
+    coarse = rng.uniform(70, 150, size=(SYN_H // 10, SYN_W // 10, 1))
+    bg = np.kron(coarse, np.ones((10, 10, 1))) + rng.normal(0, 6, size=(SYN_H, SYN_W, 1))
+    bg = np.clip(bg + rng.uniform(-6, 6, size=3), 0, 255).astype(np.uint8)  # near-grey, slightly tinted
+    return {"duration": duration, "events": events, "bg": bg}
+
+
+def _render(scene):
+    n = scene["duration"] * SYN_FPS
+    frames = np.repeat(scene["bg"][None], n, axis=0)
+    yy, xx = np.mgrid[0:SYN_H, 0:SYN_W]
+    for ev in scene["events"]:
+        s, e = map(int, ev["span"])
+        for i in range(s * SYN_FPS, e * SYN_FPS + 1):
+            u = (i / SYN_FPS - s) / max(e - s, 1)  # progress through the event, 0..1
+            x, y, r = ev["x"], ev["y"], 12.0
+            if ev["action"] == "moves left":
+                x = ev["x"] + 25 - 50 * u
+            elif ev["action"] == "moves right":
+                x = ev["x"] - 25 + 50 * u
+            elif ev["action"] == "grows":
+                r = 6 + 14 * u
+            dx, dy = xx - x, yy - y
+            if ev["shape"] == "square":
+                mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+            elif ev["shape"] == "circle":
+                mask = dx ** 2 + dy ** 2 <= r ** 2
+            else:
+                mask = (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+            colour = np.array(SYN_COLOURS[ev["colour"]], dtype=np.float64)
+            if ev["action"] == "blinks" and int(i / SYN_FPS - s) % 2:
+                colour = colour * 0.5  # dim on odd seconds, bright on even ones: visible throughout
+            frames[i][mask] = colour.astype(np.uint8)
+    return frames
+
+
+def _caption(ev):
+    return f"a {ev['colour']} {ev['shape']} {ev['action']}"
+
+
+def _span_text(span):
+    return "{} - {}".format(*map(fmt_time, span))
+
+
+def _questions(scene, rng):
+    """One (task, question, answer, tgt, captions) per task for this scene, phrased as E.T.Bench asks
+    and E.T.Instruct answers. tgt is in E.T.Bench's per-task shape."""
+    evs = scene["events"]
+    out = {}
+    ev = evs[int(rng.integers(len(evs)))]
+    out["tvg"] = (_INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
+                  "response should be: 'The event happens in <start time> - <end time>'.",
+                  f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
+    ev = evs[int(rng.integers(len(evs)))]
+    out["epm"] = (_INTRO + f"answer the question from my point of view: 'When did I see the {ev['colour']} "
+                  f"{ev['shape']}?' The format of your response should be: 'The event happens in <start time> - "
+                  "<end time>'.", f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
+    action = evs[int(rng.integers(len(evs)))]["action"]
+    spans = [e["span"] for e in evs if e["action"] == action]
+    out["tal"] = (_INTRO + f"find all the moments of the action 'a shape {action}'. The format of your response "
+                  "should be: 'The action happens in <start time> - <end time>, <start time> - <end time>, and "
+                  "<start time> - <end time>'.",
+                  "The action happens in " + ", ".join(map(_span_text, spans)) + " seconds.", spans, None)
+    out["evs"] = (_INTRO + "summarize it by selecting its most important segments. The format of your response "
+                  "should be: 'The key segments are <start time> - <end time>, <start time> - <end time>'.",
+                  "The key segments are " + ", ".join(e_ for e_ in map(_span_text, [e["span"] for e in evs]))
+                  + " seconds.", [e["span"] for e in evs], None)
+    shape = evs[int(rng.integers(len(evs)))]["shape"]
+    spans = [e["span"] for e in evs if e["shape"] == shape]
+    s, e = max(spans, key=lambda x: x[1] - x[0])
+    out["vhd"] = (_INTRO + f"find the highlight moment for the query: 'a {shape}'. The format of your response "
+                  "should be: 'The highlight is at <time> seconds'.",
+                  f"The highlight is at {fmt_time((s + e) / 2)} seconds.", spans, None)
+    caps = [_caption(e) + "." for e in evs]
+    out["dvc"] = (_INTRO + "densely describe all the events. For each event, you need to determine the start and "
+                  "end times and provide a concise description. The format of your response should be: "
+                  "'<start time> - <end time>, <description>'.",
+                  "\n".join(f"{_span_text(e['span'])} seconds, {c}" for e, c in zip(evs, caps)),
+                  [e["span"] for e in evs], caps)
+    steps = [SYN_STEPS[e["action"]].format(c=e["colour"], s=e["shape"]) + "." for e in evs]
+    out["slc"] = (_INTRO + "localize the steps of the procedure it shows. For each step, you need to determine the "
+                  "start and end times and provide a concise description. The format of your response should be: "
+                  "'<start time> - <end time>, <description>'.",
+                  "\n".join(f"{_span_text(e['span'])} seconds, {c}" for e, c in zip(evs, steps)),
+                  [e["span"] for e in evs], steps)
+    return out
+
+
+def _synth_one(args):
+    """Render, encode and annotate one video (runs in a worker process)."""
+    root, split, i, seed = args
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+    scene = _scene(rng)
+    name = f"{split}_{i:04d}.mp4"
+    write_video(Path(root) / "videos" / name, _render(scene), SYN_FPS)
+    recs = []
+    for task, (q, a, tgt, caps) in _questions(scene, rng).items():
+        head = {"task": task, "source": SYN_SOURCE, "video": name, "duration": float(scene["duration"])}
+        if split == "train":
+            recs.append({**head, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                   {"from": "gpt", "value": a}]})
+        else:
+            rec = {"version": 1.0, **head, "q": q, "tgt": tgt}
+            if caps is not None:
+                rec["g"] = [c.rstrip(".") for c in caps]
+            recs.append(rec)
+    return recs
+
+
+def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None):
+    """Write `n_train` + `n_test` synthetic mp4 files under root/videos and their annotations:
+    root/train.json (E.T.Instruct-164K txt schema) and root/test.json (E.T.Bench schema), one record
+    per task in SYN_TASKS per video. The annotation files are written last, so their presence means
+    the set is complete. Same seed -> byte-identical annotation files."""
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), "train", i, seed) for i in range(n_train)] + [(str(root), "test", i, seed) for i in range(n_test)]
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        results = list(pool.map(_synth_one, jobs, chunksize=4))
+    train = [r for recs in results[:n_train] for r in recs]
+    test = [{"version": r.pop("version"), "idx": j, **r}
+            for j, r in enumerate(r for recs in results[n_train:] for r in recs)]
+    for name, recs in (("train.json", train), ("test.json", test)):
+        tmp = root / (name + ".tmp")
+        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n", encoding="utf-8")
+        os.replace(tmp, root / name)
+    return root / "train.json", root / "test.json"
+
+
+def ensure_synthetic(root, **kw):
+    """Generate the synthetic set under `root` unless it is already there (first use)."""
+    root = Path(root)
+    if not ((root / "train.json").is_file() and (root / "test.json").is_file()):
+        print(f"generating the synthetic dataset under {root} ...", file=sys.stderr)
+        make_synthetic(root, **kw)
+    return root / "train.json", root / "test.json"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="D2VLM data tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("synth", help="generate the synthetic event-video dataset")
+    sp.add_argument("--out", default="data/synthetic")
+    sp.add_argument("--n-train", type=int, default=200)
+    sp.add_argument("--n-test", type=int, default=40)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    t = time.time()
+    train, test = make_synthetic(args.out, args.n_train, args.n_test, args.seed, args.workers)
+    n_tr, n_te = len(load_records(train)), len(load_records(test))
+    print(f"wrote {args.n_train + args.n_test} videos and {n_tr} train / {n_te} test records "
+          f"to {args.out} in {time.time() - t:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

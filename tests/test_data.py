@@ -1,0 +1,384 @@
+"""data.py: annotation reading and validation, evidence conversion, render round trip, the frame
+sampler, and the synthetic dataset."""
+import json
+import math
+import re
+import struct
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import EVI, EVI_END
+
+# ---------------------------------------------------------------------------------------------
+# Conversion of hand-written records, E.T.Instruct-164K (txt and vid) and E.T.Bench (txt and vid)
+
+Q_TVG = "Watch the video carefully and find a visual event described by the sentence: 'a man opens a door'."
+
+
+def instruct(task, human, gpt, **kw):
+    return {"task": task, "source": "src_" + task, "video": f"{task}/v.mp4", "duration": 60.0,
+            "conversations": [{"from": "human", "value": "<image>\n" + human}, {"from": "gpt", "value": gpt}], **kw}
+
+
+# (task, human, gpt txt, gpt vid, tgt, expected response, expected spans)
+INSTRUCT = [
+    ("tvg", Q_TVG, "The event happens in 3.2 - 9.8 seconds.", "The event happens in <vid> - <vid> seconds.",
+     [3.2, 9.8], f"{EVI}{EVI_END}The event happens in {EVI} seconds.", [[3.2, 9.8]]),
+    ("epm", "When did I last see my keys?", "The event happens in 40.0 - 52.5 seconds.",
+     "The event happens in <vid> - <vid> seconds.", [40.0, 52.5],
+     f"{EVI}{EVI_END}The event happens in {EVI} seconds.", [[40.0, 52.5]]),
+    ("tal", "Find all the moments of 'jumping'.", "The action happens in 1.0 - 3.0, 5.0 - 8.0, and 10.0 - 12.5 seconds.",
+     "The action happens in <vid> - <vid>, <vid> - <vid>, and <vid> - <vid> seconds.", [1.0, 3.0, 5.0, 8.0, 10.0, 12.5],
+     f"{EVI * 3}{EVI_END}The action happens in {EVI}, {EVI}, and {EVI} seconds.", [[1.0, 3.0], [5.0, 8.0], [10.0, 12.5]]),
+    ("evs", "Summarize the video.", "The key segments are 0.0 - 4.0, 10.0 - 14.0 seconds.",
+     "The key segments are <vid> - <vid>, <vid> - <vid> seconds.", [0.0, 4.0, 10.0, 14.0],
+     f"{EVI * 2}{EVI_END}The key segments are {EVI}, {EVI} seconds.", [[0.0, 4.0], [10.0, 14.0]]),
+    ("vhd", "Find the highlights for 'a dog runs'.", "The highlight moments are at 4.0, 6.5 and 10.0 seconds.",
+     "The highlight moments are at <vid>, <vid> and <vid> seconds.", [4.0, 6.5, 10.0],
+     f"{EVI * 3}{EVI_END}The highlight moments are at {EVI}, {EVI} and {EVI} seconds.",
+     [[4.0, 4.0], [6.5, 6.5], [10.0, 10.0]]),
+    ("dvc", "Describe all the events.", "0.0 - 5.0 seconds, a man cracks eggs.\n5.5 - 12.0 seconds, he whisks them.",
+     "<vid> - <vid> seconds, a man cracks eggs.\n<vid> - <vid> seconds, he whisks them.", [0.0, 5.0, 5.5, 12.0],
+     f"{EVI * 2}{EVI_END}{EVI} seconds, a man cracks eggs.\n{EVI} seconds, he whisks them.", [[0.0, 5.0], [5.5, 12.0]]),
+    ("slc", "Localize the steps.", "2.0 - 9.0 seconds, add salt. 12.0 - 15.25 seconds, stir.",
+     "<vid> - <vid> seconds, add salt. <vid> - <vid> seconds, stir.", [2.0, 9.0, 12.0, 15.25],
+     f"{EVI * 2}{EVI_END}{EVI} seconds, add salt. {EVI} seconds, stir.", [[2.0, 9.0], [12.0, 15.25]]),
+]
+
+
+@pytest.mark.parametrize("task,human,gpt,gpt_vid,tgt,response,spans", INSTRUCT, ids=[c[0] for c in INSTRUCT])
+def test_instruct_txt_and_vid_convert_to_the_same_evidence(task, human, gpt, gpt_vid, tgt, response, spans):
+    ev = data.to_evidence(instruct(task, human, gpt))
+    assert ev["response"] == response
+    assert ev["spans"] == spans
+    assert ev["frames"] == [[math.floor(s + 0.5), math.floor(e + 0.5)] for s, e in spans]
+    assert ev["prompt"] == human and ev["question_spans"] == [] and ev["task"] == task
+    assert ev["response"].count(EVI) == 2 * len(spans)
+    assert data.to_evidence(instruct(task, human, gpt_vid, tgt=tgt)) == ev
+
+
+def test_question_timestamps_become_question_evidence():
+    txt = instruct("tem", "What happens after 2.5 - 4.0 seconds?", "It happens in 5.0 to 7.5 seconds.")
+    vid = instruct("tem", "What happens after <vid> - <vid> seconds?", "It happens in <vid> to <vid> seconds.",
+                   src=[2.5, 4.0], tgt=[5.0, 7.5])
+    for rec in (txt, vid):
+        ev = data.to_evidence(rec)
+        assert ev["prompt"] == f"What happens after {EVI} seconds?"
+        assert ev["question_spans"] == [[2.5, 4.0]] and ev["question_frames"] == [[3, 4]]
+        assert ev["response"] == f"{EVI}{EVI_END}It happens in {EVI} seconds." and ev["spans"] == [[5.0, 7.5]]
+
+
+def test_timestamp_phrasings_in_text():
+    template, spans = data.extract_times("from 3 to 8s, then 10-12 seconds, 4 s to 6 s; at 1, 2 and 30.5 seconds; 4 steps, 2 - 3.")
+    assert template == f"from {EVI}s, then {EVI} seconds, {EVI} s; at {EVI}, {EVI} and {EVI} seconds; 4 steps, {EVI}."
+    assert spans == [[3, 8], [10, 12], [4, 6], [1, 1], [2, 2], [30.5, 30.5], [2, 3]]
+    # numbers that are no timestamps stay text
+    assert data.extract_times("He adds 3 eggs and 2 cups of flour.") == ("He adds 3 eggs and 2 cups of flour.", [])
+
+
+def bench(task, q="Answer the question.", **kw):
+    return {"version": 1.0, "idx": 0, "task": task, "source": "src_" + task, "video": f"{task}/v.mp4",
+            "duration": 60.0, "q": q, **kw}
+
+
+BENCH = [
+    (bench("tvg", Q_TVG, tgt=[3.1, 9.8]), f"{EVI}{EVI_END}The event happens in {EVI} seconds.", [[3.1, 9.8]]),
+    (bench("epm", tgt=[40.0, 52.5]), f"{EVI}{EVI_END}The event happens in {EVI} seconds.", [[40.0, 52.5]]),
+    (bench("tal", tgt=[[5.0, 9.0], [30.0, 41.2]]), f"{EVI * 2}{EVI_END}{EVI}, {EVI} seconds.", [[5, 9], [30, 41.2]]),
+    (bench("evs", tgt=[[0.0, 12.0]]), f"{EVI}{EVI_END}{EVI} seconds.", [[0, 12]]),
+    (bench("tem", tgt=[[22.0, 30.5], [41.0, 44.0]]), f"{EVI * 2}{EVI_END}{EVI}, {EVI} seconds.", [[22, 30.5], [41, 44]]),
+    (bench("vhd", tgt=[[10, 14], [20, 26]]), f"{EVI}{EVI_END}The highlight is at {EVI} seconds.", [[23.0, 23.0]]),
+    (bench("vhd", tgt=[[[10, 14], [20, 26]], [[12, 19]]]), f"{EVI}{EVI_END}The highlight is at {EVI} seconds.",
+     [[15.5, 15.5]]),
+    (bench("dvc", tgt=[[10, 20], [25, 40]], g=["crack eggs", "whisk"]),
+     f"{EVI * 2}{EVI_END}{EVI} seconds, crack eggs\n{EVI} seconds, whisk", [[10, 20], [25, 40]]),
+    (bench("slc", tgt=[[3, 9]], g=["add salt"]), f"{EVI}{EVI_END}{EVI} seconds, add salt", [[3, 9]]),
+    (bench("rar", p=2, o=["opt A", "opt B", "opt C", "opt D"]), f"{EVI_END}(C) opt C", []),
+    (bench("eca", p=1, o=[[0.0, 4.0], [4.0, 9.5], [9.5, 13.0], [13.0, 20.0]]), f"{EVI_END}(B) 4.0 - 9.5", []),
+    (bench("rvq", p=4, o=["a", "b", "c", "d", "e"]), f"{EVI_END}(E) e", []),
+    (bench("gvq", p=3, o=["a", "b", "c", "d"], tgt=[12.0, 18.0]),
+     f"{EVI}{EVI_END}(D) d. The evidence is in {EVI} seconds.", [[12.0, 18.0]]),
+]
+
+
+@pytest.mark.parametrize("rec,response,spans", BENCH, ids=[f"{r['task']}{i}" for i, (r, _, _) in enumerate(BENCH)])
+def test_bench_records_convert(rec, response, spans):
+    ev = data.to_evidence(rec)
+    assert ev["response"] == response
+    assert ev["spans"] == [[float(s), float(e)] for s, e in spans]
+    assert ev["prompt"] == rec["q"]
+
+
+def test_bench_vid_question_uses_src():
+    txt = bench("rar", "What happens during 5.0 - 8.0 seconds?", p=0, o=list("abcd"))
+    vid = bench("rar", "What happens during <vid> - <vid> seconds?", p=0, o=list("abcd"), src=[5.0, 8.0])
+    assert data.to_evidence(txt) == data.to_evidence(vid)
+    assert data.to_evidence(vid)["question_spans"] == [[5.0, 8.0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Render round trip
+
+
+# every <evi> renders as "s - e", so a single time comes back as a zero-length span (which the
+# D2VLM VHD rule needs: it reads the midpoint of an "s - e" span)
+CANONICAL = {"vhd": "The highlight moments are at 4.0 - 4.0, 6.5 - 6.5 and 10.0 - 10.0 seconds."}
+
+
+@pytest.mark.parametrize("task,human,gpt,gpt_vid,tgt,response,spans", INSTRUCT, ids=[c[0] for c in INSTRUCT])
+def test_render_reproduces_the_original_answer(task, human, gpt, gpt_vid, tgt, response, spans):
+    for rec in (instruct(task, human, gpt), instruct(task, human, gpt_vid, tgt=tgt)):
+        ev = data.to_evidence(rec)
+        text = data.render(ev["response"], ev["spans"] + ev["spans"])
+        assert data.answer_text(text) == CANONICAL.get(task, gpt)
+        # the evidence part lists the same spans, parseable as "s - e, s - e"
+        head = text.split(EVI_END)[0]
+        assert head == ", ".join("{} - {}".format(*map(data.fmt_time, s)) for s in spans)
+        # and converting the rendered answer again is a fixed point
+        again = data.to_evidence(instruct(task, human, data.answer_text(text)))
+        assert again["response"] == ev["response"] and again["spans"] == ev["spans"]
+
+
+def test_render_canonicalises_other_phrasings():
+    ev = data.to_evidence(instruct("tvg", Q_TVG, "It happens from 3 to 8.5 seconds."))
+    assert data.render(ev["response"], ev["spans"] * 2) == f"3.0 - 8.5{EVI_END}It happens from 3.0 - 8.5 seconds."
+    with pytest.raises(ValueError, match="1 <evi> tokens but 2 spans"):
+        data.render(f"{EVI}", [[1, 2], [3, 4]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad records: one clear error naming file, index and field; or counted skips
+
+GOOD = instruct("tvg", Q_TVG, "The event happens in 3.2 - 9.8 seconds.")
+
+
+def _with(**kw):
+    return {**GOOD, **kw}
+
+
+BAD = [
+    ({k: v for k, v in GOOD.items() if k != "task"}, "task", "missing"),
+    (_with(duration=-3), "duration", "must be positive"),
+    (_with(duration="long"), "duration", "finite number"),
+    (_with(conversations=[{"from": "human", "value": "hi"}]), "conversations", "one human turn followed by one gpt"),
+    (instruct("tvg", Q_TVG, "The event happens in 9.8 - 3.2 seconds."), "conversations", "not 0 <= start <= end"),
+    (instruct("tvg", Q_TVG, "The event happens in 3.2 - 75.0 seconds."), "conversations", "duration (60 s)"),
+    (instruct("tvg", Q_TVG, "The event happens in <vid> - <vid> seconds.", tgt=[3.0]), "tgt", "2 <vid> placeholders but 1"),
+    (instruct("tvg", Q_TVG, "In <vid> - <vid> seconds.", tgt=[3.0, float("nan")]), "tgt", "finite number"),
+    (instruct("tvg", "After <vid> - <vid>?", "In 3 - 4 seconds.", src=[1.0]), "src", "2 <vid> placeholders but 1"),
+    (instruct("tvg", Q_TVG, f"In {EVI} 3 - 4 seconds."), "conversations", "reserved token"),
+    (bench("tvg", tgt=[[3.0, 4.0]]), "tgt", "expected a span [start, end], got [[3.0, 4.0]]"),
+    (bench("tvg", tgt=[3.0]), "tgt", "expected a span"),
+    (bench("tal", tgt=[3.0, 4.0]), "tgt", "expected a span"),
+    (bench("tal", tgt=[]), "tgt", "non-empty list of spans"),
+    (bench("dvc", tgt=[[1, 2], [3, 4]], g=["only one"]), "g", "expected 2 captions"),
+    (bench("rar", p=7, o=list("abcd")), "p", "option index in 0..3"),
+    (bench("rar", p=0, o=list("abc")), "o", "4 or 5 options"),
+    (bench("xyz", tgt=[1, 2]), "task", "unknown E.T.Bench task"),
+    (bench("tvg", q="", tgt=[1, 2]), "q", "non-empty string"),
+    ({"task": "tvg", "source": "s", "video": "v.mp4", "duration": 5.0}, "conversations", "neither"),
+]
+
+
+@pytest.mark.parametrize("rec,field,reason", BAD, ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(BAD)])
+def test_bad_record_names_file_index_and_field(tmp_path, rec, field, reason):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps([GOOD, GOOD, rec]))
+    with pytest.raises(ValueError) as err:
+        data.load_records(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: record 2: field '{field}':"), msg
+    assert reason in msg and "\n" not in msg
+
+
+def test_skip_mode_counts_and_reports(tmp_path, capsys):
+    path = tmp_path / "ann.jsonl"
+    bad = [BAD[1][0], BAD[5][0]]
+    path.write_text("\n".join(json.dumps(r) for r in [GOOD, bad[0], GOOD, bad[1]]) + "\n")
+    recs = data.load_records(path, on_error="skip")
+    assert len(recs) == 2 and recs == [GOOD, GOOD]
+    assert len(recs.skipped) == 2 and recs.skipped[0].startswith("1: field 'duration'")
+    assert recs.skipped[1].startswith("3: field 'conversations'")
+    assert f"{path}: skipped 2 of 4 records" in capsys.readouterr().err
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json: annotation file not found"):
+        data.load_records(tmp_path / "missing.json")
+    (tmp_path / "a.json").write_text('[{"task": ')
+    with pytest.raises(ValueError, match=r"a.json: not valid JSON \(line 1"):
+        data.load_records(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text('{"task": "tvg"}')
+    with pytest.raises(ValueError, match="b.json: expected a JSON list of records, got dict"):
+        data.load_records(tmp_path / "b.json")
+    (tmp_path / "c.jsonl").write_text(json.dumps(GOOD) + "\n{oops\n")
+    with pytest.raises(ValueError, match="c.jsonl: line 2: not valid JSON"):
+        data.load_records(tmp_path / "c.jsonl")
+    with pytest.raises(ValueError, match="on_error"):
+        data.load_records(tmp_path / "c.jsonl", on_error="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sampler
+
+LEVELS = (0, 85, 170, 255)
+
+
+def index_clip(path, n, fps, w=160, h=120):
+    """A clip whose frame i shows i in base 4 as three grey bands (readable after resize and crop)."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        for b in range(3):
+            frames[i, b * h // 3:(b + 1) * h // 3] = LEVELS[(i // 4 ** b) % 4]
+    data.write_video(path, frames, fps)
+
+
+def read_index(frame):
+    """Inverse of index_clip for a (3, S, S) uint8 frame."""
+    s = frame.shape[1]
+    digits = [int(np.argmin([abs(float(frame[:, b * s // 3 + s // 12:(b + 1) * s // 3 - s // 12].float().mean()) - v)
+                             for v in LEVELS])) for b in range(3)]
+    return sum(d * 4 ** b for b, d in enumerate(digits))
+
+
+@pytest.mark.parametrize("video_fps,fps", [(7, 1.0), (7, 0.5), (7, 3.0), (3, 1.0), (2, 4.0)])
+def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
+    n = 60
+    index_clip(tmp_path / "c.mp4", n, video_fps)
+    frames = data.sample_frames(tmp_path / "c.mp4", fps=fps, size=48)
+    last = (n - 1) / video_fps
+    expect = []
+    for k in range(int(last * fps + 1e-9) + 1):
+        t = k / fps
+        d = [abs(i / video_fps - t) for i in range(n)]
+        expect.append(min(range(n), key=lambda i: (d[i], i)))  # nearest, ties to the earlier frame
+    assert frames.shape == (len(expect), 3, 48, 48) and frames.dtype == torch.uint8
+    assert [read_index(f) for f in frames] == expect
+
+
+def test_sampler_resizes_short_side_and_centre_crops(tmp_path):
+    # 200x100: left half red, right half blue, a green 20-px stripe at the centre
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :100] = (255, 0, 0)
+    img[:, 100:] = (0, 0, 255)
+    img[:, 90:110] = (0, 255, 0)
+    data.write_video(tmp_path / "w.mp4", np.repeat(img[None], 4, 0), 2)
+    f = data.sample_frames(tmp_path / "w.mp4", size=50)[0].permute(1, 2, 0).numpy().astype(int)
+    # resized to 100x50, the crop keeps columns 25..75: red 0..20, green 20..30, blue 30..50
+    assert f.shape == (50, 50, 3)
+    assert (f[25, 5] - (255, 0, 0)).__abs__().max() < 40
+    assert (f[25, 25] - (0, 255, 0)).__abs__().max() < 40
+    assert (f[25, 45] - (0, 0, 255)).__abs__().max() < 40
+    assert data.sample_frames(tmp_path / "w.mp4", size=50, max_frames=1).shape[0] == 1
+
+
+def test_normalize_is_clip():
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    y = data.normalize(x)
+    assert y.dtype == torch.float32
+    for c in range(3):
+        assert torch.allclose(y[:, c], torch.tensor((1 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]))
+
+
+def _faststart(path, n=12):
+    frames = np.random.default_rng(0).integers(0, 255, (n, 64, 96, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=4)
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        for img in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    return path.read_bytes()
+
+
+def test_sampler_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mp4: video file not found"):
+        data.sample_frames(tmp_path / "nope.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00not a video" * 50)
+    with pytest.raises(ValueError, match="junk.mp4: cannot open as a video"):
+        data.sample_frames(tmp_path / "junk.mp4")
+    with av.open(str(tmp_path / "audio.m4a"), "w") as c:  # audio only
+        s = c.add_stream("aac", rate=16000)
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        fr.sample_rate = 16000
+        c.mux(s.encode(fr))
+        c.mux(s.encode())
+    with pytest.raises(ValueError, match="audio.m4a: has no video stream"):
+        data.sample_frames(tmp_path / "audio.m4a")
+    full = _faststart(tmp_path / "full.mp4", n=40)
+    i = 0  # cut right before the media data: a header with no frames
+    while full[i + 4:i + 8] != b"mdat":
+        i += struct.unpack(">I", full[i:i + 4])[0]
+    (tmp_path / "zero.mp4").write_bytes(full[:i])
+    with pytest.raises(ValueError, match="zero.mp4: no decodable video frames"):
+        data.sample_frames(tmp_path / "zero.mp4")
+    (tmp_path / "half.mp4").write_bytes(full[:len(full) // 2])
+    with pytest.raises(ValueError, match=r"half.mp4: truncated video, decoded \d+ of the 40 frames"):
+        data.sample_frames(tmp_path / "half.mp4")
+    mid = bytearray(full)
+    mid[len(full) // 2:len(full) // 2 + 4000] = bytes(4000)
+    (tmp_path / "mid.mp4").write_bytes(bytes(mid))
+    with pytest.raises(ValueError, match="mid.mp4: (corrupt|truncated) video"):
+        data.sample_frames(tmp_path / "mid.mp4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.make_synthetic(root, n_train=6, n_test=4, seed=3, workers=2)
+    return root
+
+
+def test_synthetic_is_deterministic(synth, tmp_path):
+    data.make_synthetic(tmp_path / "again", n_train=6, n_test=4, seed=3, workers=1)
+    data.make_synthetic(tmp_path / "other", n_train=6, n_test=4, seed=4, workers=2)
+    for name in ("train.json", "test.json"):
+        assert (synth / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+        assert (synth / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+
+
+def test_synthetic_annotations_follow_the_schemas(synth):
+    train, test = data.load_records(synth / "train.json"), data.load_records(synth / "test.json")
+    assert len(train) == 6 * len(data.SYN_TASKS) and len(test) == 4 * len(data.SYN_TASKS)
+    assert {r["task"] for r in train} == {r["task"] for r in test} == set(data.SYN_TASKS)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
+    assert [r["idx"] for r in test] == list(range(len(test))) and all(r["version"] == 1.0 for r in test)
+    for r in test:  # tgt shapes as E.T.Bench has them
+        flat = r["task"] in ("tvg", "epm")
+        assert (isinstance(r["tgt"][0], float)) == flat
+        if r["task"] in ("dvc", "slc"):
+            assert len(r["g"]) == len(r["tgt"])
+    # some video has two events of one action class, so tal has several spans
+    assert any(len(data.to_evidence(r)["spans"]) > 1 for r in train + test if r["task"] == "tal")
+    for r in train:  # the txt answers round-trip through the evidence format (points as "p - p")
+        ev = data.to_evidence(r)
+        text = data.answer_text(data.render(ev["response"], ev["spans"] * 2))
+        gpt = r["conversations"][1]["value"]
+        if r["task"] == "vhd":
+            p = re.search(r"at ([\d.]+) seconds", gpt).group(1)
+            gpt = gpt.replace(p, f"{p} - {p}")
+        assert text == gpt
+
+
+def test_synthetic_frames_show_the_annotated_events(synth):
+    """For every second, the sampled frame contains the colour of exactly the events annotated at it."""
+    for r in data.load_records(synth / "test.json"):
+        if r["task"] != "dvc":
+            continue
+        frames = data.sample_frames(synth / "videos" / r["video"], size=112)
+        assert frames.shape[0] == int(r["duration"])
+        f = frames.permute(0, 2, 3, 1).numpy().astype(int)
+        for (s, e), cap in zip(r["tgt"], r["g"]):
+            colour = np.array(data.SYN_COLOURS[cap.split()[1]])
+            shades = (colour, colour // 2) if cap.endswith("blinks") else (colour,)  # blinking: dim on odd seconds
+            for k in range(len(f)):
+                n = int(np.any([np.abs(f[k] - c).max(-1) < 40 for c in shades], axis=0).sum())
+                assert (n > 40) == (s <= k <= e), (r["video"], cap, k, n)
