@@ -411,6 +411,64 @@ def write_video(path, frames, fps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batches: evidence records + frames -> the tensors the model reads
+
+CHAT = ("<|system|>\n{system}<|end|>\n<|user|>\n<video>\n{prompt}<|end|>\n<|assistant|>\n", "{response}<|end|>")
+IGNORE = -100
+
+
+def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = True) -> dict:
+    """samples: dicts with "evidence" (to_evidence output) and "frames" (uint8 (T, 3, S, S)).
+    Returns right-padded tensors: frames (B, T, 3, S, S) CLIP-normalised, frame_mask (B, T),
+    input_ids / attention_mask / labels (B, L) in Phi-3's chat format (labels on the response only),
+    qformer_ids / qformer_mask (B, Lq) (the question, left-truncated), question_spans (B, Nq, 2) and
+    answer_spans (B, Na, 2) in frames, one per <evi> in order (stage 1 and stage 2 share the event
+    spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation."""
+    ids, labels, qids, qspans, aspans = [], [], [], [], []
+    for s in samples:
+        ev, n = s["evidence"], s["frames"].shape[0]
+        prompt, answer = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), ""
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"] if with_response else []
+        ids.append(p + r)
+        labels.append([IGNORE] * len(p) + r)
+        q = qformer_tokenizer(ev["prompt"].replace(EVI, ""), add_special_tokens=False)["input_ids"]
+        qids.append(q[-cfg.qformer_max_text:] or [qformer_tokenizer.pad_token_id])
+        clamp = lambda spans: [[min(max(a, 0), n - 1), min(max(b, 0), n - 1)] for a, b in spans]
+        qspans.append(clamp(ev["question_frames"]))
+        aspans.append(clamp(ev["frames"]) * 2 if with_response else [])
+    T = max(s["frames"].shape[0] for s in samples)
+    frames = torch.zeros(len(samples), T, *samples[0]["frames"].shape[1:])
+    frame_mask = torch.zeros(len(samples), T, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        frames[i, :len(s["frames"])] = normalize(s["frames"])
+        frame_mask[i, :len(s["frames"])] = True
+    input_ids, attention_mask = _pad(ids, tokenizer.pad_token_id)
+    qformer_ids, qformer_mask = _pad(qids, qformer_tokenizer.pad_token_id)
+    return {"frames": frames, "frame_mask": frame_mask, "input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": _pad(labels, IGNORE)[0], "qformer_ids": qformer_ids, "qformer_mask": qformer_mask,
+            "question_spans": _pad_spans(qspans), "answer_spans": _pad_spans(aspans)}
+
+
+def _pad(rows, value):
+    L = max(len(r) for r in rows)
+    out = torch.full((len(rows), L), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return out, mask
+
+
+def _pad_spans(rows):
+    out = torch.full((len(rows), max([len(r) for r in rows] + [0]), 2), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Synthetic event videos (DESIGN §9): coloured shapes that appear / move / grow / blink during
 # known spans over a textured grey background. Spans are whole seconds and a shape is on screen
 # for every frame with start <= t <= end, so the 1-fps frames show exactly the annotated events.

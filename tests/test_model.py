@@ -1,0 +1,179 @@
+"""model.py: parity with plain Phi-3, the attention mask, evidence injection, batched / cached
+generation, real-size parameter counts, loading from checkpoint directory layouts."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, OPTConfig, Phi3ForCausalLM)
+
+import data
+import model
+from data import EVI
+
+warnings.filterwarnings("ignore")
+CFG = model.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = model.build_model(CFG).eval()
+    return m
+
+
+def clip(n, seed, colour=(200, 30, 30)):
+    """Random-texture frames (uint8, T x 3 x S x S) with a coloured box on frames 2..4."""
+    rng = np.random.default_rng(seed)
+    f = rng.integers(0, 255, (n, 3, CFG.image_size, CFG.image_size), dtype=np.uint8)
+    f[2:5, :, 20:60, 20:60] = np.array(colour, np.uint8)[:, None, None]
+    return torch.from_numpy(f)
+
+
+def sample(n, response=f"{EVI}{data.EVI_END}The event happens in {EVI} seconds.", spans=((2, 4),), q="Find the red box.",
+           qspans=(), seed=0):
+    ev = {"prompt": q, "response": response, "frames": [list(s) for s in spans],
+          "question_frames": [list(s) for s in qspans]}
+    return {"evidence": ev, "frames": clip(n, seed)}
+
+
+def batch(m, samples, with_response=True):
+    return data.collate(samples, m.tokenizer, m.qformer_tokenizer, CFG, with_response=with_response)
+
+
+def test_text_only_logits_equal_plain_phi3(tiny):
+    base = tiny.llm.get_base_model()
+    plain = Phi3ForCausalLM(base.config).eval()
+    sd = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    plain.load_state_dict(sd, strict=True)
+    ids = tiny.tokenizer(["<|user|>\nwhere is the red square?<|end|>\n<|assistant|>\nat 3.0 - 5.0 seconds",
+                          "<|user|>\nhello<|end|>"], add_special_tokens=False)["input_ids"]
+    input_ids, attn = data._pad(ids, tiny.tokenizer.pad_token_id)
+    b = {"input_ids": input_ids, "attention_mask": attn, "labels": torch.full_like(input_ids, -100),
+         "answer_spans": torch.zeros(2, 0, 2, dtype=torch.long)}
+    with torch.no_grad():
+        ours = tiny(b)["logits"]
+        for i, row in enumerate(ids):
+            ref = plain(input_ids=torch.tensor([row])).logits[0]
+            torch.testing.assert_close(ours[i, :len(row)], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_video_bidirectional_text_causal(tiny):
+    b = batch(tiny, [sample(8)])
+    with torch.no_grad():
+        ctx = tiny.encode_prompt(b)
+        P, T = ctx["P"], 8
+        video = ctx["pre_hs"][-1][0, P - T:]
+        b2 = dict(b, frames=b["frames"].clone())
+        b2["frames"][0, T - 1] += 1.0  # perturb the last frame
+        video2 = tiny.encode_prompt(b2)["pre_hs"][-1][0, P - T:]
+        assert (video2[0] - video[0]).abs().max() > 1e-4  # the first video position sees the last frame
+        out = tiny(b)["logits"]
+        b3 = dict(b, input_ids=b["input_ids"].clone())
+        L = int(b["attention_mask"][0].sum())
+        b3["input_ids"][0, L - 2] = tiny.tokenizer.convert_tokens_to_ids("a")  # perturb late text
+        out3 = tiny(b3)["logits"]
+    torch.testing.assert_close(out3[0, :L - 2], out[0, :L - 2], atol=0, rtol=0)
+    assert (out3[0, L - 2] - out[0, L - 2]).abs().max() > 1e-4
+
+
+def test_answer_evi_embedding_is_token_plus_mean_layer_states(tiny):
+    b = batch(tiny, [sample(8, spans=((2, 5),))])
+    seen = []
+    hook = tiny.decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tiny(b)
+            ctx = tiny.encode_prompt(b)
+    finally:
+        hook.remove()
+    suffix_in = seen[1][0]  # pass 2 input
+    P = ctx["P"]
+    ids = b["input_ids"][0]
+    evi_pos = (ids == tiny.token_id[EVI]).nonzero()[:, 0]
+    layer = ctx["pre_hs"][CFG.inject_layer][0, P - 8:]  # layer-`inject_layer` states of the 8 video tokens
+    expect = tiny.decoder.embed_tokens(torch.tensor(tiny.token_id[EVI])) + layer[2:6].mean(0)
+    for p in evi_pos:
+        torch.testing.assert_close(suffix_in[int(ctx["col"][0, p]) - P], expect, atol=1e-5, rtol=1e-5)
+    # a question <evi> gets the mean raw video token instead
+    b = batch(tiny, [sample(8, q=f"What happens in {EVI}?", qspans=((1, 3),))])
+    seen.clear()
+    hook = tiny.decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ctx = tiny.encode_prompt(b)
+            video = tiny.encode_video(b["frames"], b["frame_mask"], b["qformer_ids"], b["qformer_mask"])
+    finally:
+        hook.remove()
+    ids = b["input_ids"][0]
+    qpos = int((ids == tiny.token_id[EVI]).nonzero()[0, 0])
+    expect = tiny.decoder.embed_tokens(torch.tensor(tiny.token_id[EVI])) + video[0, 1:4].mean(0)
+    torch.testing.assert_close(ctx["suffix"][0, int(ctx["col"][0, qpos]) - ctx["P"]], expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def evi_happy(tiny):
+    """The tiny random model, with the LM-head row of <evi> tilted so that it gets emitted now and then."""
+    m = model.build_model(CFG).eval()
+    m.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        head = m.lm_head.weight
+        b = batch(m, [sample(6, seed=s) for s in range(3)], with_response=False)
+        first = [g["tokens"][0] for g in model.generate(m, b, max_new_tokens=1)]
+        head[m.token_id[EVI]] = head[first[0]] * 1.02  # wins wherever that token would have
+    return m
+
+
+def test_generation_batched_equals_one_by_one_and_cache_equals_recompute(evi_happy):
+    m = evi_happy
+    samples = [sample(n, seed=s) for n, s in ((6, 0), (9, 1), (7, 2))]
+    b = batch(m, samples, with_response=False)
+    together = model.generate(m, b, max_new_tokens=10)
+    assert any(g["spans"] for g in together), "no <evi> emitted: the test would not cover injection"
+    for s, g in zip(samples, together):
+        alone = model.generate(m, batch(m, [s], with_response=False), max_new_tokens=10)[0]
+        assert alone["tokens"] == g["tokens"] and alone["spans"] == g["spans"]
+    recompute = model.generate(m, b, max_new_tokens=10, use_cache=False)
+    assert [g["tokens"] for g in recompute] == [g["tokens"] for g in together]
+    assert [g["spans"] for g in recompute] == [g["spans"] for g in together]
+    for g in together:  # every <evi> is rendered as "s - e" with its span
+        assert g["text"].count(" - ") >= len(g["spans"]) and EVI not in g["text"]
+
+
+def test_real_size_parameter_counts_on_meta():
+    with torch.device("meta"):
+        m = model.build_model(model.PRESETS["d2vlm-3.8b"])
+    assert sum(p.numel() for p in m.vision.parameters()) == 985_952_256
+    assert len(m.vision.encoder.layers) == 39
+    assert sum(p.numel() for p in m.qformer.parameters()) == 185_659_392
+    base = m.llm.get_base_model()
+    assert sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n) == 3_821_079_552
+    assert m.query_tokens.shape == (1, 32, 768)
+
+
+def test_loading_from_checkpoint_layouts(tmp_path, tiny):
+    """Tiny checkpoints saved as an InstructBLIP directory (with a language model inside, which must
+    not be loaded) and a Phi-3 directory go through the same loader as the real ones."""
+    ib_cfg = InstructBlipConfig(vision_config=model.vision_config(CFG).to_dict(),
+                                qformer_config=model.qformer_config(CFG).to_dict(),
+                                text_config=OPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                      ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32).to_dict(),
+                                num_query_tokens=CFG.num_query_tokens)
+    torch.manual_seed(1)
+    ib = InstructBlipForConditionalGeneration(ib_cfg)
+    ib.save_pretrained(tmp_path / "instructblip", max_shard_size="200KB")
+    tiny.tokenizer.save_pretrained(tmp_path / "instructblip" / "qformer_tokenizer")
+    phi = tiny.llm.get_base_model()
+    plain = Phi3ForCausalLM(phi.config)
+    plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in phi.state_dict().items() if "lora_" not in k})
+    plain.save_pretrained(tmp_path / "phi3")
+    tiny.tokenizer.save_pretrained(tmp_path / "phi3")
+    assert len(list((tmp_path / "instructblip").glob("model-*.safetensors"))) > 1  # sharded
+    m = model.build_model(CFG, vision_weights=tmp_path / "instructblip", llm_weights=tmp_path / "phi3")
+    torch.testing.assert_close(m.vision.state_dict(), ib.vision_model.state_dict())
+    torch.testing.assert_close(m.qformer.state_dict(), ib.qformer.state_dict())
+    torch.testing.assert_close(m.query_tokens, ib.query_tokens)
+    torch.testing.assert_close(m.lm_head.weight, plain.lm_head.weight)
+    assert not any(n.startswith("language") for n, _ in m.named_parameters())
+    with pytest.raises(FileNotFoundError, match="nowhere: weights directory not found"):
+        model.build_model(CFG, vision_weights=tmp_path / "nowhere")
