@@ -427,7 +427,7 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     ids, labels, qids, qspans, aspans = [], [], [], [], []
     for s in samples:
         ev, n = s["evidence"], s["frames"].shape[0]
-        prompt, answer = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), ""
+        prompt = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"])
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"] if with_response else []
         ids.append(p + r)

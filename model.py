@@ -17,19 +17,17 @@ LLM forward in all, no second run.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import (AutoTokenizer, DynamicCache, InstructBlipQFormerConfig, InstructBlipQFormerModel,
                           InstructBlipVisionConfig, InstructBlipVisionModel, Phi3Config, Phi3ForCausalLM,
                           PreTrainedTokenizerFast)
 
 import evidence
-from data import EVI, EVI_END
+from data import EVI, EVI_END, IGNORE, render
 
 VIDEO = "<video>"
 END = "<|end|>"
@@ -163,9 +161,6 @@ class Aggregator(nn.Module):
         return self.out((att @ patches + Q).mean(1))
 
 
-IGNORE = -100  # label of positions without loss
-
-
 class D2VLM(nn.Module):
     """Vision (frozen) -> Q-Former -> Aggregator -> video tokens; Phi-3 (+LoRA) with frm/evi heads."""
 
@@ -258,11 +253,12 @@ class D2VLM(nn.Module):
         flat[b, col[b, t]] = emb[b, t]
         T = frame_mask.shape[1]
         vid_col = (P - n_frames)[:, None] + torch.arange(T, device=dev)[None]
-        video = None
+        video, is_video = None, torch.zeros(B, P, dtype=torch.bool, device=dev)
         if T:
             video = self.encode_video(batch["frames"], frame_mask, batch["qformer_ids"], batch["qformer_mask"])
             b, t = frame_mask.nonzero(as_tuple=True)
             flat[b, vid_col[b, t]] = video[b, t].to(flat.dtype)
+            is_video[b, vid_col[b, t]] = True
         # question <evi> (no label): + the mean raw video token over their span
         is_q = (ids == self.token_id[EVI]) & (batch["labels"] == IGNORE if "labels" in batch else real)
         q_pos, q_mask = _positions(is_q)
@@ -275,10 +271,6 @@ class D2VLM(nn.Module):
                                   add.to(flat.dtype), accumulate=True)
         pre_mask = torch.arange(P, device=dev)[None] >= (P - pre_len)[:, None]
         suf_mask = torch.arange(S, device=dev)[None] < suf_len[:, None]
-        is_video = torch.zeros(B, P, dtype=torch.bool, device=dev)
-        if T:
-            b, t = frame_mask.nonzero(as_tuple=True)
-            is_video[b, vid_col[b, t]] = True
         cache = DynamicCache(config=self.decoder.config)
         ctx = dict(col=col, pre_mask=pre_mask, suf_mask=suf_mask, suffix=flat[:, P:], cache=cache,
                    frame_mask=frame_mask, lengths=lengths, P=P)
@@ -400,7 +392,6 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
 
 def render_spans(raw, spans):
     """Decoded text with <evi> -> "s - e" (a response cut short may hold fewer spans than <evi>)."""
-    from data import render
     n = raw.count(EVI)
     return render(raw, spans[:n] + [[0.0, 0.0]] * (n - len(spans))) if n else raw
 
