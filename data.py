@@ -113,10 +113,7 @@ def _number(x, field):
 def _span(x, field, duration):
     if not isinstance(x, (list, tuple)) or len(x) != 2:
         raise BadRecord(field, f"expected a span [start, end], got {x!r}")
-    s, e = _number(x[0], field), _number(x[1], field)
-    if not 0 <= s <= e <= duration + DURATION_TOLERANCE:
-        raise BadRecord(field, f"span [{s:g}, {e:g}] is not 0 <= start <= end <= duration ({duration:g} s)")
-    return [s, e]
+    return _check_spans([[_number(x[0], field), _number(x[1], field)]], field, duration)[0]
 
 
 def _spans(x, field, duration):

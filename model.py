@@ -214,7 +214,7 @@ class D2VLM(nn.Module):
         spans = batch["answer_spans"]
         if spans.shape[1] != ans_pos.shape[1] or not (evi_mask == (spans[..., 0] >= 0)).all():
             raise ValueError("answer_spans must give one span per answer <evi> token")
-        emb = self.suffix_embeds(ctx, ans_pos, evi_mask, ctx["inject"], spans)
+        emb = self.suffix_embeds(ctx, ans_pos, evi_mask, spans)
         hs = self.run(emb, ctx["suf_mask"], ctx["cache"], ctx["pre_mask"])
         final = torch.cat([ctx["pre_hs"][-1], hs[-1]], 1)
         match = torch.cat([ctx["pre_hs"][self.cfg.match_layer], hs[self.cfg.match_layer]], 1)
@@ -281,13 +281,13 @@ class D2VLM(nn.Module):
         ctx["frm"] = self.frm_head(_gather(pre_hs[self.cfg.match_layer], vc)) if T else ctx["inject"]
         return ctx
 
-    def suffix_embeds(self, ctx, pos, mask, inject, spans):
+    def suffix_embeds(self, ctx, pos, mask, spans):
         """Suffix embeddings with the answer <evi> at `pos` (B, N) (positions in input_ids) raised by
         the mean of the layer-`inject_layer` video states over their spans (B, N, 2)."""
         emb = ctx["suffix"]
         if not mask.any():
             return emb
-        add = evidence.pool_evidence(inject, spans.clamp(min=0)) * mask[..., None]
+        add = evidence.pool_evidence(ctx["inject"], spans.clamp(min=0)) * mask[..., None]
         b = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
         return emb.index_put((b, _gather_idx(ctx["col"], pos) - ctx["P"]), add.to(emb.dtype), accumulate=True)
 
@@ -386,14 +386,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     for i in range(B):
         toks = tokens[i][:-1] if tokens[i] and tokens[i][-1] == tid[END] else tokens[i]
         raw = model.tokenizer.decode(toks, skip_special_tokens=False)
-        out.append({"text": render_spans(raw, spans[i]), "tokens": tokens[i], "spans": spans[i]})
+        out.append({"text": render(raw, spans[i]), "tokens": tokens[i], "spans": spans[i]})
     return out
-
-
-def render_spans(raw, spans):
-    """Decoded text with <evi> -> "s - e" (a response cut short may hold fewer spans than <evi>)."""
-    n = raw.count(EVI)
-    return render(raw, spans[:n] + [[0.0, 0.0]] * (n - len(spans))) if n else raw
 
 
 def _choose(logits, temperature, top_p, generator):
