@@ -410,6 +410,57 @@ def write_video(path, frames, fps: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Batches: evidence records + frames -> the tensors the model reads
 
+class VideoDataset(torch.utils.data.Dataset):
+    """Training/eval samples from an annotation file and its video folder: {"evidence", "frames"}.
+
+    Every record is validated and converted up front (load_records / to_evidence), every video file
+    must exist, and the chat-formatted length (prompt + response tokens, the video placeholder
+    replaced by one token per frame, frames estimated from `duration`) must fit `cfg.max_len`.
+    A record that is too long is skipped, never cut through the response; the count is in
+    `.skipped["too_long"]` (and bad records, with on_error="skip", in `.skipped["invalid"]`)."""
+
+    def __init__(self, records, videos, tokenizer, cfg, on_error: str = "raise", with_response: bool = True):
+        recs = records if isinstance(records, Records) else load_records(records, on_error)
+        videos = Path(videos)
+        if not videos.is_dir():
+            raise FileNotFoundError(f"{videos}: video folder not found")
+        self.videos, self.cfg, self.with_response = videos, cfg, with_response
+        evs = [to_evidence(r, cfg.fps) for r in recs]
+        missing = [(i, ev["video"]) for i, ev in enumerate(evs) if not (videos / ev["video"]).is_file()]
+        if missing and on_error == "raise":
+            i, v = missing[0]
+            raise FileNotFoundError(f"{recs.path}: record {i}: field 'video': {videos / v} not found "
+                                    f"({len(missing)} records have no video file)")
+        gone = {i for i, _ in missing}
+        prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
+        n_text = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        if with_response:
+            resp = [CHAT[1].format(response=ev["response"]) for ev in evs]
+            n_text = [a + len(b) for a, b in zip(n_text, tokenizer(resp, add_special_tokens=False)["input_ids"])]
+        self.items, self.budget, too_long = [], [], 0
+        for i, (ev, n) in enumerate(zip(evs, n_text)):
+            if i in gone:
+                continue
+            frames = max(1, math.ceil(ev["duration"] * cfg.fps))  # frames at k/fps < duration
+            if n - 1 + frames > cfg.max_len:
+                too_long += 1
+                continue
+            self.items.append(ev)
+            self.budget.append(cfg.max_len - n + 1)  # frames that still fit
+        self.skipped = {"invalid": len(recs.skipped), "missing_video": len(missing), "too_long": too_long}
+        if missing or too_long:
+            print(f"{recs.path}: skipped {too_long} records longer than max_len={cfg.max_len} and "
+                  f"{len(missing)} without a video file; {len(self.items)} left", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ev = self.items[i]
+        frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
+        return {"evidence": ev, "frames": frames}
+
+
 CHAT = ("<|system|>\n{system}<|end|>\n<|user|>\n<video>\n{prompt}<|end|>\n<|assistant|>\n", "{response}<|end|>")
 IGNORE = -100
 

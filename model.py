@@ -74,6 +74,15 @@ class D2VLMConfig:
     w_sft: float = 1.0
     w_gnd: float = 10.0
     w_cons: float = 10.0
+    # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
+    lr_lora: float = 5e-5
+    lr_other: float = 2e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.03       # fraction of the steps
+    grad_clip: float = 1.0
+    batch_size: int = 1        # per process
+    grad_accum: int = 1
+    epochs: int = 1
     # data
     fps: float = 1.0
     max_len: int = 2048
@@ -96,7 +105,9 @@ PRESETS = {
                         vision_mlp=192, qformer_width=64, qformer_layers=2, qformer_heads=4, qformer_mlp=128,
                         qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,
                         llm_mlp=256, llm_vocab=1000, llm_max_positions=1024, inject_layer=2, lora_r=16,
-                        lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000),
+                        lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000,
+                        # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights
+                        lr_lora=3e-3, lr_other=3e-3, batch_size=4),
 }
 
 
@@ -500,3 +511,68 @@ def load_instructblip(model: D2VLM, directory) -> None:
     model.qformer.load_state_dict(qf, strict=True)
     with torch.no_grad():
         model.query_tokens.copy_(qt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading weights
+
+WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
+ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
+
+
+def save_weights(model: D2VLM, directory, full: bool) -> None:
+    """Write model weights into `directory` (which must exist): the LoRA adapter as a peft
+    directory, the other trainable tensors (all non-LoRA tensors when `full`: a model built without
+    weight directories has random frozen parts that must travel with it) as safetensors, the config
+    and the tokenizer."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    model.llm.save_pretrained(d / ADAPTER, save_embedding_layers=False)
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()
+               if "lora_" not in n and (full or p.requires_grad)}
+    save_file(tensors, str(d / WEIGHTS), metadata={"full": str(full)})
+    (d / "config.json").write_text(model.cfg.to_json())
+    model.tokenizer.save_pretrained(d / "tokenizer")
+
+
+def load_weights(model: D2VLM, directory) -> None:
+    """Load what save_weights wrote into a model built with the same config (and the same weight
+    directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    d = Path(directory)
+    for f in (d / WEIGHTS, d / ADAPTER / "adapter_model.safetensors"):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: checkpoint file not found")
+    params = dict(model.named_parameters())
+    with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        with torch.no_grad():
+            for k in f.keys():
+                if k not in params:
+                    raise ValueError(f"{d / WEIGHTS}: tensor {k} does not exist in this model")
+                t = f.get_tensor(k)
+                if t.shape != params[k].shape:
+                    raise ValueError(f"{d / WEIGHTS}: tensor {k} has shape {tuple(t.shape)}, "
+                                     f"the model expects {tuple(params[k].shape)}")
+                params[k].copy_(t)
+    res = set_peft_model_state_dict(model.llm, load_file(str(d / ADAPTER / "adapter_model.safetensors")))
+    if res.unexpected_keys:
+        raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
+
+
+def from_checkpoint(directory, vision_weights=None, llm_weights=None) -> D2VLM:
+    """The model saved in a checkpoint directory (config.json, tokenizer/, weights). A checkpoint
+    that is not full also needs the weight directories the run was built from."""
+    from safetensors import safe_open
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: not a checkpoint directory (no config.json)")
+    with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        full = f.metadata().get("full") == "True"
+    if not full and (vision_weights is None or llm_weights is None):
+        raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
+    cfg = D2VLMConfig.from_json((d / "config.json").read_text())
+    m = build_model(cfg, vision_weights, llm_weights, tokenizer_dir=d / "tokenizer")
+    load_weights(m, d)
+    return m

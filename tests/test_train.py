@@ -1,0 +1,167 @@
+"""train.py: what one step changes, the schedule, checkpoints, exact resume, 2-process DDP, and an
+over-fit run in which the tiny model learns to ground events of a handful of synthetic videos."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import losses
+import model
+import train
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """6 synthetic videos; annotation files with their tvg records and with tvg + dvc records."""
+    root = tmp_path_factory.mktemp("synth")
+    data.make_synthetic(root, n_train=6, n_test=0, workers=2)
+    recs = data.load_records(root / "train.json")
+    (root / "tvg.json").write_text(json.dumps([r for r in recs if r["task"] == "tvg"]))
+    (root / "mixed.json").write_text(json.dumps([r for r in recs if r["task"] in ("tvg", "dvc")]))
+    return root
+
+
+def run(args, out, name):
+    train.main([*args, "--out", str(out), "--name", name, "--workers", "0"])
+    return out / name / "sft"
+
+
+def log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_dataset_counts_and_skips(synth, capsys):
+    cfg = model.PRESETS["tiny"]
+    tok = model.build_tiny_tokenizer(cfg.tiny_vocab)
+    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", tok, cfg)
+    assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "too_long": 0}
+    s = ds[0]
+    assert s["frames"].dtype == torch.uint8 and s["frames"].shape[1:] == (3, cfg.image_size, cfg.image_size)
+    assert s["frames"].shape[0] == math.ceil(s["evidence"]["duration"])
+    # dvc answers are longer than tvg ones: a max_len between the two keeps only the tvg records
+    lengths = []
+    for ev in ds.items:
+        n = len(tok(data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) + data.CHAT[1].format(
+            response=ev["response"]), add_special_tokens=False)["input_ids"])
+        lengths.append(n - 1 + math.ceil(ev["duration"]))
+    tvg = [n for n, ev in zip(lengths, ds.items) if ev["task"] == "tvg"]
+    cut = max(tvg)
+    short = data.VideoDataset(synth / "mixed.json", synth / "videos", tok, dataclasses.replace(cfg, max_len=cut))
+    assert len(short) == sum(n <= cut for n in lengths) and short.skipped["too_long"] == sum(n > cut for n in lengths)
+    assert short.skipped["too_long"] > 0 and "longer than max_len" in capsys.readouterr().err
+    # a record whose video file is missing: one error naming the record, or a counted skip
+    recs = json.loads((synth / "tvg.json").read_text())
+    recs[2]["video"] = "nope.mp4"
+    bad = synth / "bad.json"
+    bad.write_text(json.dumps(recs))
+    with pytest.raises(FileNotFoundError, match=r"record 2: field 'video': .*nope.mp4 not found"):
+        data.VideoDataset(bad, synth / "videos", tok, cfg)
+    assert data.VideoDataset(bad, synth / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1
+
+
+def test_lr_schedule():
+    total, warm = 100, 0.03
+    f = [train.lr_factor(s, total, warm) for s in range(total)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[3] == pytest.approx(1.0) and f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97)))
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))  # falls after the warm-up
+    assert f[3 + 97 // 2] == pytest.approx(0.5, abs=0.02)
+
+
+def test_one_step_changes_only_trained_tensors(synth):
+    cfg = model.PRESETS["tiny"]
+    torch.manual_seed(0)
+    m = model.build_model(cfg)
+    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", m.tokenizer, cfg)
+    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    opt = train.make_optimizer(m, cfg)
+    lora = {id(p) for n, p in m.named_parameters() if "lora_" in n}
+    assert [g["lr"] for g in opt.param_groups] == [cfg.lr_lora, cfg.lr_other]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == lora
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for n, p in m.named_parameters()
+                                                              if p.requires_grad and "lora_" not in n}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    losses.sft_objective(m(batch), batch, cfg)["loss"].backward()
+    opt.step()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert changed <= trained
+    assert not any(n.startswith("vision.") for n in trained)
+    # every kind of trained tensor moved (LoRA A has no gradient while B is still 0)
+    for part in ("lora_B", "embed_tokens", "lm_head", "frm_head", "evi_head", "aggregator", "query_tokens",
+                 "qformer.encoder.layer.0.attention", "qformer.encoder.layer.0.crossattention"):
+        assert any(part in n for n in changed), part
+
+
+def test_checkpoints_resume_exactly(synth, tmp_path):
+    args = ["--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--max-steps", "5",
+            "--save-every", "1", "--keep", "2", "--log-every", "1", "--set", "batch_size=2", "grad_accum=2"]
+    straight = run(args, tmp_path, "straight")
+    assert [p.name for p in train.checkpoints(straight)] == ["step_000004", "step_000005"]  # keep the last 2
+    assert not list(straight.glob(".*tmp*"))
+    # 12 samples, 6 micro-batches an epoch, accumulation 2: step 3 ends epoch 0
+    assert [r["epoch"] for r in log(straight)[:5]] == [0, 0, 1, 1, 1]
+    stopped = run([*args, "--stop-after", "2"], tmp_path, "resumed")
+    assert [p.name for p in train.checkpoints(stopped)] == ["step_000001", "step_000002"]
+    st = torch.load(stopped / "step_000002" / train.STATE, weights_only=True)
+    assert (st["step"], st["epoch"], st["micro"]) == (2, 0, 4)
+    run([*args, "--resume"], tmp_path, "resumed")
+    assert [r["step"] for r in log(stopped) if "step" in r] == [1, 2, 3, 4, 5]
+    a = model.from_checkpoint(straight / "step_000005")
+    b = model.from_checkpoint(stopped / "step_000005")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    # and the run did train: the final weights differ from the ones after step 1
+    first = model.from_checkpoint(tmp_path / "resumed" / "sft" / "step_000004")
+    assert not all(torch.equal(p, q) for p, q in zip(first.parameters(), b.parameters()))
+    assert train.param_digest(a) == log(straight)[-1]["rank_digests"][0]
+
+
+def test_two_process_ddp_ends_identical(synth, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--max-steps", "3",
+           "--workers", "0", "--out", str(tmp_path), "--name", "ddp", "--log-every", "1",
+           "--set", "batch_size=2", "grad_accum=2"]  # 3 micro-batches a rank: steps of 2 and 1 (an epoch's end)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = log(tmp_path / "ddp" / "sft")[-1]
+    assert "2 process(es) x batch 2 x accumulation 2" in res.stderr
+    assert [r["epoch"] for r in log(tmp_path / "ddp" / "sft")[:3]] == [0, 1, 1]
+    d = summary["rank_digests"]
+    assert len(d) == 2 and d[0] == d[1]
+    m = model.from_checkpoint(tmp_path / "ddp" / "sft" / "step_000003")
+    assert train.param_digest(m) == d[0]
+    torch.manual_seed(0)
+    init = model.build_model(model.PRESETS["tiny"])
+    assert train.param_digest(init) != d[0]
+
+
+def test_overfit_grounds_tvg_events(synth, tmp_path):
+    """The tiny model from scratch, trained on the tvg questions of 6 videos, must answer them with
+    spans of mean IoU >= 0.7 (generation, not teacher forcing)."""
+    out = run(["--data", str(synth / "tvg.json"), "--videos", str(synth / "videos"), "--max-steps", "80",
+               "--log-every", "20", "--set", "batch_size=6"], tmp_path, "overfit")
+    records = log(out)
+    assert records[-2]["gnd"] < 0.5 * records[0]["gnd"]
+    m = model.from_checkpoint(out / "step_000080").eval()
+    ds = data.VideoDataset(synth / "tvg.json", synth / "videos", m.tokenizer, m.cfg, with_response=False)
+    samples = [ds[i] for i in range(len(ds))]
+    outs = model.generate(m, data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
+                          max_new_tokens=24)
+    ious = []
+    for o, s in zip(outs, samples):
+        (gs, ge), (ps, pe) = s["evidence"]["spans"][0], (o["spans"][0] if o["spans"] else (0.0, 0.0))
+        ious.append(max(0.0, min(ge, pe) - max(gs, ps)) / (max(ge, pe) - min(gs, ps)))
+    assert sum(ious) / len(ious) >= 0.7, (ious, [o["text"] for o in outs])
