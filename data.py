@@ -420,16 +420,18 @@ class VideoDataset(torch.utils.data.Dataset):
     `.skipped["too_long"]` (and bad records, with on_error="skip", in `.skipped["invalid"]`)."""
 
     def __init__(self, records, videos, tokenizer, cfg, on_error: str = "raise", with_response: bool = True):
-        recs = records if isinstance(records, Records) else load_records(records, on_error)
+        # records: an annotation file, or a list of raw records / evidence-format records (e.g. pairs)
+        recs = records if isinstance(records, list) else load_records(records, on_error)
+        where = getattr(recs, "path", "records")
         videos = Path(videos)
         if not videos.is_dir():
             raise FileNotFoundError(f"{videos}: video folder not found")
         self.videos, self.cfg, self.with_response = videos, cfg, with_response
-        evs = [to_evidence(r, cfg.fps) for r in recs]
+        evs = [r if "response" in r else to_evidence(r, cfg.fps) for r in recs]
         missing = [(i, ev["video"]) for i, ev in enumerate(evs) if not (videos / ev["video"]).is_file()]
         if missing and on_error == "raise":
             i, v = missing[0]
-            raise FileNotFoundError(f"{recs.path}: record {i}: field 'video': {videos / v} not found "
+            raise FileNotFoundError(f"{where}: record {i}: field 'video': {videos / v} not found "
                                     f"({len(missing)} records have no video file)")
         gone = {i for i, _ in missing}
         prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
@@ -437,6 +439,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if with_response:
             resp = [CHAT[1].format(response=ev["response"]) for ev in evs]
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(resp, add_special_tokens=False)["input_ids"])]
+            rej = [CHAT[1].format(response=ev["rejected"]["response"]) if "rejected" in ev else "" for ev in evs]
+            n_text = [a + len(b) for a, b in zip(n_text, tokenizer(rej, add_special_tokens=False)["input_ids"])]
         self.items, self.budget, too_long = [], [], 0
         for i, (ev, n) in enumerate(zip(evs, n_text)):
             if i in gone:
@@ -447,9 +451,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 continue
             self.items.append(ev)
             self.budget.append(cfg.max_len - n + 1)  # frames that still fit
-        self.skipped = {"invalid": len(recs.skipped), "missing_video": len(missing), "too_long": too_long}
+        self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing), "too_long": too_long}
         if missing or too_long:
-            print(f"{recs.path}: skipped {too_long} records longer than max_len={cfg.max_len} and "
+            print(f"{where}: skipped {too_long} records longer than max_len={cfg.max_len} and "
                   f"{len(missing)} without a video file; {len(self.items)} left", file=sys.stderr)
 
     def __len__(self):
@@ -458,7 +462,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ev = self.items[i]
         frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
-        return {"evidence": ev, "frames": frames}
+        return {"evidence": ev, "frames": frames, "index": i}
 
 
 CHAT = ("<|system|>\n{system}<|end|>\n<|user|>\n<video>\n{prompt}<|end|>\n<|assistant|>\n", "{response}<|end|>")
@@ -471,20 +475,40 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     input_ids / attention_mask / labels (B, L) in Phi-3's chat format (labels on the response only),
     qformer_ids / qformer_mask (B, Lq) (the question, left-truncated), question_spans (B, Nq, 2) and
     answer_spans (B, Na, 2) in frames, one per <evi> in order (stage 1 and stage 2 share the event
-    spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation."""
-    ids, labels, qids, qspans, aspans = [], [], [], [], []
+    spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation.
+
+    Preference samples (evidence with "rejected", see synth.py) are packed: prompt, chosen response,
+    rejected response in one row, labels on both responses, and two more tensors: branch (B, L)
+    (0 prompt, 1 chosen, 2 rejected) and prev (B, L) (the position each token follows: the rejected
+    response follows the prompt, not the chosen response). answer_spans then holds the chosen
+    <evi> spans followed by the rejected ones (`evi_spans` of the rejected response)."""
+    pairs = ["rejected" in s["evidence"] for s in samples]
+    if any(pairs) and not all(pairs):
+        raise ValueError("collate: a batch mixes preference pairs and plain samples")
+    ids, labels, qids, qspans, aspans, branches, prevs = [], [], [], [], [], [], []
     for s in samples:
         ev, n = s["evidence"], s["frames"].shape[0]
         prompt = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"])
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"] if with_response else []
+        clamp = lambda spans: [[min(max(a, 0), n - 1), min(max(b, 0), n - 1)] for a, b in spans]  # noqa: E731
+        spans = clamp(ev["frames"]) * 2 if with_response else []
+        branch = [0] * len(p) + [1] * len(r)
+        if pairs[0]:
+            rej = ev["rejected"]
+            q = tokenizer(CHAT[1].format(response=rej["response"]), add_special_tokens=False)["input_ids"]
+            c = len(p) + len(r)  # where the rejected response starts; its first token follows the prompt
+            prev = list(range(-1, c - 1)) + [len(p) - 1] + list(range(c, c + len(q) - 1))
+            r, branch = r + q, branch + [2] * len(q)
+            spans += clamp(to_frames(rej["evi_spans"], cfg.fps))
+            prevs.append(prev)
         ids.append(p + r)
         labels.append([IGNORE] * len(p) + r)
+        branches.append(branch)
         q = qformer_tokenizer(ev["prompt"].replace(EVI, ""), add_special_tokens=False)["input_ids"]
         qids.append(q[-cfg.qformer_max_text:] or [qformer_tokenizer.pad_token_id])
-        clamp = lambda spans: [[min(max(a, 0), n - 1), min(max(b, 0), n - 1)] for a, b in spans]
         qspans.append(clamp(ev["question_frames"]))
-        aspans.append(clamp(ev["frames"]) * 2 if with_response else [])
+        aspans.append(spans)
     T = max(s["frames"].shape[0] for s in samples)
     frames = torch.zeros(len(samples), T, *samples[0]["frames"].shape[1:])
     frame_mask = torch.zeros(len(samples), T, dtype=torch.bool)
@@ -493,9 +517,14 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
         frame_mask[i, :len(s["frames"])] = True
     input_ids, attention_mask = _pad(ids, tokenizer.pad_token_id)
     qformer_ids, qformer_mask = _pad(qids, qformer_tokenizer.pad_token_id)
-    return {"frames": frames, "frame_mask": frame_mask, "input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": _pad(labels, IGNORE)[0], "qformer_ids": qformer_ids, "qformer_mask": qformer_mask,
-            "question_spans": _pad_spans(qspans), "answer_spans": _pad_spans(aspans)}
+    out = {"frames": frames, "frame_mask": frame_mask, "input_ids": input_ids, "attention_mask": attention_mask,
+           "labels": _pad(labels, IGNORE)[0], "qformer_ids": qformer_ids, "qformer_mask": qformer_mask,
+           "question_spans": _pad_spans(qspans), "answer_spans": _pad_spans(aspans)}
+    if pairs[0]:
+        out["branch"], out["prev"] = _pad(branches, 0)[0], _pad(prevs, 0)[0]
+    if all("index" in s for s in samples):  # dataset positions (FPO looks up reference log-probs by them)
+        out["index"] = torch.tensor([s["index"] for s in samples])
+    return out
 
 
 def _pad(rows, value):

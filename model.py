@@ -74,6 +74,9 @@ class D2VLMConfig:
     w_sft: float = 1.0
     w_gnd: float = 10.0
     w_cons: float = 10.0
+    # FPO (fpo.py): L = the SFT objective on the chosen response + w_fpo * L_FPO
+    beta: float = 0.1
+    w_fpo: float = 1.0
     # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
     lr_lora: float = 5e-5
     lr_other: float = 2e-5
@@ -217,6 +220,11 @@ class D2VLM(nn.Module):
         sim        (B, Na, T) similarity logits of each answer <evi> over the frames
         evi_feats  (B, Na, d) evi_head features, read at the position that predicts each answer <evi>
         evi_mask   (B, Na) real entries; frame_mask (B, T)
+        evi_branch (B, Na) for preference batches: 1 chosen, 2 rejected
+        A preference batch (data.collate of pairs) packs prompt, chosen and rejected response in one
+        sequence: batch["branch"] (0 prompt, 1 chosen, 2 rejected) keeps the rejected tokens from
+        seeing the chosen ones and restarts their positions where the response starts;
+        batch["prev"] gives the position each token follows (its predictor).
         """
         ctx = self.encode_prompt(batch)
         ids, labels = batch["input_ids"], batch["labels"]
@@ -226,14 +234,22 @@ class D2VLM(nn.Module):
         if spans.shape[1] != ans_pos.shape[1] or not (evi_mask == (spans[..., 0] >= 0)).all():
             raise ValueError("answer_spans must give one span per answer <evi> token")
         emb = self.suffix_embeds(ctx, ans_pos, evi_mask, spans)
-        hs = self.run(emb, ctx["suf_mask"], ctx["cache"], ctx["pre_mask"])
+        branch = batch.get("branch")
+        if branch is not None:  # to suffix columns (branches 1 and 2 are all in the suffix)
+            b, t = (branch > 0).nonzero(as_tuple=True)
+            branch = torch.zeros_like(ctx["suf_mask"], dtype=torch.long).index_put((b, ctx["col"][b, t] - ctx["P"]), branch[b, t])
+        hs = self.run(emb, ctx["suf_mask"], ctx["cache"], ctx["pre_mask"], branch=branch)
         final = torch.cat([ctx["pre_hs"][-1], hs[-1]], 1)
         match = torch.cat([ctx["pre_hs"][self.cfg.match_layer], hs[self.cfg.match_layer]], 1)
         col = ctx["col"]
         logits = self.lm_head(_gather(final, col))
-        feats = self.evi_head(_gather(match, _gather_idx(col, ans_pos - 1)))
-        return {"logits": logits, "sim": evidence.similarity(feats, ctx["frm"]), "evi_feats": feats,
-                "evi_mask": evi_mask, "frame_mask": ctx["frame_mask"]}
+        pred = batch["prev"].gather(1, ans_pos) if "prev" in batch else ans_pos - 1
+        feats = self.evi_head(_gather(match, _gather_idx(col, pred)))
+        out = {"logits": logits, "sim": evidence.similarity(feats, ctx["frm"]), "evi_feats": feats,
+               "evi_mask": evi_mask, "frame_mask": ctx["frame_mask"]}
+        if "branch" in batch:  # which response each answer <evi> belongs to (1 chosen, 2 rejected)
+            out["evi_branch"] = batch["branch"].gather(1, ans_pos)
+        return out
 
     def encode_prompt(self, batch):
         """Video tokens, the sequence layout and pass 1 (the prefix up to the end of the video, cached).
@@ -302,20 +318,28 @@ class D2VLM(nn.Module):
         b = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
         return emb.index_put((b, _gather_idx(ctx["col"], pos) - ctx["P"]), add.to(emb.dtype), accumulate=True)
 
-    def run(self, emb, mask, cache, past_mask, is_video=None):
+    def run(self, emb, mask, cache, past_mask, is_video=None, branch=None):
         """The Phi-3 decoder on emb (B, N, D) whose real positions are `mask` (B, N), after the cached
         positions `past_mask` (B, M). One explicit 4-D boolean mask: causal, bidirectional inside the
         video block, pads invisible (a pad row sees only itself, so SDPA never gets an empty row).
-        Returns the hidden states (embeddings, then each layer; the last one normed)."""
+        branch (B, N): 0 shared, k > 0 a branch that sees the shared tokens and its own only, with
+        positions counted the same way. Returns the hidden states (embeddings, then each layer; the
+        last one normed)."""
         B, N = mask.shape
         past = past_mask if past_mask is not None else mask.new_zeros(B, 0)
         M = past.shape[1]
         att = torch.ones(N, N, dtype=torch.bool, device=mask.device).tril()[None] & mask[:, None, :]
         if is_video is not None:
             att = att | (is_video[:, :, None] & is_video[:, None, :])
+        if branch is not None:
+            att = att & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
+            own_branch = torch.stack([(mask & (branch == k)).long().cumsum(1) for k in range(int(branch.max()) + 1)], 0)
+            seen_before = own_branch[0] + torch.where(branch > 0, own_branch.gather(0, branch[None])[0], 0)
+        else:
+            seen_before = mask.long().cumsum(1)
         own = torch.eye(N, dtype=torch.bool, device=mask.device)[None]
         full = torch.cat([past[:, None, :].expand(B, N, M), att | own], 2)
-        pos = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)
+        pos = (past.sum(1, keepdim=True) + seen_before - 1).clamp(min=0)
         out = self.decoder(inputs_embeds=emb, attention_mask=full[:, None], position_ids=pos,
                            past_key_values=cache, use_cache=True, output_hidden_states=True)
         return out.hidden_states
@@ -561,9 +585,10 @@ def load_weights(model: D2VLM, directory) -> None:
         raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
 
 
-def from_checkpoint(directory, vision_weights=None, llm_weights=None) -> D2VLM:
+def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None) -> D2VLM:
     """The model saved in a checkpoint directory (config.json, tokenizer/, weights). A checkpoint
-    that is not full also needs the weight directories the run was built from."""
+    that is not full also needs the weight directories the run was built from. `cfg` replaces the
+    saved config (same architecture, other training settings: FPO after SFT)."""
     from safetensors import safe_open
     d = Path(directory)
     if not (d / "config.json").is_file():
@@ -572,7 +597,7 @@ def from_checkpoint(directory, vision_weights=None, llm_weights=None) -> D2VLM:
         full = f.metadata().get("full") == "True"
     if not full and (vision_weights is None or llm_weights is None):
         raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
-    cfg = D2VLMConfig.from_json((d / "config.json").read_text())
+    cfg = cfg or D2VLMConfig.from_json((d / "config.json").read_text())
     m = build_model(cfg, vision_weights, llm_weights, tokenizer_dir=d / "tokenizer")
     load_weights(m, d)
     return m

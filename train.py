@@ -1,11 +1,17 @@
-"""Training: `torchrun train.py --stage sft`. Paper: "Loss & Training"; DESIGN.md §5, §8.
+"""Training: `torchrun train.py --stage sft`, then `--stage fpo`. Paper: "Loss & Training", "Factorized
+Preference Optimization"; DESIGN.md §5, §6, §8.
 
-With no arguments it trains the tiny preset on the synthetic event videos (generated under
-data/synthetic on first use); on a 2-core CPU that takes a few minutes and the grounding loss falls.
-The real-size run on E.T.Instruct-164K, 4 GPUs:
+With no arguments the SFT stage trains the tiny preset on the synthetic event videos (generated
+under data/synthetic on first use); on a 2-core CPU that takes a few minutes and the grounding loss
+falls. `--stage fpo` then continues from the newest SFT checkpoint of the run on preference pairs
+made from the same data (synth.py), or read from --pairs. Both stages share this loop; they differ
+in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the objective
+(losses.sft_objective / fpo.objective). The real-size run on E.T.Instruct-164K, 4 GPUs:
 
     torchrun --nproc_per_node 4 train.py --stage sft --preset d2vlm-3.8b \\
         --vision-weights DIR --llm-weights DIR --data et_instruct_164k_txt.json --videos DIR
+    torchrun --nproc_per_node 4 train.py --stage fpo --preset d2vlm-3.8b --vision-weights DIR --llm-weights DIR \
+        --data et_instruct_164k_txt.json --videos DIR --set batch_size=8
 
 DDP comes from torchrun's environment (gloo on CPU, NCCL on CUDA; multi-node through torchrun's own
 flags). Checkpoints go to runs/<name>/<stage>/step_NNNNNN/ (written under a temporary name, then
@@ -37,16 +43,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import fpo
 import losses
 import model as modeling
+import synth
 
 SYNTHETIC = Path("data/synthetic")
 STATE = "trainer_state.pt"
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train D2VLM (SFT).")
-    ap.add_argument("--stage", choices=["sft"], default="sft")
+    ap = argparse.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
+    ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
     ap.add_argument("--preset", choices=sorted(modeling.PRESETS), default="tiny")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="override D2VLMConfig fields, e.g. --set w_cons=0 lr_lora=1e-4 batch_size=8")
@@ -55,8 +63,13 @@ def get_args(argv=None):
     ap.add_argument("--videos", help="folder the records' `video` paths are relative to")
     ap.add_argument("--vision-weights", help="local InstructBLIP checkpoint directory (vision + Q-Former)")
     ap.add_argument("--llm-weights", help="local Phi-3-mini-4k-instruct directory (model + tokenizer)")
+    ap.add_argument("--init", help="fpo: the SFT checkpoint to start from (default: the newest in runs/<name>/sft)")
+    ap.add_argument("--pairs", help="fpo: preference pairs from synth.py (default: made from --data, seeded)")
+    ap.add_argument("--ref", choices=["none", "sft"], default="none",
+                    help="fpo reference: none (as released) or the SFT model (log-probs computed once, before step 1)")
+    ap.add_argument("--beta", type=float, help="fpo: the DPO temperature (default cfg.beta = 0.1)")
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: stop or skip and count")
-    ap.add_argument("--name", help="run name: checkpoints and log under runs/<name>/<stage> (default: the preset)")
+    ap.add_argument("--name", default="default", help="run name: checkpoints and log under runs/<name>/<stage>")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--max-steps", type=int, help="optimizer steps in all (default: cfg.epochs epochs)")
     ap.add_argument("--stop-after", type=int, help="save and exit after this step, as if interrupted (--resume goes on)")
@@ -70,9 +83,8 @@ def get_args(argv=None):
     return ap.parse_args(argv)
 
 
-def configure(preset, overrides):
-    """PRESETS[preset] with FIELD=VALUE overrides, each parsed as its field's type."""
-    cfg = modeling.PRESETS[preset]
+def configure(cfg, overrides):
+    """cfg with FIELD=VALUE overrides, each parsed as its field's type."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for item in overrides:
@@ -159,6 +171,27 @@ def save_checkpoint(run_dir, step, model, opt, state, full, keep):
     return final
 
 
+@torch.no_grad()
+def reference_logprobs(model, ds, collate, cfg, rank, world, device, autocast):
+    """The log-prob factors of every pair under `model` (the SFT model FPO starts from), no dropout:
+    (len(ds), 4) [chosen text, chosen grounding, rejected text, rejected grounding]. Each rank
+    computes every world-th pair, then the ranks sum their tables."""
+    was = model.training
+    model.eval()
+    table = torch.zeros(len(ds), 4, dtype=torch.float64, device=device)
+    mine = list(range(rank, len(ds), world))
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate([ds[j] for j in mine[i:i + cfg.batch_size]]).items()}
+        with autocast:
+            out = model(batch)
+        c, r = fpo.policy_logprobs(out, batch, cfg.alpha)
+        table[batch["index"]] = torch.stack([c["text"], c["grounding"], r["text"], r["grounding"]], 1).double()
+    if world > 1:
+        dist.all_reduce(table)
+    model.train(was)
+    return table
+
+
 def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -179,8 +212,23 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    cfg = configure(args.preset, args.set)
-    run_dir = Path(args.out) / (args.name or args.preset) / args.stage
+    # ---- the starting point: the preset (sft) or the newest SFT checkpoint of the run (fpo)
+    init = None
+    if args.stage == "fpo":
+        found = [Path(args.init)] if args.init else checkpoints(Path(args.out) / args.name / "sft")
+        if not found or not (found[-1] / "config.json").is_file():
+            raise SystemExit(f"fpo starts from an SFT checkpoint: none in {args.init or Path(args.out) / args.name / 'sft'} "
+                             "(run `torchrun train.py --stage sft` first, or give --init DIR)")
+        init = found[-1]
+        base = modeling.D2VLMConfig.from_json((init / "config.json").read_text())
+    else:
+        base = modeling.PRESETS[args.preset]
+    cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
+    run_dir = Path(args.out) / args.name / args.stage
+    if not args.resume and checkpoints(run_dir):  # never write over another run's checkpoints
+        raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data
     if args.data is None:
@@ -205,12 +253,26 @@ def main(argv=None):
         if differ:
             raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = modeling.build_model(cfg, args.vision_weights, args.llm_weights,
-                                 tokenizer_dir=resume / "tokenizer" if resume else None).to(device)
+    if init is not None:
+        model = modeling.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg).to(device)
+    else:
+        model = modeling.build_model(cfg, args.vision_weights, args.llm_weights,
+                                     tokenizer_dir=resume / "tokenizer" if resume else None).to(device)
     full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda)
-    ds = data.VideoDataset(args.data, args.videos, model.tokenizer, cfg, on_error=args.on_error)
+    records = args.data
+    if args.stage == "fpo" and args.pairs:
+        records = synth.load_pairs(args.pairs, cfg.fps)
+    elif args.stage == "fpo":  # the same seed on every rank: the same pairs
+        raw_records = data.load_records(args.data, args.on_error)
+        records = synth.make_pairs([data.to_evidence(r, cfg.fps) for r in raw_records], args.seed)
+        if master:
+            synth.save_pairs(records, run_dir / "pairs.json")
+            print(f"fpo: {len(records)} pairs from {len(raw_records)} records ("
+                  + ", ".join(f"{k} {records.counts.get(k, 0)}" for k in synth.KINDS)
+                  + f"), no kind applies to {records.unusable}; written to {run_dir / 'pairs.json'}", file=sys.stderr)
+    ds = data.VideoDataset(records, args.videos, model.tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
         raise SystemExit(f"{args.data}: no usable records")
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
@@ -220,7 +282,7 @@ def main(argv=None):
     step, epoch, micro = 0, 0, 0
     if resume is not None:
         st = torch.load(resume / STATE, weights_only=True)
-        for k, v in (("world_size", world), ("total", total), ("seed", args.seed)):
+        for k, v in (("world_size", world), ("total", total), ("seed", args.seed), ("ref", args.ref)):
             if st[k] != v:
                 raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
         modeling.load_weights(model, resume)
@@ -233,6 +295,16 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[local] if cuda else None)
     collate = partial(data.collate, tokenizer=raw.tokenizer, qformer_tokenizer=raw.qformer_tokenizer, cfg=cfg)
+    keys = ("loss", "sft", "gnd", "cons")
+    if args.stage == "sft":
+        objective = partial(losses.sft_objective, cfg=cfg)
+    else:
+        ref = None
+        if args.ref == "sft":  # the starting model's log-probs, computed once (and kept in the checkpoints)
+            ref = (st["ref_logprobs"].to(device) if resume
+                   else reference_logprobs(raw, ds, collate, cfg, rank, world, device, autocast))
+        objective = partial(fpo.objective, cfg=cfg, ref=ref)
+        keys += fpo.METRICS
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) // world - 1))
 
     def batches(epoch, micro):
@@ -249,20 +321,19 @@ def main(argv=None):
 
     stream = batches(epoch, micro)
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {len(ds)} samples ({ds.skipped['too_long']} too long, {ds.skipped['invalid']} invalid, "
               f"{ds.skipped['missing_video']} without video skipped), {world} process(es) x batch {cfg.batch_size} x "
               f"accumulation {cfg.grad_accum}, {total} steps, {n_train:,} trained parameters, device {device.type}",
               file=sys.stderr)
-        log = open(run_dir / "log.jsonl", "a")
+        log = open(run_dir / "log.jsonl", "a" if resume else "w")
     bar = tqdm(total=total, initial=step, disable=not master, desc=args.stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     t_start = t_log = time.time()
-    first_step, n_acc = step, 0
-    # loss, sft, gnd, cons, samples, LLM tokens, frames, Q-Former tokens
-    acc = torch.zeros(8, dtype=torch.float64, device=device)
-    model.train()
+    first_step, n_acc, saved_to = step, 0, resume
+    stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
+    work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
+    model.train(args.stage == "sft")  # no dropout in FPO (as TRL's DPO): policy and reference see the same net
     while step < total:
         # ---- one optimizer step: up to grad_accum micro-batches, never across an epoch's end
         k = min(cfg.grad_accum, micro_per_epoch - micro)
@@ -273,14 +344,14 @@ def main(argv=None):
             sync = ddp and i < k - 1
             with model.no_sync() if sync else nullcontext(), autocast:
                 out = model(batch)
-                terms = losses.sft_objective(out, batch, cfg)
+                terms = objective(out, batch)
             (terms["loss"] / k).backward()
             llm_tokens = batch["attention_mask"].sum() - batch["frame_mask"].any(1).sum() + batch["frame_mask"].sum()
             n_frames = batch["frame_mask"].sum(1)
             qf_tokens = (n_frames * (cfg.num_query_tokens + batch["qformer_mask"].sum(1))).sum()
-            acc += torch.stack([terms[t].detach().double() / k for t in ("loss", "sft", "gnd", "cons")]
-                               + [torch.tensor(len(batch["input_ids"]), device=device), llm_tokens.double(),
-                                  n_frames.sum().double(), qf_tokens.double()])
+            stats += torch.stack([terms[t].detach().double() for t in keys]) / k
+            work += torch.stack([torch.tensor(len(batch["input_ids"]), device=device), llm_tokens,
+                                 n_frames.sum(), qf_tokens]).double()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -294,20 +365,22 @@ def main(argv=None):
         # ---- log (the figures are means over the ranks and the steps since the last log)
         if step % args.log_every == 0 or step == total or stop:
             if ddp:
-                dist.all_reduce(acc)
+                dist.all_reduce(stats)
+                dist.all_reduce(work)
             n, dt = n_acc, time.time() - t_log
-            rec = {"step": step, "epoch": epoch, **{t: round(float(acc[i]) / (n * world), 5)
-                                                    for i, t in enumerate(("loss", "sft", "gnd", "cons"))},
+            rec = {"step": step, "epoch": epoch, **{t: round(float(v) / (n * world), 5) for t, v in zip(keys, stats)},
                    "grad_norm": round(float(grad_norm), 4), "lr_lora": opt.param_groups[0]["lr"],
-                   "lr_other": opt.param_groups[1]["lr"], "samples_per_s": round(float(acc[4]) / dt, 2),
-                   "tokens_per_s": round(float(acc[5]) / dt, 1), "s_per_step": round(dt / n, 4)}
+                   "lr_other": opt.param_groups[1]["lr"], "samples_per_s": round(float(work[0]) / dt, 2),
+                   "tokens_per_s": round(float(work[1]) / dt, 1), "s_per_step": round(dt / n, 4)}
             if cuda:
-                rec["mfu"] = round(train_flops(model, *acc[5:].tolist()) / dt / (args.peak_tflops * 1e12 * world), 4)
+                rec["mfu"] = round(train_flops(model, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world), 4)
             if master:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=rec["loss"], gnd=rec["gnd"], sft=rec["sft"])
-            last, acc, n_acc, t_log = rec, torch.zeros_like(acc), 0, time.time()
+                bar.set_postfix({t: rec[t] for t in ("loss", "gnd", "sft", "rewards/accuracies") if t in rec})
+            last, n_acc, t_log = rec, 0, time.time()
+            stats.zero_()
+            work.zero_()
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == total or stop:
@@ -318,8 +391,10 @@ def main(argv=None):
                 rng = [rng_state(device)]
             if master:
                 state = {"epoch": epoch, "micro": micro, "rng": rng, "world_size": world, "total": total,
-                         "seed": args.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-                save_checkpoint(run_dir, step, raw, opt, state, full, args.keep)
+                         "seed": args.seed, "ref": args.ref, "stage": args.stage}
+                if args.stage == "fpo" and args.ref == "sft":
+                    state["ref_logprobs"] = ref.cpu()
+                saved_to = save_checkpoint(run_dir, step, raw, opt, state, full, args.keep)
             if ddp:
                 dist.barrier()
         if stop:
@@ -337,11 +412,12 @@ def main(argv=None):
         done = step - first_step
         summary = {"summary": True, "stage": args.stage, "steps": step, "wall_s": round(wall, 1),
                    "s_per_step": round(wall / max(done, 1), 4), "final": last if done else None,
-                   "checkpoint": str(checkpoints(run_dir)[-1]), "rank_digests": digests}
+                   "checkpoint": str(saved_to), "rank_digests": digests}
         log.write(json.dumps(summary) + "\n")
         log.close()
-        fin = (f"loss {last['loss']:.4f} (sft {last['sft']:.4f}, gnd {last['gnd']:.4f}, cons {last['cons']:.4f})"
-               if done else "no steps run")
+        fin = (f"loss {last['loss']:.4f} (sft {last['sft']:.4f}, gnd {last['gnd']:.4f}, cons {last['cons']:.4f}"
+               + (f", fpo {last['fpo']:.4f}, reward accuracy {last['rewards/accuracies']:.3f}" if "fpo" in last else "")
+               + ")" if done else "no steps run")
         print(f"{args.stage}: {done} steps to step {step}/{total} in {wall:.1f} s ({wall / max(done, 1):.3f} s/step), "
               f"{fin}; checkpoint {summary['checkpoint']}", file=sys.stderr)
     if ddp:

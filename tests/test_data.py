@@ -73,7 +73,8 @@ def test_question_timestamps_become_question_evidence():
 
 
 def test_timestamp_phrasings_in_text():
-    template, spans = data.extract_times("from 3 to 8s, then 10-12 seconds, 4 s to 6 s; at 1, 2 and 30.5 seconds; 4 steps, 2 - 3.")
+    template, spans = data.extract_times("from 3 to 8s, then 10-12 seconds, 4 s to 6 s; "
+                                         "at 1, 2 and 30.5 seconds; 4 steps, 2 - 3.")
     assert template == f"from {EVI}s, then {EVI} seconds, {EVI} s; at {EVI}, {EVI} and {EVI} seconds; 4 steps, {EVI}."
     assert spans == [[3, 8], [10, 12], [4, 6], [1, 1], [2, 2], [30.5, 30.5], [2, 3]]
     # numbers that are no timestamps stay text

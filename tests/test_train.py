@@ -15,6 +15,7 @@ import torch
 import data
 import losses
 import model
+from synth import KINDS
 import train
 
 warnings.filterwarnings("ignore")
@@ -165,3 +166,29 @@ def test_overfit_grounds_tvg_events(synth, tmp_path):
         (gs, ge), (ps, pe) = s["evidence"]["spans"][0], (o["spans"][0] if o["spans"] else (0.0, 0.0))
         ious.append(max(0.0, min(ge, pe) - max(gs, ps)) / (max(ge, pe) - min(gs, ps)))
     assert sum(ious) / len(ious) >= 0.7, (ious, [o["text"] for o in outs])
+
+
+def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
+    base = ["--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--log-every", "1"]
+    run([*base, "--max-steps", "3"], tmp_path, "e2e")
+    fpo_args = [*base, "--stage", "fpo", "--ref", "sft", "--max-steps", "4"]
+    train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0", "--stop-after", "2"])
+    out = tmp_path / "e2e" / "fpo"
+    first = log(out)[0]
+    # the policy starts as the reference: zero rewards, loss log 2
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    assert first["fpo"] == pytest.approx(math.log(2), abs=1e-4)
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert len(pairs) == 12 and {p["kind"] for p in pairs} <= set(KINDS)
+    st = torch.load(out / "step_000002" / train.STATE, weights_only=True)
+    assert st["ref"] == "sft" and st["ref_logprobs"].shape == (12, 4)
+    train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0", "--resume"])
+    records = [r for r in log(out) if "step" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert abs(records[-1]["rewards/margins"]) > 0  # the policy moved away from the reference
+    m = model.from_checkpoint(out / "step_000004")
+    sft = model.from_checkpoint(tmp_path / "e2e" / "sft" / "step_000003")
+    assert train.param_digest(m) != train.param_digest(sft)
+    # a new run must not write over these checkpoints
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0"])

@@ -1,0 +1,294 @@
+"""Factorized preference data: rejected responses made by perturbing the chosen one, event by event.
+
+Paper: "Factorized Preference Data Synthesis"; DESIGN.md §7 (the parameters are ours: the authors did
+not release their generator). Each perturbation touches one event of the response, so the source
+of the error is known and recorded with the pair.
+
+    temporal kinds (spans change)              text kinds (spans stay)
+    shift   move one span by +-(0.3-1.0) x     tamper  swap one key word (colour, object,
+            its length, at least 2 s                   action, number) for another of its class
+    insert  add a spurious event in a gap              found in the data
+            (multi-event tasks)                repeat  say one line / sentence twice
+    delete  drop one event (K >= 2)
+    merge   fuse two neighbouring events (K >= 2)
+
+    perturb(record, kind, rng)         an evidence-format record (data.to_evidence) -> the rejected
+                                       response {response, spans, evi_spans}, or None if `kind` does not apply
+    make_pairs(records, seed)          preference records: the chosen record + "rejected" + "kind"
+
+CLI: python synth.py --data FILE --out pairs.json  (prints how many pairs of each kind were made
+and how many records no kind applies to).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import data
+from data import EVI, EVI_END
+
+KINDS = ("shift", "insert", "delete", "merge", "tamper", "repeat")
+TEMPORAL = ("shift", "insert", "delete", "merge")
+MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
+SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...
+MIN_SHIFT = 2.0         # ... but at least this many seconds
+INSERT_LEN = (2.0, 8.0)  # seconds, when the record has no event to copy a length from
+# the key words `tamper` swaps, by class; make_pairs keeps the ones that occur in the data
+KEY_WORDS = {
+    "colour": "red orange yellow green blue purple pink brown black white grey gray cyan magenta".split(),
+    "object": ("square circle triangle man woman person boy girl child baby dog cat horse bird car bike bicycle "
+               "ball door table chair cup bowl plate knife spoon bottle box bag phone book window bed tree water "
+               "pan pot egg onion tomato potato meat bread rice noodles sauce oil salt pepper cheese").split(),
+    "action": ("appears moves grows blinks shrinks disappears opens closes walks runs jumps sits stands picks puts "
+               "takes cuts adds pours stirs mixes washes cooks throws catches holds drinks eats talks").split(),
+    "number": "one two three four five six seven eight nine ten".split(),
+    "direction": "left right up down".split(),
+}
+_LIST_SEP = re.compile(r"^(?:,\s*(?:and\s+)?|\s+and\s+|\s*;\s*)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-2 answer as a list of events
+
+def _units(response):
+    """Split a response (K <evi>, </evi>, answer with K <evi>) into its answer's event units.
+    Returns (mode, head, units, seps, tail): "lines" when the answer has one line per event (dense
+    captioning), "list" when the events are <evi> in one sentence separated by commas / "and"
+    (tvg, tal, ...), None when neither (then only `shift`, `tamper`, `repeat` can apply)."""
+    answer = response.split(EVI_END, 1)[1]
+    lines = answer.split("\n")
+    if len(lines) > 1 and all(line.count(EVI) == 1 for line in lines):
+        return "lines", "", lines, ["\n"] * (len(lines) - 1), ""
+    pieces = answer.split(EVI)
+    if len(pieces) >= 2 and all(_LIST_SEP.match(p) for p in pieces[1:-1]):
+        return "list", pieces[0], [EVI] * (len(pieces) - 1), pieces[1:-1], pieces[-1]
+    return None, "", [], [], ""
+
+
+def _assemble(head, units, seps, tail, mode):
+    """Units back into a response: stage 1 (one <evi> per unit) + the answer."""
+    if mode == "list" and len(units) != len(seps) + 1:  # re-join a list that changed length
+        last = seps[-1] if seps else ", "
+        seps = [seps[0] if seps else ", "] * max(len(units) - 2, 0) + ([last] if len(units) > 1 else [])
+    body = head + "".join(u + s for u, s in zip(units, seps + [""])) + tail
+    n = body.count(EVI)
+    return EVI * n + EVI_END + body, n
+
+
+def _rejected(response, spans, evi_spans=None):
+    spans = [[round(float(s), 2), round(float(e), 2)] for s, e in spans]
+    return {"response": response, "spans": spans, "evi_spans": evi_spans if evi_spans is not None else spans * 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbations
+
+def perturb(record, kind, rng, vocab=None, borrowed=()):
+    """The rejected response for `record` (data.to_evidence output) made by `kind`, or None if the
+    kind does not apply. vocab: {class: [words]} for `tamper` (default KEY_WORDS); borrowed: answer
+    lines of other records (one <evi> each) for `insert` into dense captions.
+    Returns {"response", "spans" (the K events, seconds), "evi_spans" (one span per <evi>, stage 1
+    then stage 2; differs from spans * 2 only for `repeat`)}."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {KINDS}")
+    resp, spans, dur = record["response"], [list(s) for s in record["spans"]], float(record["duration"])
+    K = len(spans)
+    mode, head, units, seps, tail = _units(resp)
+    if kind == "shift":
+        if K == 0:
+            return None
+        k = int(rng.integers(K))
+        s, e = spans[k]
+        length = e - s
+        d = max(MIN_SHIFT, rng.uniform(*SHIFT) * length)
+        for sign in rng.permutation([-1, 1]):
+            ns = min(max(s + sign * d, 0.0), max(dur - length, 0.0))
+            if abs(ns - s) >= MIN_SHIFT / 2:  # clamping at the video's ends may eat part of the shift
+                spans[k] = [ns, ns + length]
+                return _rejected(resp, spans)
+        return None
+    if kind in ("insert", "delete", "merge") and mode is None:
+        return None
+    if kind == "insert":
+        if record["task"] not in MULTI_EVENT_TASKS or K == 0:
+            return None
+        length = float(np.clip(np.mean([e - s for s, e in spans]), *INSERT_LEN))
+        edges = sorted(spans)
+        gaps = [(a, b) for a, b in zip([0.0] + [e for _, e in edges], [s for s, _ in edges] + [dur]) if b - a > length + 1]
+        if not gaps:
+            return None
+        a, b = gaps[int(rng.integers(len(gaps)))]
+        ns = round(float(rng.uniform(a + 0.5, b - 0.5 - length)), 1)
+        new = [ns, ns + length]
+        at = sum(s < ns for s, _ in spans)  # keep the events in time order
+        if mode == "lines":
+            if not borrowed:
+                return None
+            unit = borrowed[int(rng.integers(len(borrowed)))]
+            units.insert(at, unit)
+            seps = ["\n"] * (len(units) - 1)
+        else:
+            units.insert(at, EVI)
+        spans.insert(at, new)
+        r, _ = _assemble(head, units, seps, tail, mode)
+        return _rejected(r, spans)
+    if kind in ("delete", "merge"):
+        if K < 2 or len(units) != K:
+            return None
+        k = int(rng.integers(K - 1 if kind == "merge" else K))
+        if kind == "merge":  # events k and k+1 become one span with event k's words
+            spans[k] = [min(spans[k][0], spans[k + 1][0]), max(spans[k][1], spans[k + 1][1])]
+            k += 1
+        del units[k], spans[k]
+        seps = seps[:-1] if mode == "lines" else (seps[1:] if k == 0 else seps[:k - 1] + seps[k:])
+        r, _ = _assemble(head, units, seps, tail, mode)
+        return _rejected(r, spans)
+    if kind == "tamper":
+        vocab = vocab or KEY_WORDS
+        stage1, answer = resp.split(EVI_END, 1)
+        cls_of = {w: c for c, ws in vocab.items() if len(ws) > 1 for w in ws}
+        hits = [m for m in re.finditer(r"[A-Za-z]+", answer) if m.group().lower() in cls_of]
+        if not hits:
+            return None
+        m = hits[int(rng.integers(len(hits)))]
+        word = m.group()
+        options = [w for w in vocab[cls_of[word.lower()]] if w != word.lower()]
+        new = options[int(rng.integers(len(options)))]
+        new = new.capitalize() if word[0].isupper() else new
+        return _rejected(stage1 + EVI_END + answer[:m.start()] + new + answer[m.end():], spans)
+    # repeat: one line (or, in a one-line answer, one sentence) is said twice
+    stage1, answer = resp.split(EVI_END, 1)
+    lines = answer.split("\n")
+    if len(lines) > 1:
+        k = int(rng.integers(len(lines)))
+        parts, joiner = lines, "\n"
+    else:
+        parts = [p for p in re.split(r"(?<=[.!?])\s+", answer) if p]
+        if not parts:
+            return None
+        k, joiner = int(rng.integers(len(parts))), " "
+    parts = parts[:k + 1] + [parts[k]] + parts[k + 1:]
+    # the repeated piece refers to the same events again: one more stage-2 <evi> per <evi> in it
+    before = sum(p.count(EVI) for p in parts[:k + 1])
+    again = list(range(before - parts[k].count(EVI), before))
+    stage2 = list(range(K))
+    stage2 = stage2[:before] + again + stage2[before:]
+    return _rejected(stage1 + EVI_END + joiner.join(parts), spans, [spans[i] for i in range(K)] + [spans[i] for i in stage2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+
+class Pairs(list):
+    """Preference records, plus `.counts` (pairs per kind) and `.unusable` (records no kind applies to)."""
+
+    def __init__(self, items, counts, unusable):
+        super().__init__(items)
+        self.counts, self.unusable = counts, unusable
+
+
+def vocabulary(records):
+    """KEY_WORDS restricted to the words that occur in the records' answers (so `tamper` swaps in
+    words of the dataset)."""
+    seen = Counter(w.lower() for r in records for w in re.findall(r"[A-Za-z]+", r["response"].split(EVI_END, 1)[1]))
+    return {c: [w for w in ws if seen[w]] for c, ws in KEY_WORDS.items()}
+
+
+def make_pairs(records, seed: int = 0, per_sample: int = 1, kinds=KINDS) -> Pairs:
+    """For each evidence-format record, `per_sample` rejected responses of distinct kinds, drawn at
+    random among the kinds that apply (seeded). A pair is the record with two more fields:
+    "rejected" ({response, spans, evi_spans}) and "kind". Records that no kind applies to are
+    counted in `.unusable`, never dropped silently."""
+    rng = np.random.default_rng(seed)
+    vocab = vocabulary(records)
+    lines = [(i, u) for i, r in enumerate(records) if _units(r["response"])[0] == "lines"
+             for u in _units(r["response"])[2]]
+    out, counts, unusable = [], Counter(), 0
+    for i, rec in enumerate(records):
+        borrowed = [u for j, u in lines if j != i]
+        made = 0
+        for kind in rng.permutation(kinds):
+            rej = perturb(rec, str(kind), rng, vocab, borrowed)
+            if rej is None:
+                continue
+            out.append({**rec, "rejected": rej, "kind": str(kind)})
+            counts[str(kind)] += 1
+            made += 1
+            if made == per_sample:
+                break
+        unusable += made == 0
+    return Pairs(out, dict(counts), unusable)
+
+
+def save_pairs(pairs, path):
+    """JSON list, seconds only (frames are recomputed at the model's fps when read); temp + rename."""
+    keep = ("task", "source", "video", "duration", "prompt", "response", "spans", "question_spans", "rejected", "kind")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("[\n" + ",\n".join(json.dumps({k: p[k] for k in keep}) for p in pairs) + "\n]\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_pairs(path, fps: float = 1.0) -> list:
+    """Read a pairs file written by save_pairs, check it, and add the frame spans at `fps`. A bad
+    pair raises one line naming the file, the pair and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pairs file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: expected a JSON list of pairs")
+    out = []
+    for i, p in enumerate(raw):
+        def bad(field, why):
+            return ValueError(f"{path}: pair {i}: field '{field}': {why}")
+        for f in ("task", "source", "video", "duration", "prompt", "response", "spans", "question_spans", "rejected", "kind"):
+            if not isinstance(p, dict) or f not in p:
+                raise bad(f, "missing")
+        rej = p["rejected"]
+        if not isinstance(rej, dict) or not all(k in rej for k in ("response", "spans", "evi_spans")):
+            raise bad("rejected", "expected an object with response, spans and evi_spans")
+        if p["kind"] not in KINDS:
+            raise bad("kind", f"{p['kind']!r} is not one of {KINDS}")
+        if p["response"].count(EVI) != 2 * len(p["spans"]):
+            raise bad("response", f"{p['response'].count(EVI)} {EVI} for {len(p['spans'])} spans (expected 2 per span)")
+        if rej["response"].count(EVI) != len(rej["evi_spans"]):
+            raise bad("rejected", f"{rej['response'].count(EVI)} {EVI} but {len(rej['evi_spans'])} evi_spans")
+        for field, spans in (("spans", p["spans"]), ("question_spans", p["question_spans"]),
+                             ("rejected", rej["evi_spans"])):
+            for s, e in spans:
+                if not 0 <= s <= e <= p["duration"] + data.DURATION_TOLERANCE:
+                    raise bad(field, f"span [{s}, {e}] is not inside the video (0 - {p['duration']} s)")
+        out.append({**p, "frames": data.to_frames(p["spans"], fps), "question_frames": data.to_frames(p["question_spans"], fps)})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Make factorized preference pairs from an annotation file.")
+    ap.add_argument("--data", required=True, help="E.T.Instruct-164K (txt / vid) or synthetic train.json")
+    ap.add_argument("--out", required=True, help="pairs JSON to write")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-sample", type=int, default=1)
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    args = ap.parse_args(argv)
+    recs = data.load_records(args.data, args.on_error)
+    pairs = make_pairs([data.to_evidence(r) for r in recs], args.seed, args.per_sample, tuple(args.kinds))
+    save_pairs(pairs, args.out)
+    counts = ", ".join(f"{k} {pairs.counts.get(k, 0)}" for k in args.kinds)
+    print(f"{args.out}: {len(pairs)} pairs from {len(recs)} records ({counts}); no kind applies to "
+          f"{pairs.unusable} records; {len(recs.skipped)} invalid records skipped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""fpo.py: the grounding log-probability against the paper's product, token log-probs, the packed
+chosen/rejected forward against two separate forwards, and the FPO loss."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evidence
+import fpo
+import model
+import synth
+from data import EVI, EVI_END, IGNORE
+
+warnings.filterwarnings("ignore")
+CFG = model.PRESETS["tiny"]
+
+
+def test_grounding_logprob_hard_targets_is_the_papers_product():
+    rng = np.random.default_rng(0)
+    B, K, T = 2, 3, 8
+    sim = rng.normal(size=(B, K, T)) * 2
+    spans = np.array([[[1, 3], [5, 5], [0, 7]], [[2, 6], [0, 0], [-1, -1]]])
+    hard = np.zeros((B, K, T))
+    for b in range(B):
+        for k in range(K):
+            s, e = spans[b, k]
+            if s >= 0:
+                hard[b, k, s:e + 1] = 1
+    mask = np.broadcast_to((spans[..., :1] >= 0), (B, K, T)).copy()
+    mask[1, :, 7] = False  # a padded frame
+    got = fpo.grounding_logprob(torch.tensor(sim), torch.tensor(hard), torch.tensor(mask))
+    for b in range(B):
+        prod = 1.0
+        for k in range(K):
+            for t in range(T):
+                if mask[b, k, t]:
+                    p = 1 / (1 + math.exp(-sim[b, k, t]))
+                    prod *= p if hard[b, k, t] else 1 - p  # p_g = prod_t (sim if s <= t <= e else 1 - sim)
+        assert got[b].item() == pytest.approx(math.log(prod), rel=1e-5)
+    # soft targets: the mixture y p + (1 - y)(1 - p) per entry
+    y = rng.uniform(size=(B, K, T))
+    p = 1 / (1 + np.exp(-sim))
+    want = (np.log(y * p + (1 - y) * (1 - p) + 1e-10) * mask).sum((1, 2))
+    assert fpo.grounding_logprob(torch.tensor(sim), torch.tensor(y), torch.tensor(mask)).numpy() == pytest.approx(want, rel=1e-5)
+
+
+def test_token_logprobs_follow_prev():
+    rng = np.random.default_rng(1)
+    logits = torch.tensor(rng.normal(size=(1, 6, 5)))
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1, 4, 0]])
+    prev = torch.tensor([[0, 0, 1, 2, 1, 4]])  # token 4 follows position 1 (a second branch)
+    got = fpo.token_logprobs(logits, labels, prev)[0]
+    lp = torch.log_softmax(logits[0].float(), -1)
+    want = [0, 0, lp[1, 3], lp[2, 1], lp[1, 4], lp[4, 0]]
+    assert got.tolist() == pytest.approx([float(w) for w in want], rel=1e-6)
+    default = fpo.token_logprobs(logits, labels)[0]
+    assert default[4].item() == pytest.approx(lp[3, 4].item(), rel=1e-6)
+
+
+def clip(n, seed):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 255, (n, 3, CFG.image_size, CFG.image_size), dtype=np.uint8))
+
+
+def test_packed_pair_equals_two_separate_forwards():
+    torch.manual_seed(0)
+    m = model.build_model(CFG).eval()
+    dvc = {"task": "dvc", "duration": 14.0, "prompt": f"Describe the events after {EVI}.",
+           "question_spans": [[0, 1]], "question_frames": [[0, 1]], "spans": [[2, 4], [7, 11]],
+           "response": f"{EVI}{EVI}{EVI_END}{EVI} seconds, a red square grows.\n{EVI} seconds, a blue circle blinks."}
+    tvg = {"task": "tvg", "duration": 9.0, "prompt": "When does the green triangle appear?", "question_spans": [],
+           "question_frames": [], "spans": [[3, 6]], "response": f"{EVI}{EVI_END}The event happens in {EVI} seconds."}
+    rng = np.random.default_rng(0)
+    pairs = []
+    for ev, kind, n in ((dvc, "delete", 14), (tvg, "shift", 9), (dvc, "tamper", 14)):
+        ev = {**ev, "frames": data.to_frames(ev["spans"])}
+        pairs.append({"evidence": {**ev, "rejected": synth.perturb(ev, kind, rng)}, "frames": clip(n, n)})
+    batch = data.collate(pairs, m.tokenizer, m.qformer_tokenizer, CFG)
+    with torch.no_grad():
+        out = m(batch)
+    chosen, rejected = fpo.policy_logprobs(out, batch, CFG.alpha)
+    for branch, packed in ((1, chosen), (2, rejected)):
+        singles = []
+        for p in pairs:
+            ev = p["evidence"]
+            if branch == 2:
+                r = ev["rejected"]
+                ev = {**ev, "response": r["response"], "spans": r["spans"], "frames": data.to_frames(r["spans"])}
+            ev = {k: v for k, v in ev.items() if k != "rejected"}
+            singles.append({"evidence": ev, "frames": p["frames"]})
+        b = data.collate(singles, m.tokenizer, m.qformer_tokenizer, CFG)  # plain batches, no packing
+        with torch.no_grad():
+            o = m(b)
+        text = fpo.token_logprobs(o["logits"], b["labels"]).sum(1)
+        y = evidence.soft_targets(b["answer_spans"].clamp(min=0), o["sim"].shape[-1], CFG.alpha)
+        mask = o["evi_mask"][..., None] & o["frame_mask"][:, None, :]
+        grounding = fpo.grounding_logprob(o["sim"], y, mask)
+        torch.testing.assert_close(packed["text"], text, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(packed["grounding"], grounding, rtol=1e-5, atol=1e-4)
+    assert (chosen["text"] != rejected["text"]).all()
+
+
+def test_fpo_loss_is_log2_at_equal_inputs_and_its_gradient_widens_the_margin():
+    g = torch.Generator().manual_seed(0)
+    c = {"text": torch.randn(4, generator=g) * 10, "grounding": torch.randn(4, generator=g) * 5}
+    loss, m = fpo.fpo_loss(c, c)
+    assert loss.item() == pytest.approx(math.log(2)) and m["rewards/margins"].item() == 0
+    loss, m = fpo.fpo_loss(c, {k: v.clone() for k, v in c.items()}, c, c)  # reference = policy: rewards 0
+    assert loss.item() == pytest.approx(math.log(2)) and m["rewards/chosen"].item() == 0
+    chosen = {k: torch.randn(4, generator=g, requires_grad=True) for k in ("text", "grounding")}
+    rejected = {k: torch.randn(4, generator=g, requires_grad=True) for k in ("text", "grounding")}
+    loss, before = fpo.fpo_loss(chosen, rejected, beta=0.1)
+    want = -torch.nn.functional.logsigmoid(0.1 * ((chosen["text"] + chosen["grounding"])
+                                                  - (rejected["text"] + rejected["grounding"]))).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    loss.backward()
+    with torch.no_grad():
+        for d, sign in ((chosen, -1), (rejected, -1)):
+            for v in d.values():
+                v += sign * 1.0 * v.grad  # one gradient-descent step
+        assert (chosen["text"].grad < 0).all() and (rejected["grounding"].grad > 0).all()
+    _, after = fpo.fpo_loss(chosen, rejected, beta=0.1)
+    assert after["rewards/margins"] > before["rewards/margins"]
+    assert set(fpo.METRICS) - {"fpo"} <= set(after)
+    parts = after["rewards/margins_text"] + after["rewards/margins_grounding"]
+    assert parts.item() == pytest.approx(after["rewards/margins"].item(), rel=1e-5)
