@@ -192,6 +192,15 @@ def reference_logprobs(model, ds, collate, cfg, rank, world, device, autocast):
     return table
 
 
+def gather(obj, world):
+    """obj from every rank, in rank order."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -384,11 +393,7 @@ def main(argv=None):
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == total or stop:
-            rng = [None] * world
-            if ddp:
-                dist.all_gather_object(rng, rng_state(device))
-            else:
-                rng = [rng_state(device)]
+            rng = gather(rng_state(device), world)
             if master:
                 state = {"epoch": epoch, "micro": micro, "rng": rng, "world_size": world, "total": total,
                          "seed": args.seed, "ref": args.ref, "stage": args.stage}
@@ -402,11 +407,7 @@ def main(argv=None):
     bar.close()
 
     # ---- summary: every rank's trained weights must be bit-identical
-    digests = [None] * world
-    if ddp:
-        dist.all_gather_object(digests, param_digest(raw))
-    else:
-        digests = [param_digest(raw)]
+    digests = gather(param_digest(raw), world)
     if master:
         wall = time.time() - t_start
         done = step - first_step
