@@ -4,6 +4,7 @@
                                                 synthetic test split: predictions + metrics + table
     python evaluate.py --ckpt DIR --data etbench_txt_v1.0.json --videos DIR
     python evaluate.py --score PRED.json [--protocol etchat|strict] [--out metrics.json]
+    python evaluate.py --video clip.mp4 --question "..." [--plot sim.png]
 
 The scorer reproduces the official E.T.Bench `compute_metrics.py` rule by rule (../shared/scoring-spec.md;
 the rules are re-stated here, the code is ours). Its numbers equal the official script's on the
@@ -52,11 +53,13 @@ def _float(x):
 # ---------------------------------------------------------------------------------------------
 # Parsers
 
-def tvg_format(a: str):
-    """Spans [[s, e], ...] in a response, or None: the official timestamp parser (spec §1.2)."""
+def tvg_format(a: str, rstrip_dots: bool = False):
+    """Spans [[s, e], ...] in a response, or None: the official timestamp parser (spec §1.2).
+    rstrip_dots: the D2VLM scripts' answer parse, float(x.rstrip('.')) for "s - e" pairs."""
     ans = a.lower()
     candidates = [s for s in re.split(r"[!?\n]", ans) if any(k in s for k in KEYWORDS)]
-    spans = [[_float(s), _float(e)] for s, e in _PAIR.findall(ans)]
+    num = (lambda x: _float(x.rstrip("."))) if rstrip_dots else _float
+    spans = [[num(s), num(e)] for s, e in _PAIR.findall(ans)]
     if not spans:
         spans = [[_float(s), _float(e)] for s, e in _TO.findall(ans)]
     if not spans:
@@ -482,6 +485,70 @@ def _ascii(text):
 
 
 # ---------------------------------------------------------------------------------------------
+# Charades-STA (the D2VLM release's TimeChat-format scorer, spec §3)
+
+EVI_DELIM = "</evi>"
+CHARADES_PROMPT = ("You are given a video about indoor activities. Watch the video carefully and find a visual event "
+                   "described by the sentence: '{}'. The format of your response should be: 'The event happens in "
+                   "<start time> - <end time>'.")
+
+
+def d2vlm_spans(a, delim=EVI_DELIM):
+    """(evidence spans, answer spans) of a D2VLM response split at `delim` (the answer: the last
+    part), each None when absent; None when the response has no delimiter."""
+    if delim not in a:
+        return None
+    parts = a.split(delim)
+    try:
+        evidence = tvg_format(parts[0])
+    except Unparsable:
+        evidence = None
+    try:
+        answer = tvg_format(parts[-1], rstrip_dots=True)
+    except Unparsable:
+        answer = None
+    return evidence, answer
+
+
+def charades_records(annotation_path):
+    """TimeChat's Charades-STA test file (COCO caption format) -> E.T.Bench-style tvg records, as
+    the D2VLM release builds them (idx = the annotation's position)."""
+    anns = json.loads(Path(annotation_path).read_text(encoding="utf-8"))["annotations"]
+    return [{"idx": i, "task": "tvg", "source": "charades_sta", "video": f"charades/compressed_videos/{a['image_id']}",
+             "duration": None, "tgt": a["timestamp"], "q": CHARADES_PROMPT.format(a["caption"].strip().rstrip("."))}
+            for i, a in enumerate(anns)]
+
+
+def score_charades(records):
+    """R1@{0.3, 0.5, 0.7} (percent) and mIoU (fraction) of the first span of each tvg/charades_sta
+    response: the answer's spans after </evi>, else the evidence's. As the official scorer, the
+    denominator is the number of responses with a span (`num`); IoU is over the hull, in float64.
+    Responses the official converter crashes on (no </evi>, no span at all, or answer spans with
+    no evidence spans) are Failed and left out."""
+    hits, miou, num, failed, total = {0.3: 0, 0.5: 0, 0.7: 0}, 0.0, 0, 0, 0
+    for r in records:
+        if r["task"] != "tvg" or r["source"] != "charades_sta":
+            continue
+        total += 1
+        parsed = d2vlm_spans(r["a"])
+        if parsed is None or parsed[0] is None:
+            failed += 1
+            continue
+        evidence, answer = parsed
+        (s, e), (gs, ge) = (answer or evidence)[0], r["tgt"]
+        hull = max(e, ge) - min(s, gs)
+        iou = max(min(e, ge) - max(s, gs), 0) / hull if hull > 0 else 0.0  # official: ZeroDivisionError
+        num += 1
+        miou += iou
+        for t in hits:
+            hits[t] += iou >= t
+    out = {"Total": total, "Failed": failed, "num": num}
+    out.update({f"R1@{t}": hits[t] * 100 / num if num else 0.0 for t in hits})
+    out["mIoU"] = miou / num if num else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # E.T.Bench
 
 def score_etbench(records, protocol="etchat"):
@@ -588,6 +655,61 @@ def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=25
     return out
 
 
+def answer_video(m, video, question, max_new_tokens=256, temperature=0.0):
+    """Answer one question about one video file. Timestamps in the question ("after 3.0 - 5.0
+    seconds") become question <evi>. Returns generate()'s dict for it, plus "frames" (how many)."""
+    import data
+    import model as modeling
+    prompt, qspans = data.extract_times(question)
+    chat = data.CHAT[0].format(system=m.cfg.system_prompt, prompt=prompt)
+    n_prompt = len(m.tokenizer(chat, add_special_tokens=False)["input_ids"])
+    budget = m.cfg.max_len - n_prompt - max_new_tokens
+    if budget < 1:
+        raise SystemExit(f"the question and --max-new-tokens leave no room for frames in max_len={m.cfg.max_len}")
+    frames = data.sample_frames(video, m.cfg.fps, m.cfg.image_size, max_frames=budget)
+    evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, m.cfg.fps), "response": "", "frames": []}
+    batch = data.collate([{"evidence": evidence, "frames": frames}], m.tokenizer, m.qformer_tokenizer, m.cfg,
+                         with_response=False)
+    out = modeling.generate(m, batch, max_new_tokens, temperature, generator=torch.Generator().manual_seed(0))[0]
+    return {**out, "frames": len(frames)}
+
+
+def plot_evidence(answer, fps, path):
+    """A PNG: each <evi>'s probability over time, its chosen span shaded."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (optional): pip install matplotlib") from None
+    n = max(1, len(answer["probs"]))
+    fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n), sharex=True, squeeze=False)
+    for k, ax in enumerate(axes[:, 0]):
+        if k < len(answer["probs"]):
+            p = answer["probs"][k]
+            ax.plot([t / fps for t in range(len(p))], p, lw=1.5)
+            s, e = answer["spans"][k]
+            ax.axvspan(s, e + 1 / fps, alpha=0.25, color="tab:orange")
+            ax.set_ylabel(f"<evi> {k + 1}")
+        ax.set_ylim(0, 1)
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(answer["text"][:100], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _video_duration(path):
+    import av
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        if s.duration is not None:
+            return float(s.duration * s.time_base)
+        return float(c.duration / av.time_base)
+
+
 def latest_checkpoint(root="runs/default"):
     for stage in ("fpo", "sft"):
         found = sorted((Path(root) / stage).glob("step_[0-9]*"))
@@ -600,6 +722,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
     ap.add_argument("--protocol", choices=["etchat", "strict"], default="etchat")
+    ap.add_argument("--benchmark", choices=["etbench", "charades"], default="etbench",
+                    help="charades: --data is TimeChat's test.caption_coco_format.json (inference) or --score "
+                         "reads tvg/charades_sta predictions")
     ap.add_argument("--out", help="metrics JSON (default: next to the predictions)")
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
     ap.add_argument("--vision-weights")
@@ -609,7 +734,24 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--video", help="answer --question about this one video file")
+    ap.add_argument("--question")
+    ap.add_argument("--plot", metavar="PNG", help="with --video: plot each <evi>'s similarity over time")
     args = ap.parse_args(argv)
+    if args.video:
+        if not args.question:
+            raise SystemExit("--video needs --question")
+        import model as modeling
+        ckpt = Path(args.ckpt) if args.ckpt else latest_checkpoint()
+        m = modeling.from_checkpoint(ckpt, args.vision_weights, args.llm_weights).eval()
+        answer = answer_video(m, args.video, args.question, args.max_new_tokens, args.temperature)
+        print(answer["text"])
+        for k, (s, e) in enumerate(answer["spans"]):
+            print(f"  <evi> {k + 1}: {s:.1f} - {e:.1f} s (peak probability {max(answer['probs'][k]):.2f})")
+        if args.plot:
+            plot_evidence(answer, m.cfg.fps, args.plot)
+            print(f"plot: {args.plot}", file=sys.stderr)
+        return
     if args.score:
         records = load_predictions(args.score)
         pred_path = Path(args.score)
@@ -623,18 +765,29 @@ def main(argv=None):
         if args.videos is None:
             raise SystemExit("--videos is required with --data")
         m = modeling.from_checkpoint(ckpt, args.vision_weights, args.llm_weights).eval()
-        raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
-        data.load_records(args.data)  # validates every record (one-line error naming it)
+        if args.benchmark == "charades":
+            raw = charades_records(args.data)
+            for r in raw:  # the duration the converter leaves out: read it from the video
+                r["duration"] = _video_duration(Path(args.videos) / r["video"])
+        else:
+            raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
+            data.load_records(args.data)  # validates every record (one-line error naming it)
         records = predict(m, raw, args.videos, args.batch_size, args.temperature, args.max_new_tokens)
         pred_path = ckpt / f"predictions_{Path(args.data).stem}.json"
         tmp = pred_path.with_name(pred_path.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
         tmp.replace(pred_path)
         print(f"predictions: {pred_path}", file=sys.stderr)
-    metrics = score_etbench(records, args.protocol)
     out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / "metrics.json"
+    if args.benchmark == "charades":
+        metrics = score_charades(records)
+        text = "\n".join(f"{k} = {metrics[k]}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")) \
+            + f"\n({metrics['num']} of {metrics['Total']} responses with a span; {metrics['Failed']} Failed)"
+    else:
+        metrics = score_etbench(records, args.protocol)
+        text = table(metrics)
     out.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    print(table(metrics))
+    print(text)
     print(f"metrics: {out}", file=sys.stderr)
 
 

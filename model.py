@@ -374,7 +374,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     over the frames (evidence.select_interval), and its next input embedding is raised by the mean
     layer-`inject_layer` video state over that span. Stops a sample at <|end|>.
     use_cache=False recomputes the whole sequence at every step (a reference for tests).
-    Returns one dict per sample: text (each <evi> as "s - e" seconds), tokens, spans (seconds)."""
+    Returns one dict per sample: text (each <evi> as "s - e" seconds), tokens, spans (seconds), and
+    probs: for each <evi>, sigmoid(similarity) over the sample's frames (what its span was chosen from)."""
     cfg, tid = model.cfg, model.token_id
     B = batch["input_ids"].shape[0]
     ctx = model.encode_prompt(batch)
@@ -385,7 +386,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     m_last = hs[cfg.match_layer][torch.arange(B), last]
     past = torch.cat([ctx["pre_mask"], suf_mask], 1)
     done = torch.zeros(B, dtype=torch.bool, device=suffix.device)
-    tokens, spans, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], []
+    tokens, spans, probs, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], []
+    n_frames = ctx["frame_mask"].sum(1).tolist()
     pad = model.tokenizer.pad_token_id
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
@@ -399,6 +401,7 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
             emb = emb + evidence.pool_evidence(ctx["inject"], span)[:, 0] * is_evi[:, None]
             for i in is_evi.nonzero()[:, 0].tolist():
                 spans[i].append([v / cfg.fps for v in span[i, 0].tolist()])
+                probs[i].append(torch.sigmoid(sim[i, 0, :n_frames[i]].float()).tolist())
         for i in (~done).nonzero()[:, 0].tolist():
             tokens[i].append(int(tok[i]))
         live = ~done
@@ -421,7 +424,7 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     for i in range(B):
         toks = tokens[i][:-1] if tokens[i] and tokens[i][-1] == tid[END] else tokens[i]
         raw = model.tokenizer.decode(toks, skip_special_tokens=False)
-        out.append({"text": render(raw, spans[i]), "tokens": tokens[i], "spans": spans[i]})
+        out.append({"text": render(raw, spans[i]), "tokens": tokens[i], "spans": spans[i], "probs": probs[i]})
     return out
 
 

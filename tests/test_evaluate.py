@@ -4,6 +4,7 @@ inference path on the tiny model."""
 import json
 import math
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -203,24 +204,74 @@ def test_load_predictions_names_bad_records(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Inference
 
-def test_inference_writes_a_scorable_predictions_file(tmp_path, capsys):
-    data.make_synthetic(tmp_path / "syn", n_train=0, n_test=1, workers=1)
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny model saved as a checkpoint, and one synthetic test video's records."""
+    root = tmp_path_factory.mktemp("eval")
+    data.make_synthetic(root / "syn", n_train=0, n_test=1, workers=1)
     torch.manual_seed(0)
     m = model.build_model(model.PRESETS["tiny"])
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    model.save_weights(m, ckpt, full=True)
-    ev.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "syn" / "test.json"), "--videos",
-             str(tmp_path / "syn" / "videos"), "--max-new-tokens", "12", "--batch-size", "4"])
+    (root / "ckpt").mkdir()
+    model.save_weights(m, root / "ckpt", full=True)
+    return root / "ckpt", root / "syn"
+
+
+def test_inference_writes_a_scorable_predictions_file(tiny_ckpt, capsys):
+    ckpt, syn = tiny_ckpt
+    ev.main(["--ckpt", str(ckpt), "--data", str(syn / "test.json"), "--videos", str(syn / "videos"),
+             "--max-new-tokens", "12", "--batch-size", "4"])
     preds = ev.load_predictions(ckpt / "predictions_test.json")
-    truth = json.loads((tmp_path / "syn" / "test.json").read_text())
+    truth = json.loads((syn / "test.json").read_text())
     assert [p["idx"] for p in preds] == [t["idx"] for t in truth]
     assert all(isinstance(p["a"], str) for p in preds)
     metrics = json.loads((ckpt / "metrics.json").read_text())
     assert set(metrics) == {r["task"] for r in truth} and metrics["tvg"]["synthetic"]["Total"] == 1
     assert "TVG" in capsys.readouterr().out
     # batched generation gives what one-by-one generation gives
-    one = ev.predict(model.from_checkpoint(ckpt).eval(), truth[:2], tmp_path / "syn" / "videos", batch_size=1,
+    one = ev.predict(model.from_checkpoint(ckpt).eval(), truth[:2], syn / "videos", batch_size=1,
                      max_new_tokens=12, progress=False)
     assert [p["a"] for p in one] == [p["a"] for p in preds[:2]]
     assert np.isfinite(metrics["tvg"]["synthetic"]["F1"])
+
+
+def test_one_video_answer_and_plot(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    ckpt, syn = tiny_ckpt
+    video = syn / "videos" / "test_0000.mp4"
+    q = "What happens after 2.0 - 4.0 seconds? Answer with <start time> - <end time>."
+    ev.main(["--ckpt", str(ckpt), "--video", str(video), "--question", q, "--max-new-tokens", "16"])
+    out = capsys.readouterr().out.splitlines()
+    m = model.from_checkpoint(ckpt).eval()
+    answer = ev.answer_video(m, video, q, max_new_tokens=16)
+    assert out[0] == answer["text"].splitlines()[0]
+    n = len(data.sample_frames(video, m.cfg.fps, m.cfg.image_size))
+    assert answer["frames"] == n and all(len(p) == n for p in answer["probs"])
+    assert len(answer["probs"]) == len(answer["spans"]) == answer["tokens"].count(m.token_id[data.EVI])
+    for k, (s, e) in enumerate(answer["spans"]):
+        assert f"<evi> {k + 1}: {s:.1f} - {e:.1f} s" in out[-len(answer["spans"]) + k]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # matplotlib absent: a clear message
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        ev.plot_evidence(answer, 1.0, tmp_path / "x.png")
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    fake = {"text": "0.0 - 3.0</evi>...", "spans": [[0.0, 3.0], [5.0, 5.0]], "probs": [[0.9] * 4 + [0.1] * 6, [0.2] * 10]}
+    ev.plot_evidence(fake, 1.0, tmp_path / "sim.png")
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_charades_official_denominator(tmp_path):
+    answers = ["10.0 - 20.0</evi>The event happens in 10.0 - 20.0 seconds.",
+               "12 - 20</evi>The event happens in 15 - 25 seconds.",   # the answer's span wins
+               "10 - 20</evi>nothing",                                  # no answer span: the evidence's
+               "The event happens in 10 - 20 seconds.",                 # no </evi>: Failed (official: KeyError)
+               "</evi>The event happens in 10 - 20.",                   # no evidence span: Failed (TypeError)
+               "5 - 8</evi>The event happens in 10 - 20..."]            # "20..." -> 20 in the answer
+    recs = [rec("tvg", a, source="charades_sta", tgt=[10.0, 20.0]) for a in answers] + [rec("tvg", "1 - 2", tgt=[1, 2])]
+    out = ev.score_charades(recs)
+    assert (out["Total"], out["Failed"], out["num"]) == (6, 2, 4)
+    assert out["R1@0.3"] == 100.0 and out["R1@0.5"] == 75.0 and out["R1@0.7"] == 75.0
+    assert out["mIoU"] == pytest.approx((3 + 1 / 3) / 4)
+    ann = {"annotations": [{"image_id": "AB12.mp4", "caption": "person opens a door.", "timestamp": [1.5, 7.0], "id": 0}]}
+    (tmp_path / "test.json").write_text(json.dumps(ann))
+    r = ev.charades_records(tmp_path / "test.json")[0]
+    assert r["video"] == "charades/compressed_videos/AB12.mp4" and r["tgt"] == [1.5, 7.0] and r["idx"] == 0
+    assert "described by the sentence: 'person opens a door'. The format" in r["q"]
