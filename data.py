@@ -441,7 +441,7 @@ class VideoDataset(torch.utils.data.Dataset):
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(resp, add_special_tokens=False)["input_ids"])]
             rej = [CHAT[1].format(response=ev["rejected"]["response"]) if "rejected" in ev else "" for ev in evs]
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(rej, add_special_tokens=False)["input_ids"])]
-        self.items, self.budget, too_long = [], [], 0
+        self.items, self.budget, self.kept, too_long = [], [], [], 0
         for i, (ev, n) in enumerate(zip(evs, n_text)):
             if i in gone:
                 continue
@@ -450,6 +450,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 too_long += 1
                 continue
             self.items.append(ev)
+            self.kept.append(i)  # the record's position in `records`
             self.budget.append(cfg.max_len - n + 1)  # frames that still fit
         self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing), "too_long": too_long}
         if missing or too_long:

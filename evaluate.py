@@ -638,21 +638,24 @@ def load_predictions(path):
 # Inference
 
 def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=256, progress=True):
-    """Run batched generation on E.T.Bench-format records; returns copies with the response in "a"."""
+    """Run batched generation on E.T.Bench-format records; returns copies with the response in "a".
+    A record too long for the model's max_len (text + one token per frame) gets an empty response,
+    so the scorer counts it as Failed (the count is reported)."""
     import data
     import model as modeling
     from tqdm import tqdm
     ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, with_response=False)
-    if len(ds) != len(records):
-        raise SystemExit(f"{len(records) - len(ds)} records could not be used (see above)")
-    out = []
+    answers = [""] * len(records)
     gen = torch.Generator().manual_seed(0)
     for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
         samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
         batch = data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
-        for r, g in zip(records[i:i + batch_size], modeling.generate(m, batch, max_new_tokens, temperature, generator=gen)):
-            out.append({**r, "a": g["text"]})
-    return out
+        for j, g in zip(ds.kept[i:i + batch_size], modeling.generate(m, batch, max_new_tokens, temperature, generator=gen)):
+            answers[j] = g["text"]
+    if len(ds) < len(records):
+        print(f"{len(records) - len(ds)} records too long for max_len={m.cfg.max_len}: empty responses (Failed)",
+              file=sys.stderr)
+    return [{**r, "a": a} for r, a in zip(records, answers)]
 
 
 def answer_video(m, video, question, max_new_tokens=256, temperature=0.0):

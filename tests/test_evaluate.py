@@ -1,6 +1,7 @@
 """evaluate.py: each E.T.Bench task scored on hand-written responses whose official scores follow
 from the rules (scoring-spec.md), the tricky parses, a fuzz run that must never crash, and the
 inference path on the tiny model."""
+import dataclasses
 import json
 import math
 import random
@@ -232,6 +233,13 @@ def test_inference_writes_a_scorable_predictions_file(tiny_ckpt, capsys):
                      max_new_tokens=12, progress=False)
     assert [p["a"] for p in one] == [p["a"] for p in preds[:2]]
     assert np.isfinite(metrics["tvg"]["synthetic"]["F1"])
+    # records too long for max_len get an empty answer (Failed when scored), reported, never dropped
+    short = model.from_checkpoint(ckpt).eval()
+    short.cfg = dataclasses.replace(short.cfg, max_len=40)
+    cut = ev.predict(short, truth, syn / "videos", max_new_tokens=4, progress=False)
+    assert len(cut) == len(truth) and all(p["a"] == "" for p in cut)
+    assert "too long for max_len=40" in capsys.readouterr().err
+    assert ev.score_etbench([p for p in cut if p["task"] == "tvg"])["tvg"]["synthetic"]["Failed"] == 1
 
 
 def test_one_video_answer_and_plot(tiny_ckpt, tmp_path, capsys, monkeypatch):
