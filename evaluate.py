@@ -136,9 +136,9 @@ def score_tal(samples):
         for i, t in enumerate(THRESHOLDS):
             if iou.max() < t:
                 continue
-            rec = (iou.max(1).values >= t).float().mean()
-            prc = (iou.max(0).values >= t).float().mean()
-            f1[i] += (2 * prc * rec / (prc + rec)).item()
+            rec = (iou.max(1).values >= t).float().mean().item()
+            prc = (iou.max(0).values >= t).float().mean().item()
+            f1[i] += 2 * prc * rec / (prc + rec)
     out = {"Total": total, "Failed": failed}
     out.update({f"F1@{t}": v / total for t, v in zip(THRESHOLDS, f1)})
     out["F1"] = sum(v / total for v in f1) / len(THRESHOLDS)
@@ -168,7 +168,7 @@ def score_evs(samples):
         else:
             p, r = tp / (tp + fp), tp / (tp + fn)
             f1s.append(2 * p * r / (p + r))
-    return {"Total": total, "Failed": failed, "F1": sum(f1s) / len(f1s) if f1s else 0.0}
+    return {"Total": total, "Failed": failed, "F1": sum(f1s) / len(f1s) if f1s else 0}
 
 
 def score_vhd(samples):
@@ -306,9 +306,8 @@ def score_gvq(samples):
         sum_iou += iou
         for i, t in enumerate(THRESHOLDS):
             hits[i] += iou >= t
-    out = {"Total": total, "Failed": rec_cnt + acc_cnt}
+    out = {"Total": total, "Failed": rec_cnt + acc_cnt, "mIoU": sum_iou / total}
     out.update({f"R@{t}": h / total for t, h in zip(THRESHOLDS, hits)})
-    out["mIoU"] = sum_iou / total
     out["mRec"] = sum(h / total for h in hits) / len(THRESHOLDS)
     out["Acc"] = correct_n / total
     return out
@@ -317,50 +316,69 @@ def score_gvq(samples):
 # ---------------------------------------------------------------------------------------------
 # Dense captioning
 
+def _around(t):
+    """One time -> a 40-second window (as the official fallback): [t - 20, t + 20], or [t, t + 40] near 0."""
+    return [t - 20, t + 20] if t > 20 else [t, t + 40]
+
+
 def _time_part(text):
-    """A span from a caption without "s - e" (the fallback of spec §1.11), or None."""
+    """A span from one piece of a caption-only response (the fallback of spec §1.11), or None when
+    the official code would raise on this piece (it then moves on to the next piece)."""
     m = _PAIR.search(text)
     if m:
         return [_float(m.group(1)), _float(m.group(2))]
-    clock = [int(a) * 60 + int(b) for a, b in re.findall(r"(\d+):(\d{2})", text)]
-    if len(clock) == 1:
-        t = clock[0]
-        return [t, t + 40] if t <= 20 else [t - 20, t + 20]
-    if len(clock) >= 2:
-        return [float(clock[0]), float(clock[1])]
+    clock = re.findall(r"\d+\.*\d*:\d+\.*\d*", text)  # m:ss; what counts is the number of ':' in the text
+    if text.count(":") == 1:
+        if not clock:
+            return None
+        mi, se = clock[0].split(":")
+        return _around(_float(mi) * 60 + _float(se))
+    if text.count(":") == 2:
+        if len(clock) != 2:
+            return None
+        return [_float(a) * 60 + _float(b) for a, b in (c.split(":") for c in clock)]
     nums = [_float(x) for x in re.findall(r"\d+\.*\d*(?!\.)", text)]
     if len(nums) == 1:
-        return [nums[0] - 20, nums[0] + 20]
-    if len(nums) >= 2:
-        return nums[:2]
-    return None
+        return _around(nums[0])
+    if len(nums) == 2:
+        return nums  # in text order; ordered later
+    return None  # none, or three and more numbers
+
+
+def _captions(pieces):
+    """Pieces longer than 5 characters (before stripping), stripped as the official parser does."""
+    return [c.strip().strip(", ").rstrip() for c in pieces if len(c) > 5]
 
 
 def dvc_format(a: str):
     """(spans, captions) of a dense-captioning response, or None (spec §1.11)."""
     p = a.lower()
-    spans = [[_float(s), _float(e)] for s, e in _PAIR.findall(p)]
-    caps = [c.strip().strip(", ").rstrip() for c in _PAIR.sub("\n", p).replace("seconds", "").split("\n") if len(c) > 5]
+    matches = list(_PAIR.finditer(p))
+    spans = [[_float(m.group(1)), _float(m.group(2))] for m in matches]
+    rest = p
+    for m in matches:  # official: each matched "s - e" string replaced everywhere, one after another
+        rest = rest.replace(m.group(0), "\n")
+    caps = _captions(rest.replace("seconds", "").split("\n"))
+    if not matches:
+        starts = re.findall(r"start(?:ing)? time: (\d+\.*\d*)", p)
+        ends = re.findall(r"end(?:ing)? time: (\d+\.*\d*)", p)
+        spans = [[_float(x), _float(y)] for x, y in zip(starts, ends)]
+        caps = _captions(re.findall(r"description: (.*)", p) or re.findall(r"\*\s*(.*)", p))
+        if not spans and re.search(r"start time (\d+\.*\d*), end time (\d+\.*\d*)", p):
+            return None  # official: a failing assert, caught; the sample is Failed
     n = min(len(spans), len(caps))
     spans, caps = spans[:n], caps[:n]
-    if not spans and not _PAIR.search(p):
-        starts = re.findall(r"start(?:ing)? time:\s*(\d+\.*\d*)", p)
-        ends = re.findall(r"end(?:ing)? time:\s*(\d+\.*\d*)", p)
-        descs = re.findall(r"description:\s*(.*)", p) or re.findall(r"\*\s*(.*)", p)
-        n = min(len(starts), len(ends), len(descs))
-        spans = [[_float(s), _float(e)] for s, e in zip(starts[:n], ends[:n])]
-        caps = [d.strip() for d in descs[:n]]
-        if not spans and re.search(r"start time \d", p):  # official: a failing assert, the sample is Failed
-            return None
     if not spans:  # one segment at most, from the original text
         pieces = [x for x in a.split("\n") if len(x) > 7] if "\n" in a else [x + "." for x in a.split(".") if len(x) > 7]
         for piece in pieces:
-            if spans:
-                break
-            parts = piece.split("seconds")
-            span = _time_part(parts[0])
+            parts = [x.strip(",") for x in piece.split("seconds")]
+            try:
+                span = _time_part(parts[0])
+            except Unparsable:
+                span = None
             if span is not None:
-                spans, caps = [span], [parts[-1].strip()]
+                spans, caps = [[round(span[0], 2), round(span[1], 2)]], [parts[-1].strip()]
+                break
     if not spans:
         return None
     return [[min(s, e), max(s, e)] for s, e in spans], caps
@@ -435,12 +453,13 @@ def score_dvc(samples, scorers=None, seed=0):
         if out is None:
             continue
         n_parsed += 1
-        parsed[s["video"]] = (s, out)  # keyed by video: a repeated video overwrites (as official)
+        spans, caps = out
+        parsed[s["video"]] = (s, (spans[:1000], caps[:1000]))  # keyed by video: a repeat overwrites; <= 1000 proposals
     res = {"Total": total, "Failed": total - n_parsed}
-    if not parsed:
-        res.update({f"F1@{t}": 0.0 for t in THRESHOLDS}, F1=0.0, **{k: 0.0 for k in CAPTION_KEYS})
+    if not parsed:  # official: integer zeros
+        res.update({f"F1@{t}": 0 for t in THRESHOLDS}, F1=0, **{k: 0 for k in CAPTION_KEYS})
         return res
-    scale = n_parsed / total
+    scale = len(parsed) / total  # unique parsed videos
     f1s = []
     for t in THRESHOLDS:
         P, R = [], []
@@ -585,17 +604,24 @@ def score_etbench(records, protocol="etchat"):
 
 
 def summary(metrics):
-    """Per-task means over sources (rounded to 5 places) and the merged rows of the official table."""
-    task = {t: round(float(np.mean([m[HEADLINE[t]] for m in srcs.values()])), 5) for t, srcs in metrics.items()}
+    """Per-task means over sources (rounded to 5 places, as fractions) and the merged rows of the
+    official table (in percent, computed from the rounded task values exactly as the official
+    script does: Acc (ref) and F1 (gnd) rounded to 1 place, the other three not rounded)."""
+    def mean(vals):
+        return round(sum(vals) / len(vals), 5)
+    task = {t: mean([m[HEADLINE[t]] for m in srcs.values()]) for t, srcs in metrics.items()}
     for t in ("dvc", "slc"):
         if t in metrics:
-            task[f"{t}_sim"] = round(float(np.mean([m["SentSim"] for m in metrics[t].values()])), 5)
+            task[f"{t}_sim"] = mean([m["SentSim"] for m in metrics[t].values()])
     merged = {}
-    for name, keys in (("Acc (ref)", ("rar", "eca", "rvq")), ("F1 (gnd)", ("tvg", "epm", "tal", "evs", "vhd")),
-                       ("F1 (cap)", ("dvc", "slc")), ("Sim (cap)", ("dvc_sim", "slc_sim")), ("Rec (com)", ("tem", "gvq"))):
+    for name, keys, rounded in (("Acc (ref)", ("rar", "eca", "rvq"), True),
+                                ("F1 (gnd)", ("tvg", "epm", "tal", "evs", "vhd"), True),
+                                ("F1 (cap)", ("dvc", "slc"), False), ("Sim (cap)", ("dvc_sim", "slc_sim"), False),
+                                ("Rec (com)", ("tem", "gvq"), False)):
         have = [task[k] for k in keys if k in task]
         if have:
-            merged[name] = round(float(np.mean(have)), 5) if len(have) == len(keys) else None
+            value = sum(have) * 100 / len(keys) if len(have) == len(keys) else None
+            merged[name] = round(value, 1) if rounded and value is not None else value
     return task, merged
 
 
@@ -604,7 +630,7 @@ def table(metrics) -> str:
     order = ["rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq"]
     cols = [c for c in order if c in task]
     lines = [" | ".join(f"{c.upper():>7}" for c in cols), " | ".join(f"{round(100 * task[c], 1):>7}" for c in cols)]
-    lines.append("merged: " + ", ".join(f"{k} {'-' if v is None else round(100 * v, 1)}" for k, v in merged.items())
+    lines.append("merged: " + ", ".join(f"{k} {'-' if v is None else round(v, 1)}" for k, v in merged.items())
                  + ("  (- : needs every task of the row)" if None in merged.values() else ""))
     return "\n".join(lines)
 
@@ -613,7 +639,7 @@ def load_predictions(path):
     """A JSON list, or a folder of *.json / *.jsonl (paths containing "metrics" skipped), of
     E.T.Bench records with the response in "a"."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
         if path.is_dir() else [path]
     if not files or not files[0].is_file():
         raise FileNotFoundError(f"{path}: prediction file not found")

@@ -54,6 +54,18 @@ def test_dvc_format_tricky_parses():
     assert ev.dvc_format("the chef cuts 12 onions and 3 more")[0] == [[3.0, 12.0]]
     assert ev.dvc_format("start time 5, end time 9, cut") is None
     assert ev.dvc_format("no times at all") is None
+    # each matched "s - e" string is cut out everywhere: "2 - 4" also cuts into "12 - 45"
+    assert ev.dvc_format("2 - 4 seconds, cut the onion. 12 - 45 seconds, fry the onion.") == (
+        [[2.0, 4.0], [12.0, 45.0]], ["cut the onion. 1", "5 , fry the onion."])
+    assert ev.dvc_format("At 5 the man cuts bread")[0] == [[5.0, 45.0]]          # one time near 0: [t, t + 40]
+    assert ev.dvc_format("around 10... he cuts\nAt 30 he fries it")[0] == [[10.0, 50.0]]  # a bad piece is skipped
+    assert ev.dvc_format("Time: 1:30 the man cuts") is None                       # two ':' need two m:ss
+    assert ev.dvc_format("1:5 the man cuts bread")[0] == [[45.0, 85.0]]
+    assert ev.dvc_format("cuts 1, 2 and 3 onions") is None                        # three numbers
+    assert ev.dvc_format("At 10.1234 seconds, he cuts")[0] == [[1214.0, 1254.0]]  # '.' splits the fallback's pieces
+    assert ev.dvc_format("start time:5\nend time:10\ndescription: cuts bread") is None  # one space after ':'
+    assert ev.dvc_format("start time: 5\nend time: 10\ndescription: cut.\nstart time: 12\nend time: 20\n"
+                         "description: fry the onion well") == ([[5.0, 10.0]], ["fry the onion well"])
     two = ev.dvc_format("0 - 10 seconds, a red square appears.\n20 - 30 seconds, a blue circle moves left.")
     assert two == ([[0.0, 10.0], [20.0, 30.0]], ["a red square appears.", "a blue circle moves left."])
 
@@ -72,6 +84,7 @@ def test_tvg_epm():
                "starts at 12 and ends at 18.", "starts at 12\nends at 18", "from 5 to9", "00:00:12 - 00:00:31",
                "5 - 10...", "10 - 20 and then 0 - 5"]
     out = ev.score_tvg([rec("tvg", a, tgt=[10, 20]) for a in answers])
+    assert list(out) == ["Total", "Failed", "mIoU", "F1@0.1", "F1@0.3", "F1@0.5", "F1@0.7", "F1"]
     ious = [1.0, 1 / 3, 0.6, 0.1, 1.0]  # failed: 3rd, 5th, 7th
     assert out["Total"] == 8 and out["Failed"] == 3
     assert out["mIoU"] == pytest.approx(sum(ious) / 8, rel=1e-6)
@@ -117,6 +130,7 @@ def test_gvq():
             ["(B) a man cooks pasta. The evidence is at 12.0 - 18.5 seconds.", "B", "", "(C) a woman, 12 - 18"]]
     out = ev.score_gvq(recs)
     iou = 6 / 6.5
+    assert list(out) == ["Total", "Failed", "mIoU", "R@0.1", "R@0.3", "R@0.5", "R@0.7", "mRec", "Acc"]
     assert out["Total"] == 4 and out["Failed"] == 2 and out["Acc"] == 0.5
     assert all(out[f"R@{t}"] == 0.25 for t in ev.THRESHOLDS) and out["mRec"] == 0.25
     assert out["mIoU"] == pytest.approx(iou / 4, rel=1e-6)
@@ -134,6 +148,8 @@ def test_dvc_localisation_scale_and_captions(scorers):
             rec("dvc", "no timestamps here", video="b.mp4", tgt=[[0, 10]], g=["x"])]
     out = ev.score_dvc(recs, scorers)
     # P = R = 1 on the parsed video, times parsed/Total = 1/2
+    assert list(out)[:7] == ["Total", "Failed", "F1@0.1", "F1@0.3", "F1@0.5", "F1@0.7", "F1"]
+    assert list(out)[7:] == list(ev.CAPTION_KEYS)
     assert out["Failed"] == 1 and all(out[f"F1@{t}"] == pytest.approx(0.5) for t in ev.THRESHOLDS)
     # identical captions: caption metrics over parsed videos only, not scaled
     assert out["Bleu_1"] == pytest.approx(1.0, abs=1e-6) and out["METEOR"] == pytest.approx(1.0, abs=1e-3)
