@@ -35,6 +35,7 @@ _PAIR = re.compile(r"(\d+\.*\d*)\s*-\s*(\d+\.*\d*)")  # "\.*": "10..." matches, 
 _TO = re.compile(r"(\d+\.*\d*)\s* to \s*(\d+\.*\d*)")
 _NUM = re.compile(r"\b(\d+\.\d+\b|\b\d+)\b")
 _HMS = re.compile(r"\b((\d{1,2}:\d{2}:\d{2}))\b")
+EVI_DELIM = "</evi>"  # the D2VLM scripts' delimiter ("v3") between evidence and answer
 HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
             "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
 
@@ -352,7 +353,22 @@ def _captions(pieces):
 
 def dvc_format(a: str):
     """(spans, captions) of a dense-captioning response, or None (spec §1.11)."""
-    p = a.lower()
+    return _dvc_parse(a.lower(), a)
+
+
+def dvc_format_d2vlm(a: str, delim: str = EVI_DELIM):
+    """The D2VLM release's parse of a dense-captioning response (spec §2, §4): the answer is the text
+    between the first and the second `delim`, lowercased, runs of dots turned into a space; the
+    fallback reads the whole original response. None without a delimiter or when nothing parses."""
+    paras = a.split(delim)
+    if len(paras) < 2:
+        return None
+    return _dvc_parse(re.sub(r"\.{2,}", " ", paras[1].lower()), a)
+
+
+def _dvc_parse(p, original):
+    """dvc_format on lowercased text p; the one-segment fallback reads `original`."""
+    a = original
     matches = list(_PAIR.finditer(p))
     spans = [[_float(m.group(1)), _float(m.group(2))] for m in matches]
     rest = p
@@ -504,9 +520,141 @@ def _ascii(text):
 
 
 # ---------------------------------------------------------------------------------------------
+# YouCook2 (the D2VLM release's TimeChat-format dense-captioning scorer, spec §4)
+
+YC_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+
+
+def _meteor_pairs(scorers, gts, res):
+    """METEOR aggregate and per-pair scores, keys sent in string order as the release's wrapper does."""
+    keys = sorted(gts)
+    agg, per = scorers.meteor.compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})
+    return float(np.nan_to_num(agg)), [float(np.nan_to_num(x)) for x in per]
+
+
+def chased_dp(scores):
+    """Order-preserving assignment (SODA): the best total of scores[i, j] over matchings that keep
+    the order of both sides. dp[i, j] = max(dp[i-1, j], dp[i, j-1], dp[i-1, j-1] + s[i, j])."""
+    S, K = scores.shape
+    dp = np.zeros((S, K))
+    for i in range(S):
+        for j in range(K):
+            if i == 0 and j == 0:
+                dp[i, j] = max(-1.0, scores[0, 0])
+            elif i == 0:
+                dp[i, j] = max(dp[0, j - 1], scores[0, j])
+            elif j == 0:
+                dp[i, j] = max(dp[i - 1, 0], scores[i, 0])
+            else:
+                dp[i, j] = max(dp[i - 1, j], dp[i, j - 1], dp[i - 1, j - 1] + scores[i, j])
+    return float(dp[-1, -1])
+
+
+def _parse_sent(text):
+    return " ".join(re.sub("[^a-zA-Z]", " ", text).strip().lower().split())
+
+
+def youcook2_records(annotation_path):
+    """TimeChat's YouCook2 val file (COCO caption format) -> E.T.Bench-style dvc records (the
+    release's prompt, the same for every video, is kept as it is)."""
+    anns = json.loads(Path(annotation_path).read_text(encoding="utf-8"))["annotations"]
+    q = ("You are given a video about 'making fattoush'. Watch the video carefully and densely describe all the "
+         "cooking steps. For each step, provide the start and end time and a brief description. The format of your "
+         "response should be: '<start time> - <end time>, <description>'.")
+    return [{"idx": i, "task": "dvc", "source": "youcook2", "video": f"youcook2/compressed_videos/{a['image_id']}",
+             "duration": a["duration"], "tgt": a["segments"], "g": a["pure_cap"].split(". "), "q": q}
+            for i, a in enumerate(anns)]
+
+
+def score_youcook2(records, scorers=None, seed=0):
+    """Dense captioning on YouCook2 as the D2VLM release scores it: per video, P/R at tIoU > t for
+    t in (0.3, 0.5, 0.7, 0.9) (F1 from the video's mean P and R), CIDEr and METEOR over (prediction,
+    ground truth) pairs at tIoU >= t, SODA_c; paragraph CIDEr / METEOR over all videos. Every value
+    is the mean over the ground-truth videos x 100, rounded to 1 place (n_preds not x 100)."""
+    scorers = scorers or CaptionScorers()
+    rng = random.Random(seed)  # official: unseeded random strings for unmatched predictions
+    videos = {}
+    for r in records:
+        if r["task"] == "dvc" and r["source"] == "youcook2":
+            out = dvc_format_d2vlm(r["a"])
+            preds = list(zip(*out)) if out else []
+            videos[Path(r["video"]).name] = ([[min(s), max(s)] for s in r["tgt"]], [c + "." for c in r["g"]], preds)
+    per = {k: [] for k in ("CIDER", "METEOR", *[f"{m}@{t}" for t in YC_THRESHOLDS for m in ("Precision", "Recall")],
+                           "Precision_Mean", "Recall_Mean", "F1_Score", "SODA_c_2", "n_preds")}
+    caption_scores = {v: {"CIDER": [], "METEOR": []} for v in videos}
+    for t in YC_THRESHOLDS:
+        gts, res, owner = {}, {}, []
+        for v, (spans, caps, preds) in videos.items():
+            for span, cap in preds:
+                matched = [caps[g] for g, gs in enumerate(spans) if _dense_iou(gs, span) >= t]
+                for ref in matched or ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(10, 20)))]:
+                    k = str(len(owner))
+                    gts[k], res[k] = ref, cap
+                    owner.append(v)
+        tg, tr = (scorers.tokenize(gts), scorers.tokenize(res)) if owner else ({}, {})
+        by_video = defaultdict(list)
+        for k, v in enumerate(owner):
+            by_video[v].append(str(k))
+        for v in videos:
+            ks = by_video[v]
+            if not ks:
+                caption_scores[v]["CIDER"].append(0.0)
+                caption_scores[v]["METEOR"].append(0.0)
+                continue
+            g, r = {k: tg[k] for k in ks}, {k: tr[k] for k in ks}
+            caption_scores[v]["CIDER"].append(float(np.nan_to_num(scorers.cider.compute_score(g, r)[0])))
+            caption_scores[v]["METEOR"].append(_meteor_pairs(scorers, g, r)[0])
+    for v, (spans, caps, preds) in videos.items():
+        K, S = len(preds), len(spans)
+        iou = np.array([[_dense_iou(gs, p) for p, _ in preds] for gs in spans]).reshape(S, K)
+        P = [float((iou > t).any(0).sum()) / max(K, 1) for t in YC_THRESHOLDS]
+        R = [float((iou > t).any(1).sum()) / S for t in YC_THRESHOLDS]
+        for t, p, r in zip(YC_THRESHOLDS, P, R):
+            per[f"Precision@{t}"].append(p)
+            per[f"Recall@{t}"].append(r)
+        pm, rm = float(np.mean(P)), float(np.mean(R))
+        per["Precision_Mean"].append(pm)
+        per["Recall_Mean"].append(rm)
+        per["F1_Score"].append(0.0 if pm + rm == 0 else 2 * pm * rm / (pm + rm))
+        per["CIDER"].append(float(np.mean(caption_scores[v]["CIDER"])))
+        per["METEOR"].append(float(np.mean(caption_scores[v]["METEOR"])))
+        per["n_preds"].append(K)
+        per["SODA_c_2"].append(float(_soda(scorers, caps, preds, iou)))
+    out = _paragraphs(scorers, videos)
+    for k, vals in per.items():
+        m = sum(vals) / len(vals) if vals else 0.0
+        out[k] = round(m, 1) if k == "n_preds" else round(m * 100, 1)
+    out["SODA_c_1"] = -100.0  # the release fills the other split's key with -1
+    return out
+
+
+def _soda(scorers, caps, preds, iou):
+    """SODA_c of one video: METEOR of every (ground truth, prediction) pair, the release's argument
+    order (the ground truth as hypothesis) and its string-sorted columns, times tIoU, then chased_dp."""
+    K, S = len(preds), len(caps)
+    if K == 0:
+        return 0.0
+    tp = scorers.tokenize({str(i): c for i, (_, c) in enumerate(preds)})
+    tg = scorers.tokenize({str(i): c for i, c in enumerate(caps)})
+    rows = [_meteor_pairs(scorers, {k: tp[k] for k in tp}, {k: tg[str(g)] for k in tp})[1] for g in range(S)]
+    best = chased_dp(iou * np.array(rows))
+    p, r = best / K, best / S
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def _paragraphs(scorers, videos):
+    """Para_CIDER, Para_METEOR: each video's predicted captions joined by '. ' against its ground
+    truth joined by ' ', letters only, corpus-level."""
+    gts = {v: [_parse_sent(" ".join(caps))] for v, (_, caps, _) in videos.items()}
+    res = {v: [_parse_sent(". ".join(c for _, c in preds))] for v, (_, _, preds) in videos.items()}
+    cider = float(np.nan_to_num(scorers.cider.compute_score(gts, res)[0]))
+    meteor = float(np.nan_to_num(scorers.meteor.compute_score(gts, res)[0]))
+    return {"Para_CIDER": round(cider * 100, 1), "Para_METEOR": round(meteor * 100, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Charades-STA (the D2VLM release's TimeChat-format scorer, spec §3)
 
-EVI_DELIM = "</evi>"
 CHARADES_PROMPT = ("You are given a video about indoor activities. Watch the video carefully and find a visual event "
                    "described by the sentence: '{}'. The format of your response should be: 'The event happens in "
                    "<start time> - <end time>'.")
@@ -751,9 +899,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
     ap.add_argument("--protocol", choices=["etchat", "strict"], default="etchat")
-    ap.add_argument("--benchmark", choices=["etbench", "charades"], default="etbench",
-                    help="charades: --data is TimeChat's test.caption_coco_format.json (inference) or --score "
-                         "reads tvg/charades_sta predictions")
+    ap.add_argument("--benchmark", choices=["etbench", "charades", "youcook2"], default="etbench",
+                    help="charades / youcook2: --data is TimeChat's test / val .caption_coco_format.json "
+                         "(inference), or --score reads tvg/charades_sta or dvc/youcook2 predictions")
     ap.add_argument("--out", help="metrics JSON (default: next to the predictions)")
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
     ap.add_argument("--vision-weights")
@@ -798,6 +946,8 @@ def main(argv=None):
             raw = charades_records(args.data)
             for r in raw:  # the duration the converter leaves out: read it from the video
                 r["duration"] = _video_duration(Path(args.videos) / r["video"])
+        elif args.benchmark == "youcook2":
+            raw = youcook2_records(args.data)
         else:
             raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
             data.load_records(args.data)  # validates every record (one-line error naming it)
@@ -812,6 +962,9 @@ def main(argv=None):
         metrics = score_charades(records)
         text = "\n".join(f"{k} = {metrics[k]}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")) \
             + f"\n({metrics['num']} of {metrics['Total']} responses with a span; {metrics['Failed']} Failed)"
+    elif args.benchmark == "youcook2":
+        metrics = score_youcook2(records)
+        text = "\n".join(f"{k}: {v}" for k, v in metrics.items())
     else:
         metrics = score_etbench(records, args.protocol)
         text = table(metrics)

@@ -299,3 +299,42 @@ def test_charades_official_denominator(tmp_path):
     r = ev.charades_records(tmp_path / "test.json")[0]
     assert r["video"] == "charades/compressed_videos/AB12.mp4" and r["tgt"] == [1.5, 7.0] and r["idx"] == 0
     assert "described by the sentence: 'person opens a door'. The format" in r["q"]
+
+
+def test_chased_dp_is_the_best_order_preserving_matching():
+    import itertools
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        S, K = rng.integers(1, 5), rng.integers(1, 5)
+        s = rng.uniform(0, 1, (S, K)) * (rng.uniform(size=(S, K)) > 0.3)
+        best = 0.0
+        for n in range(1, min(S, K) + 1):  # every matching that keeps both orders
+            for gi in itertools.combinations(range(S), n):
+                for pj in itertools.combinations(range(K), n):
+                    best = max(best, sum(s[g, p] for g, p in zip(gi, pj)))
+        assert ev.chased_dp(s) == pytest.approx(best)
+
+
+def test_youcook2(scorers):
+    assert ev.dvc_format_d2vlm("0 - 10</evi>0 - 10 seconds, crack eggs.</evi>50 - 60 seconds, later part") == (
+        [[0.0, 10.0]], ["crack eggs."])                                    # the answer is the 2nd part, not the last
+    assert ev.dvc_format_d2vlm("0 - 10 seconds, crack eggs.") is None      # no delimiter
+    assert ev.dvc_format_d2vlm("</evi>3 - 8... seconds, whisk them well")[0] == [[3.0, 8.0]]  # dot runs -> a space
+    recs = [
+        {"task": "dvc", "source": "youcook2", "video": "yc/a.mp4", "tgt": [[0, 10], [20, 30]],
+         "g": ["crack the eggs", "whisk the eggs"],
+         "a": "0 - 10, 20 - 30</evi>0 - 10 seconds, crack the eggs.\n20 - 30 seconds, whisk the eggs."},
+        {"task": "dvc", "source": "youcook2", "video": "yc/b.mp4", "tgt": [[5, 15]], "g": ["add salt"], "a": "5 - 15 add salt"},
+        {"task": "dvc", "source": "youcook2", "video": "yc/c.mp4", "tgt": [[0, 8], [10, 20], [30, 40]],
+         "g": ["cut onion", "fry onion", "add tomato"],
+         "a": "x</evi>0 - 9 seconds, cut the onion.\n12 - 20 seconds, fry the onions.\n50 - 60 seconds, serve it."},
+        {"task": "tvg", "source": "youcook2", "video": "yc/d.mp4", "tgt": [0, 1], "a": "0 - 1"},  # not dvc: ignored
+    ]
+    out = ev.score_youcook2(recs, scorers)
+    # a: P = R = 1 at every t; b: no delimiter, no predictions (P = 0 / max(K, 1)); c: IoU 8/9 and 0.8, one miss
+    assert out["Precision@0.3"] == round((1 + 0 + 2 / 3) / 3 * 100, 1) == out["Recall@0.7"]
+    assert out["Precision@0.9"] == round(1 / 3 * 100, 1)
+    assert out["F1_Score"] == 50.0 and out["n_preds"] == round(5 / 3, 1) and out["SODA_c_1"] == -100.0
+    assert list(out)[:4] == ["Para_CIDER", "Para_METEOR", "CIDER", "METEOR"]
+    one = ev.score_youcook2(recs[:1], scorers)  # identical captions, in order: SODA_c = 100
+    assert one["SODA_c_2"] == pytest.approx(100.0, abs=0.2) and one["F1_Score"] == 100.0
