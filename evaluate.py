@@ -1,9 +1,10 @@
-"""Evaluation: inference on a benchmark split and the E.T.Bench scorer. Paper: "Experiments".
+"""Evaluation: inference on a benchmark split, the scorers, one video. Paper: "Experiments".
 
     python evaluate.py                          the newest default checkpoint (FPO, else SFT) on the
                                                 synthetic test split: predictions + metrics + table
     python evaluate.py --ckpt DIR --data etbench_txt_v1.0.json --videos DIR
-    python evaluate.py --score PRED.json [--protocol etchat|strict] [--out metrics.json]
+    python evaluate.py --score PRED.json [--protocol etchat|strict|d2vlm] [--out metrics.json]
+    python evaluate.py --benchmark charades|youcook2 --data TIMECHAT_FILE --videos DIR  (or --score PRED)
     python evaluate.py --video clip.mp4 --question "..." [--plot sim.png]
 
 The scorer reproduces the official E.T.Bench `compute_metrics.py` rule by rule (../shared/scoring-spec.md;
@@ -12,7 +13,9 @@ same file, with two documented exceptions that come from randomness in the offic
 without a matching ground truth are paired with unseeded random strings: ours are seeded). Where
 the official script crashes (e.g. "10..." parsed as a number), a record is Failed instead and the
 run goes on. `--protocol strict`: for multiple choice the parsed letter is final (no similarity
-fallback), as the authors' `_strict_rvq` variant.
+fallback), as the authors' `_strict_rvq` variant. `--protocol d2vlm`: the D2VLM release's
+</evi>-aware rules with evidence metrics (spec §2). Charades-STA and YouCook2 follow the release's
+TimeChat-format scripts (spec §3, §4).
 """
 from __future__ import annotations
 
@@ -315,6 +318,214 @@ def score_gvq(samples):
 
 
 # ---------------------------------------------------------------------------------------------
+# The D2VLM protocol (new_compute_metrics.py --delimiter v3; spec §2): answer after </evi>, evidence before
+
+def tvg_format_d2vlm(a, delim=EVI_DELIM):
+    """(answer spans, evidence spans) of a response, each None when absent. Both sides lowercased
+    and split at the delimiter (answer: the last part; evidence: the first). The answer goes
+    through tvg_format with float(x.rstrip('.')); the evidence takes "s - e" pairs only, unordered."""
+    parts = a.lower().split(delim.lower())
+    if len(parts) < 2:
+        return None, None
+    try:
+        answer = tvg_format(parts[-1], rstrip_dots=True)
+    except Unparsable:  # official: a crash
+        answer = None
+    try:
+        evidence = [[_float(x), _float(y)] for x, y in _PAIR.findall(parts[0])] or None
+    except Unparsable:
+        evidence = None
+    return answer, evidence
+
+
+def _rates(prefix, hits, total):
+    return {f"{prefix}@{t}": h / total for t, h in zip(THRESHOLDS, hits)}
+
+
+def d2vlm_tvg(samples, tem=False):
+    """TVG/EPM: the best IoU over all answer spans (and over all evidence spans; no evidence: the
+    answer's). tem=True: TEM, the first answer / evidence span's best IoU over the gt spans."""
+    total, failed = len(samples), 0
+    sums, hits = [0.0, 0.0], [[0] * len(THRESHOLDS), [0] * len(THRESHOLDS)]
+    for s in samples:
+        ans, evi = tvg_format_d2vlm(s["a"])
+        if not ans:
+            failed += 1
+            continue
+        evi = evi or ans
+        gt = s["tgt"] if tem else [s["tgt"]]
+        for k, spans in enumerate((ans[:1], evi[:1]) if tem else (ans, evi)):
+            iou = temporal_iou(gt, spans).max().item()
+            sums[k] += iou
+            for i, t in enumerate(THRESHOLDS):
+                hits[k][i] += iou >= t
+    out = {"Total": total, "Failed": failed, "mIoU": sums[0] / total, "mIoU_evi": sums[1] / total}
+    name = "R" if tem else "F1"
+    out.update(_rates(name, hits[0], total))
+    if not tem:
+        out["F1"] = sum(h / total for h in hits[0]) / len(THRESHOLDS)
+    out.update(_rates(f"{name}_evi", hits[1], total))
+    if tem:
+        out["mRec"] = sum(h / total for h in hits[0]) / len(THRESHOLDS)
+        out["mRec_evi"] = sum(h / total for h in hits[1]) / len(THRESHOLDS)
+    else:
+        out["F1_evi"] = sum(h / total for h in hits[1]) / len(THRESHOLDS)
+    return out
+
+
+def d2vlm_tal(samples):
+    """TAL: as the original for the answer; the evidence is scored only at thresholds the answer
+    reaches, and a sample with no evidence match resets the evidence accumulator to 0 (a bug of the
+    release, reproduced)."""
+    total, failed, f1, f1e = len(samples), 0, [0.0] * len(THRESHOLDS), [0.0] * len(THRESHOLDS)
+    for s in samples:
+        ans, evi = tvg_format_d2vlm(s["a"])
+        if not ans:
+            failed += 1
+            continue
+        iou, iou_e = temporal_iou(s["tgt"], ans), temporal_iou(s["tgt"], evi or ans)
+        for i, t in enumerate(THRESHOLDS):
+            if iou.max() < t:
+                continue
+            for acc, m in ((f1, iou), (f1e, iou_e)):
+                rec = (m.max(1).values >= t).float().mean().item()
+                prc = (m.max(0).values >= t).float().mean().item()
+                if rec == 0 and prc == 0:
+                    acc[i] = 0.0
+                else:
+                    acc[i] += 2 * prc * rec / (prc + rec)
+    out = {"Total": total, "Failed": failed}
+    out.update({f"F1@{t}": v / total for t, v in zip(THRESHOLDS, f1)})
+    out.update({f"F1_evi@{t}": v / total for t, v in zip(THRESHOLDS, f1e)})
+    out["F1"] = sum(v / total for v in f1) / len(THRESHOLDS)
+    out["F1_evi"] = sum(v / total for v in f1e) / len(THRESHOLDS)
+    return out
+
+
+def d2vlm_evs(samples):
+    """EVS: answer and evidence spans are painted into ONE map (an aliased tensor in the release),
+    so F1_evi always equals F1. An infinite answer end removes that span and, as removing inside the
+    loop does, skips the next one."""
+    total, failed, f1s = len(samples), 0, []
+    for s in samples:
+        ans, evi = tvg_format_d2vlm(s["a"])
+        if not ans:
+            failed += 1
+            continue
+        evi = evi or ans  # the same list: removals below show in both
+        try:
+            gt_map, pred_map = np.zeros(1000), np.zeros(1000)
+            for a, b in s["tgt"]:
+                gt_map[max(0, round(a)):round(b)] = 1
+            i = 0
+            while i < len(ans):
+                a, b = ans[i]
+                start = max(0, round(a))
+                if math.isinf(b):
+                    del ans[i]
+                    i += 1  # the list shifted under the loop: the next span is skipped
+                    continue
+                pred_map[start:round(b)] = 2
+                i += 1
+            for a, b in evi:
+                pred_map[max(0, round(a)):round(b)] = 2
+        except (OverflowError, ValueError):  # official: a crash
+            failed += 1
+            continue
+        both = gt_map + pred_map
+        tp, fp, fn = int((both == 3).sum()), int((both == 2).sum()), int((both == 1).sum())
+        f1s.append(0.0 if tp == 0 else 2 * (tp / (tp + fp)) * (tp / (tp + fn)) / (tp / (tp + fp) + tp / (tp + fn)))
+    f1 = sum(f1s) / len(f1s) if f1s else 0
+    return {"Total": total, "Failed": failed, "F1": f1, "F1_evi": f1}
+
+
+def d2vlm_vhd(samples, delim=EVI_DELIM):
+    """VHD: the midpoint of the answer's first span (a bare number no longer parses); the evidence:
+    the midpoint of its first span, else the answer's."""
+    total, failed, hits = len(samples), 0, [0, 0]
+    for s in samples:
+        parts = s["a"].split(delim)
+        try:
+            ans = tvg_format(parts[-1]) if len(parts) > 1 else None
+            evi = tvg_format(parts[0]) if ans else None
+        except Unparsable:
+            ans = None
+        if not ans:
+            failed += 1
+            continue
+        gt = s["tgt"]
+        annotators = gt if isinstance(gt[0][0], (list, tuple)) else [gt]
+        for k, spans in enumerate((ans, evi or ans)):
+            x = (spans[0][0] + spans[0][1]) / 2
+            hits[k] += any(g[0] <= x <= g[1] for a in annotators for g in a)
+    return {"Total": total, "Failed": failed, "F1": hits[0] / total, "F1_evi": hits[1] / total}
+
+
+def d2vlm_mcq(samples, delim=EVI_DELIM):
+    """RAR/ECA/RVQ: the text after the delimiter; the "(x)" rule is dead code in the release; a
+    leading letter in the map decides; anything else goes to the similarity fallback and is Failed."""
+    total, failed, hits, weak, weak_correct = len(samples), 0, 0, 0, 0
+    letters = {4: "abcd", 5: "abcde"}.get(len(samples[0]["o"]) if samples else 0)
+    for s in samples:
+        parts = s["a"].split(delim)
+        pred = _strip_best_option((parts[-1] if len(parts) > 1 else s["a"]).lower())
+        if letters is None or not pred:
+            failed += 1
+            continue
+        if (len(pred) == 1 or pred[1] in "., )") and pred[0] in letters:
+            weak += 1
+            ok = letters.index(pred[0]) == s["p"]
+            hits += ok
+            weak_correct += ok
+            continue
+        failed += 1
+        hits += _closest_option(pred, s["o"]) == s["p"]
+    return {"Total": total, "Failed": failed, "Acc": hits / total, "Matched_count": weak,
+            "matched_ratio": weak / total, "correct_ratio_within_matched": weak_correct / (weak + 1e-7)}
+
+
+def d2vlm_gvq(samples, delim=EVI_DELIM):
+    """GVQ: the multiple-choice part on the text after the delimiter (as the original), counting
+    letter matches; grounding of correct answers from the first answer span; the evidence's first
+    span, or [0, 0] when there is none."""
+    total, acc_cnt, rec_cnt, correct_n, weak, weak_correct = len(samples), 0, 0, 0, 0, 0
+    sums, hits = [0.0, 0.0], [[0] * len(THRESHOLDS), [0] * len(THRESHOLDS)]
+    for s in samples:
+        pred = _strip_best_option(s["a"].split(delim)[-1])
+        if not pred:
+            acc_cnt += 1
+            continue
+        letters = "abcde"[:len(s["o"])]
+        if (len(pred) == 1 or pred[1] in "., )") and pred[0].lower() in letters:
+            weak += 1
+            correct = letters.index(pred[0].lower()) == s["p"]
+            weak_correct += correct
+        else:
+            correct = _closest_option(pred, s["o"]) == s["p"]
+        if not correct:
+            continue
+        correct_n += 1
+        ans, evi = tvg_format_d2vlm(s["a"], delim)
+        if not ans:
+            rec_cnt += 1
+            continue
+        for k, span in enumerate((ans[0], evi[0] if evi else [0.0, 0.0])):
+            iou = temporal_iou([s["tgt"]], [span]).item()
+            sums[k] += iou
+            for i, t in enumerate(THRESHOLDS):
+                hits[k][i] += iou >= t
+    out = {"Total": total, "Failed": rec_cnt + acc_cnt, "mIoU": sums[0] / total, "mIoU_evi": sums[1] / total}
+    out.update(_rates("R", hits[0], total))
+    out.update(_rates("R_evi", hits[1], total))
+    out["mRec"] = sum(h / total for h in hits[0]) / len(THRESHOLDS)
+    out["mRec_evi"] = sum(h / total for h in hits[1]) / len(THRESHOLDS)
+    out["Acc"] = correct_n / total
+    out.update({"Matched count": weak, "Matched ratio": weak / total, "correct count within matched": weak_correct,
+                "correct ratio within matched": weak_correct / (weak + 1e-7)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Dense captioning
 
 def _around(t):
@@ -456,37 +667,59 @@ class CaptionScorers:
 CAPTION_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SentSim")
 
 
-def score_dvc(samples, scorers=None, seed=0):
+def _localisation(pairs, scale, suffix=""):
+    """F1@t and F1 from (gt spans, predicted spans) per parsed video: P and R at IoU > t, averaged
+    over the videos, times `scale`. A video without predicted spans has P = 0."""
+    out, f1s = {}, []
+    for t in THRESHOLDS:
+        P, R = [], []
+        for gt, spans in pairs:
+            iou = [[_dense_iou(g, p) for p in spans] for g in gt]
+            P.append(sum(any(row[p] > t for row in iou) for p in range(len(spans))) / len(spans) if spans else 0.0)
+            R.append(sum(any(x > t for x in row) for row in iou) / len(iou))
+        p, r = float(np.mean(P)) * scale, float(np.mean(R)) * scale
+        out[f"F1{suffix}@{t}"] = 0.0 if p + r == 0 else 2 * p * r / (p + r)
+        f1s.append(out[f"F1{suffix}@{t}"])
+    out[f"F1{suffix}"] = sum(f1s) / len(f1s)
+    return out
+
+
+def _evidence_spans(a, delim=EVI_DELIM):
+    """The D2VLM scripts' evidence spans: "s - e" pairs before the delimiter (not reordered)."""
+    p = re.sub(r"\.{2,}", " ", a.split(delim)[0].lower())
+    return [[_float(x), _float(y)] for x, y in _PAIR.findall(p)]
+
+
+def score_dvc(samples, scorers=None, seed=0, d2vlm=False):
     """DVC, SLC (spec §1.11): localisation P/R at IoU > t over parsed videos, scaled by parsed/Total;
-    caption metrics over (pred, gt) pairs at IoU >= t, per video, averaged over parsed videos."""
+    caption metrics over (pred, gt) pairs at IoU >= t, per video, averaged over parsed videos.
+    d2vlm: the answer is the text after the first </evi> (spec §2) and F1_evi@t / F1_evi score
+    the evidence spans before it (no fallback to the answer's)."""
     total, parsed = len(samples), {}
     n_parsed = 0
     for s in samples:
         try:
-            out = dvc_format(s["a"])
-        except Unparsable:
+            out = dvc_format_d2vlm(s["a"]) if d2vlm else dvc_format(s["a"])
+            evi = _evidence_spans(s["a"]) if d2vlm and out is not None else []
+        except Unparsable:  # official: a crash
             out = None
         if out is None:
             continue
         n_parsed += 1
         spans, caps = out
-        parsed[s["video"]] = (s, (spans[:1000], caps[:1000]))  # keyed by video: a repeat overwrites; <= 1000 proposals
+        parsed[s["video"]] = (s, (spans[:1000], caps[:1000]), evi)  # keyed by video: a repeat overwrites; <= 1000
     res = {"Total": total, "Failed": total - n_parsed}
     if not parsed:  # official: integer zeros
-        res.update({f"F1@{t}": 0 for t in THRESHOLDS}, F1=0, **{k: 0 for k in CAPTION_KEYS})
+        res.update({f"F1@{t}": 0 for t in THRESHOLDS}, F1=0)
+        if d2vlm:
+            res.update({f"F1_evi@{t}": 0 for t in THRESHOLDS}, F1_evi=0)
+        res.update({k: 0 for k in CAPTION_KEYS})
         return res
     scale = len(parsed) / total  # unique parsed videos
-    f1s = []
-    for t in THRESHOLDS:
-        P, R = [], []
-        for s, (spans, _) in parsed.values():
-            iou = [[_dense_iou(g, p) for p in spans] for g in s["tgt"]]
-            P.append(sum(any(iou[g][p] > t for g in range(len(iou))) for p in range(len(spans))) / len(spans))
-            R.append(sum(any(row[p] > t for p in range(len(spans))) for row in iou) / len(iou))
-        p, r = float(np.mean(P)) * scale, float(np.mean(R)) * scale
-        res[f"F1@{t}"] = 0.0 if p + r == 0 else 2 * p * r / (p + r)
-        f1s.append(res[f"F1@{t}"])
-    res["F1"] = sum(f1s) / len(f1s)
+    res.update(_localisation([(s["tgt"], spans) for s, (spans, _), _ in parsed.values()], scale))
+    if d2vlm:
+        res.update(_localisation([(s["tgt"], evi) for s, _, evi in parsed.values()], scale, "_evi"))
+    parsed = {v: (s, out) for v, (s, out, _) in parsed.items()}
     scorers = scorers or CaptionScorers()
     rng = random.Random(seed)  # official: unseeded random strings for unmatched captions
     per_t = defaultdict(list)
@@ -721,33 +954,34 @@ def score_charades(records):
 def score_etbench(records, protocol="etchat"):
     """Records with the model's response in "a", grouped by (task, source) in order of first
     appearance -> {task: {source: {"Total", "Failed", metrics...}}}, every number rounded to 5 places."""
-    if protocol not in ("etchat", "strict"):
+    if protocol not in ("etchat", "strict", "d2vlm"):
         raise ValueError(f"unknown protocol {protocol!r}")
+    d2vlm = protocol == "d2vlm"
+    unrounded = ("matched_ratio", "correct_ratio_within_matched", "Matched ratio", "correct ratio within matched")
     groups = defaultdict(list)
     for r in records:
         groups[(r["task"], r["source"])].append(r)
     out, scorers = {}, None
     for (task, source), samples in groups.items():
-        if task in ("tvg", "epm"):
-            res = score_tvg(samples)
-        elif task == "tem":
-            res = score_tvg(samples, tem=True)
+        if task in ("tvg", "epm", "tem"):
+            res = d2vlm_tvg(samples, tem=task == "tem") if d2vlm else score_tvg(samples, tem=task == "tem")
         elif task == "tal":
-            res = score_tal(samples)
+            res = d2vlm_tal(samples) if d2vlm else score_tal(samples)
         elif task == "evs":
-            res = score_evs(samples)
+            res = d2vlm_evs(samples) if d2vlm else score_evs(samples)
         elif task == "vhd":
-            res = score_vhd(samples)
+            res = d2vlm_vhd(samples) if d2vlm else score_vhd(samples)
         elif task in ("rar", "eca", "rvq"):
-            res = score_mcq(samples, strict=protocol == "strict")
+            res = d2vlm_mcq(samples) if d2vlm else score_mcq(samples, strict=protocol == "strict")
         elif task == "gvq":
-            res = score_gvq(samples)
+            res = d2vlm_gvq(samples) if d2vlm else score_gvq(samples)
         elif task in ("dvc", "slc"):
             scorers = scorers or CaptionScorers()
-            res = score_dvc(samples, scorers)
+            res = score_dvc(samples, scorers, d2vlm=d2vlm)
         else:
             raise ValueError(f"unknown task {task!r} (source {source})")
-        out.setdefault(task, {})[source] = {k: v if isinstance(v, int) else round(float(v), 5) for k, v in res.items()}
+        out.setdefault(task, {})[source] = {k: v if isinstance(v, int) or k in unrounded else round(float(v), 5)
+                                            for k, v in res.items()}
     return out
 
 
@@ -778,6 +1012,10 @@ def table(metrics) -> str:
     order = ["rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq"]
     cols = [c for c in order if c in task]
     lines = [" | ".join(f"{c.upper():>7}" for c in cols), " | ".join(f"{round(100 * task[c], 1):>7}" for c in cols)]
+    evi = {t: round(sum(m[HEADLINE[t] + "_evi"] for m in srcs.values()) / len(srcs), 5)
+           for t, srcs in metrics.items() if all(HEADLINE[t] + "_evi" in m for m in srcs.values())}
+    if evi:  # the d2vlm protocol: the same headline computed on the evidence spans
+        lines.append(" | ".join(f"{round(100 * evi[c], 1) if c in evi else '':>7}" for c in cols) + "   (evidence)")
     lines.append("merged: " + ", ".join(f"{k} {'-' if v is None else round(v, 1)}" for k, v in merged.items())
                  + ("  (- : needs every task of the row)" if None in merged.values() else ""))
     return "\n".join(lines)
@@ -898,7 +1136,9 @@ def latest_checkpoint(root="runs/default"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
-    ap.add_argument("--protocol", choices=["etchat", "strict"], default="etchat")
+    ap.add_argument("--protocol", choices=["etchat", "strict", "d2vlm"], default="etchat",
+                    help="etchat: the original E.T.Bench rules; strict: letter final for multiple choice; "
+                         "d2vlm: the </evi>-aware rules of the D2VLM release, with *_evi evidence metrics")
     ap.add_argument("--benchmark", choices=["etbench", "charades", "youcook2"], default="etbench",
                     help="charades / youcook2: --data is TimeChat's test / val .caption_coco_format.json "
                          "(inference), or --score reads tvg/charades_sta or dvc/youcook2 predictions")

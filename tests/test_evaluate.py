@@ -338,3 +338,34 @@ def test_youcook2(scorers):
     assert list(out)[:4] == ["Para_CIDER", "Para_METEOR", "CIDER", "METEOR"]
     one = ev.score_youcook2(recs[:1], scorers)  # identical captions, in order: SODA_c = 100
     assert one["SODA_c_2"] == pytest.approx(100.0, abs=0.2) and one["F1_Score"] == 100.0
+
+
+def test_d2vlm_protocol(scorers):
+    tvg = ev.d2vlm_tvg([rec("tvg", a, tgt=[10, 20]) for a in [
+        "10 - 20</evi>The event happens in 0 - 5 and 10 - 20 seconds.",  # the best answer span counts
+        "The event happens in 10 - 20 seconds.",                         # no </evi>: Failed
+        "</evi>The event happens in 15 - 25."]])                         # no evidence: the answer's
+    assert list(tvg) == ["Total", "Failed", "mIoU", "mIoU_evi", "F1@0.1", "F1@0.3", "F1@0.5", "F1@0.7", "F1",
+                         "F1_evi@0.1", "F1_evi@0.3", "F1_evi@0.5", "F1_evi@0.7", "F1_evi"]
+    assert tvg["Failed"] == 1 and tvg["mIoU"] == pytest.approx((1 + 1 / 3) / 3) == tvg["mIoU_evi"]
+    assert [tvg[f"F1@{t}"] for t in ev.THRESHOLDS] == [2 / 3, 2 / 3, 1 / 3, 1 / 3]
+    mcq = ev.d2vlm_mcq([rec("rar", a, o=OPTIONS, p=1) for a in [
+        "x</evi>(B)", "(A) a man cooks pasta in a kitchen", "The answer is the man cooking pasta in the kitchen", ""]])
+    assert mcq["Acc"] == 0.5 and mcq["Failed"] == 2 and mcq["Matched_count"] == 2  # a wrong letter is final
+    assert mcq["correct_ratio_within_matched"] == pytest.approx(0.5)
+    # TAL: a sample whose evidence matches nothing resets the evidence accumulator (the release's bug)
+    good, bad = rec("tal", "0 - 10</evi>0 - 10", tgt=[[0, 10]]), rec("tal", "50 - 60</evi>0 - 10", tgt=[[0, 10]])
+    assert ev.d2vlm_tal([good, bad])["F1_evi"] == 0 and ev.d2vlm_tal([bad, good])["F1_evi"] == 0.5
+    assert ev.d2vlm_tal([good, bad])["F1"] == 1.0
+    evs = ev.d2vlm_evs([rec("evs", "0 - 4</evi>5 - 10", tgt=[[0, 10]])])  # one map for answer and evidence
+    assert evs["F1"] == evs["F1_evi"] == pytest.approx(2 * 0.9 / 1.9)
+    annot = [[[12, 16]]]
+    vhd = ev.d2vlm_vhd([rec("vhd", "10 - 12</evi>The highlight is at 14 - 16 seconds.", tgt=annot),
+                        rec("vhd", "at 15", tgt=annot)])
+    assert vhd == {"Total": 2, "Failed": 1, "F1": 0.5, "F1_evi": 0.0}
+    dvc = ev.score_dvc([rec("dvc", "0 - 10, 20 - 26</evi>0 - 10 seconds, crack eggs.\n20 - 30 seconds, whisk.",
+                            tgt=[[0, 10], [20, 30]], g=["crack eggs", "whisk"])], scorers, d2vlm=True)
+    assert dvc["F1"] == 1.0 and dvc["F1_evi@0.5"] == 1.0 and dvc["F1_evi@0.7"] == 0.5  # evidence IoU 1 and 0.6
+    assert dvc["F1_evi"] == pytest.approx(0.875)
+    out = ev.score_etbench([rec("tvg", "10 - 20</evi>10 - 20", tgt=[10, 20])], protocol="d2vlm")
+    assert out["tvg"]["src"]["F1_evi"] == 1.0 and "(evidence)" in ev.table(out)
