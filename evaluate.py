@@ -528,6 +528,14 @@ def d2vlm_gvq(samples, delim=EVI_DELIM):
 # ---------------------------------------------------------------------------------------------
 # Dense captioning
 
+def _big(x):
+    """float(x), with an int too large for a float becoming inf (as the official arithmetic ends up)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
 def _around(t):
     """One time -> a 40-second window (as the official fallback): [t - 20, t + 20], or [t, t + 40] near 0."""
     return [t - 20, t + 20] if t > 20 else [t, t + 40]
@@ -540,15 +548,14 @@ def _time_part(text):
     if m:
         return [_float(m.group(1)), _float(m.group(2))]
     clock = re.findall(r"\d+\.*\d*:\d+\.*\d*", text)  # m:ss; what counts is the number of ':' in the text
-    if text.count(":") == 1:
-        if not clock:
+    if text.count(":") in (1, 2):
+        if len(clock) != text.count(":"):
             return None
-        mi, se = clock[0].split(":")
-        return _around(_float(mi) * 60 + _float(se))
-    if text.count(":") == 2:
-        if len(clock) != 2:
+        try:  # official: int() of minutes and seconds, so "3:57." or "5:30.5" make the piece fail
+            times = [int(mi) * 60 + int(se) for mi, se in (c.split(":") for c in clock)]
+        except ValueError:
             return None
-        return [_float(a) * 60 + _float(b) for a, b in (c.split(":") for c in clock)]
+        return [_big(t) for t in (_around(times[0]) if len(times) == 1 else times)]
     nums = [_float(x) for x in re.findall(r"\d+\.*\d*(?!\.)", text)]
     if len(nums) == 1:
         return _around(nums[0])
@@ -578,10 +585,14 @@ def dvc_format_d2vlm(a: str, delim: str = EVI_DELIM):
 
 
 def _dvc_parse(p, original):
-    """dvc_format on lowercased text p; the one-segment fallback reads `original`."""
+    """dvc_format on lowercased text p; the one-segment fallback reads `original`. A number that
+    does not parse in the paragraph step makes the whole response fail (official: caught, None)."""
     a = original
     matches = list(_PAIR.finditer(p))
-    spans = [[_float(m.group(1)), _float(m.group(2))] for m in matches]
+    try:
+        spans = [[_float(m.group(1)), _float(m.group(2))] for m in matches]
+    except Unparsable:
+        return None
     rest = p
     for m in matches:  # official: each matched "s - e" string replaced everywhere, one after another
         rest = rest.replace(m.group(0), "\n")
@@ -589,7 +600,10 @@ def _dvc_parse(p, original):
     if not matches:
         starts = re.findall(r"start(?:ing)? time: (\d+\.*\d*)", p)
         ends = re.findall(r"end(?:ing)? time: (\d+\.*\d*)", p)
-        spans = [[_float(x), _float(y)] for x, y in zip(starts, ends)]
+        try:
+            spans = [[_float(x), _float(y)] for x, y in zip(starts, ends)]
+        except Unparsable:
+            return None
         caps = _captions(re.findall(r"description: (.*)", p) or re.findall(r"\*\s*(.*)", p))
         if not spans and re.search(r"start time (\d+\.*\d*), end time (\d+\.*\d*)", p):
             return None  # official: a failing assert, caught; the sample is Failed
@@ -701,7 +715,7 @@ def score_dvc(samples, scorers=None, seed=0, d2vlm=False):
         try:
             out = dvc_format_d2vlm(s["a"]) if d2vlm else dvc_format(s["a"])
             evi = _evidence_spans(s["a"]) if d2vlm and out is not None else []
-        except Unparsable:  # official: a crash
+        except Unparsable:  # d2vlm evidence with "10...": the release crashes
             out = None
         if out is None:
             continue
