@@ -1,97 +1,191 @@
-"""Speed figures (not tests). Each ratio is measured within one run on the same machine.
+"""Speed, memory and learnability figures (not tests). Each ratio is measured within one run, on
+this machine, between things that do the same work.
 
-    python bench.py            forward / backward time of a preset on one 32-frame video, and our
-                               forward against a plain Phi-3 forward over the same number of tokens;
-                               an FPO step (chosen + rejected packed in one sequence) against an SFT
-                               step and against two separate forwards
+    python bench.py [--json FILE]         one table: frame sampling, the <evi> overhead of a training
+                                          step, FPO step / SFT step, generation tokens/s at batch
+                                          1 / 8 / 32, and (CUDA only) the real-size model
+    python bench.py learn [--json FILE]   the embedded default end to end: SFT -> evaluate -> FPO ->
+                                          evaluate on the synthetic test split, per-task metrics and
+                                          the wall time of each stage
+
+The `<evi>` overhead compares a D2VLM SFT step (video encoder, prefix pass, <evi> injection, suffix
+pass, heads, the three losses) with a plain video-LLM step on the same tokens: the same video encoder,
+then Phi-3 (same LoRA) once over [text, video tokens] with the token loss only.
 """
+from __future__ import annotations
+
 import argparse
+import json
+import math
+import sys
 import time
 import warnings
+from pathlib import Path
 
+import av
 import numpy as np
 import torch
-from transformers import Phi3ForCausalLM
 
 import data
 import fpo
 import losses
 import model
 import synth
+import train
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU (for MFU)
+ETINSTRUCT = {"samples": 164_000, "video_s": 146.0}  # E.T.Instruct-164K: samples, mean video length
+TARGETS = {"evi_overhead": ("<=", 1.15), "fpo_over_sft": ("<=", 1.6), "etinstruct_hours": ("<=", 6.0),
+           "learn_s": ("<=", 600.0), "tvg_f1": (">=", 80.0), "dvc_f1": (">=", 60.0), "fpo_gnd_change": (">=", -1.0)}
 
-def _time(fn, repeat):
-    fn()  # warm-up
+
+def _time(fn, repeat, sync=lambda: None):
+    """Mean seconds of fn() over `repeat` calls after one warm-up call."""
+    fn()
+    sync()
     t = time.perf_counter()
     for _ in range(repeat):
         fn()
+    sync()
     return (time.perf_counter() - t) / repeat
 
 
-def forward_figures(preset="tiny", frames=32, repeat=5):
-    cfg = model.PRESETS[preset]
-    torch.manual_seed(0)
-    m = model.build_model(cfg)
-    ev = {"prompt": "Find the moment when a red square appears.", "frames": [[4, 9]], "question_frames": [],
-          "response": f"{data.EVI}{data.EVI_END}The event happens in {data.EVI} seconds."}
+# ---------------------------------------------------------------------------------------------
+# Frame sampling
+
+def sample_frames_seek(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
+    """The usual alternative to data.sample_frames: one seek per sampled time k/fps (to the keyframe
+    before it), then decode forward to the frame nearest to k/fps. The same frames, other cost."""
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        t0 = float((stream.start_time or 0) * stream.time_base)
+        k = 0
+        while True:
+            target = k / fps
+            container.seek(int((target + t0) / stream.time_base), stream=stream)
+            prev, prev_t, pick = None, 0.0, None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = frame.time - t0
+                if t >= target:
+                    pick = prev if prev is not None and target - prev_t <= t - target else frame
+                    break
+                prev, prev_t = frame, t
+            if pick is None:  # past the last frame
+                break
+            out.append(data._resize_crop(pick, size))
+            k += 1
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def sample_frames_decord(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
+    """decord's reader (resizing inside the decoder), the frame nearest to each k/fps, centre crop."""
+    import decord
+    probe = decord.VideoReader(str(path))
+    h, w = probe[0].shape[:2]
+    scale = size / min(w, h)
+    vr = decord.VideoReader(str(path), width=max(size, round(w * scale)), height=max(size, round(h * scale)))
+    times = vr.get_frame_timestamp(range(len(vr)))[:, 0]
+    idx = [int(np.argmin(np.abs(times - k / fps))) for k in range(int(times[-1] * fps + 1e-9) + 1)]
+    img = vr.get_batch(idx).asnumpy()
+    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
+    return torch.from_numpy(img[:, top:top + size, left:left + size]).permute(0, 3, 1, 2).contiguous()
+
+
+def make_clip(path, seconds: int, width: int, height: int, fps: int) -> Path:
+    """A moving-pattern test clip (x264, the encoder's default keyframe interval), written once."""
+    path = Path(path)
+    if not path.is_file():
+        yy, xx = np.mgrid[0:height, 0:width]
+        def frames():
+            for i in range(seconds * fps):
+                img = np.empty((height, width, 3), np.uint8)
+                img[..., 0] = (xx + 3 * i) % 256
+                img[..., 1] = (yy + 2 * i) % 256
+                img[..., 2] = ((xx + yy) // 4 + i) % 256
+                yield img
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.write_video(path, frames(), fps)
+    return path
+
+
+def decode_figures(clip_dir, size=224, repeat=2):
+    """Frames/s of the sequential sampler (ours), seek-per-sample and decord on the same clips."""
+    clips = {"short clip (20 s, 320x240, 25 fps)": make_clip(Path(clip_dir) / "short.mp4", 20, 320, 240, 25),
+             "long clip (120 s, 640x360, 30 fps)": make_clip(Path(clip_dir) / "long.mp4", 120, 640, 360, 30)}
+    try:
+        import decord  # noqa: F401
+        readers = {"decord": sample_frames_decord}
+    except ImportError:
+        readers = {}
+    rows = []
+    for name, clip in clips.items():
+        ref = data.sample_frames(clip, 1.0, size)
+        t_seq = _time(lambda: data.sample_frames(clip, 1.0, size), repeat)
+        rows.append(("frame sampling", f"{name}: PyAV sequential (ours)", len(ref) / t_seq, "frames/s", None))
+        same = torch.equal(sample_frames_seek(clip, 1.0, size), ref)
+        t_seek = _time(lambda: sample_frames_seek(clip, 1.0, size), repeat)
+        rows.append(("frame sampling", f"{name}: PyAV seek per sample ({'same' if same else 'OTHER'} frames)",
+                     len(ref) / t_seek, "frames/s", None))
+        rows.append(("frame sampling", f"{name}: sequential / seek", t_seek / t_seq, "x", None))
+        for rname, fn in readers.items():
+            t = _time(lambda: fn(clip, 1.0, size), repeat)
+            rows.append(("frame sampling", f"{name}: {rname}", len(ref) / t, "frames/s", None))
+            rows.append(("frame sampling", f"{name}: sequential / {rname}", t / t_seq, "x", None))
+    if not readers:
+        rows.append(("frame sampling", "decord: not installed (pip install decord to compare)", math.nan, "", None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps
+
+E = data.EVI
+DVC = {"task": "dvc", "prompt": "Densely describe all the events.", "question_spans": [], "question_frames": [],
+       "response": E * 3 + data.EVI_END + f"{E} seconds, a red square appears.\n{E} seconds, a blue circle "
+                   f"moves left.\n{E} seconds, a green triangle grows."}
+
+
+def dvc_sample(frames, cfg):
+    """One 3-event dense-captioning sample over `frames` random frames (spans spread over the clip)."""
+    spans = [[frames * a // 16, frames * b // 16] for a, b in ((1, 4), (6, 9), (11, 15))]
+    ev = {**DVC, "duration": float(frames), "spans": spans, "frames": spans}
     clip = torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    b = data.collate([{"evidence": ev, "frames": clip}], m.tokenizer, m.qformer_tokenizer, cfg)
-    n_tokens = b["input_ids"].shape[1] - 1 + frames
+    return ev, clip
 
-    def fwd():
-        with torch.no_grad():
-            m(b)
 
-    def fwd_bwd():
+def plain_step_fn(m, b):
+    """A plain video-LLM training step on the tokens of batch b: the same video encoder, then the
+    LLM once over [text, video tokens] (no prefix/suffix split, no <evi> injection, no heads) with
+    the token loss."""
+    def step():
         m.zero_grad(set_to_none=True)
-        out = m(b)
-        (out["logits"].float().logsumexp(-1).mean() + out["sim"].float().mean()).backward()
-
-    base = m.llm.get_base_model()
-    plain = Phi3ForCausalLM(base.config)
-    ids = torch.randint(0, base.config.vocab_size, (1, n_tokens))
-
-    def plain_fwd():
-        with torch.no_grad():
-            plain(input_ids=ids)
-
-    def video():
-        with torch.no_grad():
-            m.encode_video(b["frames"], b["frame_mask"], b["qformer_ids"], b["qformer_mask"])
-
-    t_f, t_fb, t_p, t_v = (_time(f, repeat) for f in (fwd, fwd_bwd, plain_fwd, video))
-    print(f"preset {preset}, {frames} frames, {n_tokens} LLM tokens, {torch.get_num_threads()} threads")
-    print(f"  D2VLM forward            {t_f * 1e3:8.1f} ms")
-    print(f"  D2VLM forward + backward {t_fb * 1e3:8.1f} ms")
-    print(f"  plain Phi-3 forward      {t_p * 1e3:8.1f} ms  (same config, {n_tokens} tokens)")
-    print(f"  of which video encoding  {t_v * 1e3:8.1f} ms  (ViT, Q-Former, aggregator)")
-    print(f"  ratio D2VLM / plain      {t_f / t_p:8.2f}x  whole forward")
-    print(f"  ratio LLM part / plain   {(t_f - t_v) / t_p:8.2f}x  (prefix pass + suffix pass, heads, <evi> injection)")
+        video = m.encode_video(b["frames"], b["frame_mask"], b["qformer_ids"], b["qformer_mask"])
+        emb = torch.cat([m.decoder.embed_tokens(b["input_ids"]), video.to(m.decoder.embed_tokens.weight.dtype)], 1)
+        labels = torch.cat([b["labels"], torch.full(b["frame_mask"].shape, data.IGNORE)], 1)
+        m.llm(inputs_embeds=emb, labels=labels).loss.backward()
+    return step
 
 
-def fpo_figures(preset="tiny", frames=32, repeat=5):
-    """One training step (forward + backward) of the SFT objective, of the FPO objective on a packed
-    pair, and of the unpacked alternative (two SFT-style forwards, chosen and rejected)."""
+def step_figures(preset, frames, repeat):
+    """<evi> overhead (D2VLM SFT step / plain video-LLM step, same tokens) and FPO step (packed
+    pair) / SFT step, for one preset on CPU or the current device."""
     cfg = model.PRESETS[preset]
     torch.manual_seed(0)
     m = model.build_model(cfg)
-    E = data.EVI
-    spans = [[2, 6], [10, 15], [20, 26]]
-    ev = {"task": "dvc", "duration": float(frames), "prompt": "Densely describe all the events.", "spans": spans,
-          "frames": spans, "question_spans": [], "question_frames": [],
-          "response": E * 3 + data.EVI_END + f"{E} seconds, a red square appears.\n{E} seconds, a blue circle "
-                      f"moves left.\n{E} seconds, a green triangle grows."}
+    m.train()
+    ev, clip = dvc_sample(frames, cfg)
     rej = synth.perturb(ev, "shift", np.random.default_rng(0))
-    clip = torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-
-    def col(evs):
-        return data.collate([{"evidence": e, "frames": clip} for e in evs], m.tokenizer, m.qformer_tokenizer, cfg)
-
-    sft_b = col([ev])
-    pair_b = col([{**ev, "rejected": rej}])
+    col = lambda evs: data.collate([{"evidence": e, "frames": clip} for e in evs], m.tokenizer,  # noqa: E731
+                                   m.qformer_tokenizer, cfg)
+    sft_b, pair_b = col([ev]), col([{**ev, "rejected": rej}])
     rej_b = col([{**ev, "response": rej["response"], "spans": rej["spans"], "frames": rej["spans"]}])
+    n_tokens = int(train.batch_work(sft_b, cfg)[1])
 
     def sft_step():
         m.zero_grad(set_to_none=True)
@@ -101,24 +195,211 @@ def fpo_figures(preset="tiny", frames=32, repeat=5):
         m.zero_grad(set_to_none=True)
         fpo.objective(m(pair_b), pair_b, cfg)["loss"].backward()
 
-    def unpacked_step():
+    def two_forwards():
         m.zero_grad(set_to_none=True)
-        loss = losses.sft_objective(m(sft_b), sft_b, cfg)["loss"] + losses.sft_objective(m(rej_b), rej_b, cfg)["loss"]
-        loss.backward()
+        (losses.sft_objective(m(sft_b), sft_b, cfg)["loss"] + losses.sft_objective(m(rej_b), rej_b, cfg)["loss"]).backward()
 
-    t_s, t_f, t_u = (_time(f, repeat) for f in (sft_step, fpo_step, unpacked_step))
-    print(f"training steps, {frames} frames, a 3-event answer ({sft_b['input_ids'].shape[1]} text tokens; "
-          f"packed pair {pair_b['input_ids'].shape[1]})")
-    print(f"  SFT step                 {t_s * 1e3:8.1f} ms")
-    print(f"  FPO step (packed pair)   {t_f * 1e3:8.1f} ms  = {t_f / t_s:.2f}x the SFT step")
-    print(f"  two separate forwards    {t_u * 1e3:8.1f} ms  = {t_u / t_s:.2f}x the SFT step")
+    video = m.encode_video(sft_b["frames"], sft_b["frame_mask"], sft_b["qformer_ids"], sft_b["qformer_mask"]).detach()
+
+    def llm_only(fn):
+        """fn with the video tokens given: the LLM side alone (the encoder is not run)."""
+        def run():
+            m.encode_video = lambda *a: video
+            try:
+                fn()
+            finally:
+                del m.encode_video
+        return run
+
+    plain_step = plain_step_fn(m, sft_b)
+    t_sft, t_plain, t_sft_llm, t_plain_llm, t_fpo, t_two = (
+        _time(f, repeat) for f in (sft_step, plain_step, llm_only(sft_step), llm_only(plain_step), fpo_step, two_forwards))
+    g = f"{preset}, {frames} frames, {n_tokens} LLM tokens"
+    return [(g, "D2VLM SFT step", t_sft * 1e3, "ms", None),
+            (g, "plain video-LLM step (same encoder, one LLM pass, token loss)", t_plain * 1e3, "ms", None),
+            (g, "<evi> overhead: D2VLM / plain step", t_sft / t_plain, "x", TARGETS["evi_overhead"]),
+            (g, "  LLM side only (video tokens given): D2VLM / plain", t_sft_llm / t_plain_llm, "x", TARGETS["evi_overhead"]),
+            (g, "FPO step, chosen + rejected packed / SFT step", t_fpo / t_sft, "x", TARGETS["fpo_over_sft"]),
+            (g, "  unpacked (two forwards) / SFT step", t_two / t_sft, "x", None)]
+
+
+def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32):
+    """Greedy generation tokens/s (new tokens, all samples) at several batch sizes, random weights."""
+    cfg = model.PRESETS[preset]
+    torch.manual_seed(0)
+    m = model.build_model(cfg).eval()
+    ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
+    rows, per = [], {}
+    for bs in batch_sizes:
+        clips = [torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8) for _ in range(bs)]
+        b = data.collate([{"evidence": ev, "frames": c} for c in clips], m.tokenizer, m.qformer_tokenizer, cfg,
+                         with_response=False)
+        with torch.no_grad():
+            model.generate(m, b, 2)  # warm-up
+            t = time.perf_counter()
+            out = model.generate(m, b, new_tokens)
+            dt = time.perf_counter() - t
+        per[bs] = sum(len(o["tokens"]) for o in out) / dt
+        rows.append((f"generation, {preset}, {frames} frames", f"batch {bs}: greedy, {new_tokens} new tokens",
+                     per[bs], "tokens/s", None))
+    rows.append((f"generation, {preset}, {frames} frames", f"batch {batch_sizes[-1]} / batch {batch_sizes[0]}",
+                 per[batch_sizes[-1]] / per[batch_sizes[0]], "x", None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-size model (CUDA)
+
+def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), device="cuda"):
+    """SFT and FPO step of `preset` with random weights under bf16 autocast, as train.py runs it
+    (AdamW over the trained tensors, gradient clipping): s/step, samples/s, tokens/s, peak memory,
+    MFU from train.train_flops (ViT forward (+ backward if trained), Q-Former and aggregator,
+    LLM forward + backward, heads; 2 FLOPs per weight per token forward, 4 backward for trained
+    weights, 2 for frozen ones, attention scores left out), and the projected SFT + FPO time of one
+    epoch each over E.T.Instruct-164K (one preference pair per sample) on N GPUs."""
+    cfg = model.PRESETS[preset]
+    frames = frames or int(ETINSTRUCT["video_s"] * cfg.fps)
+    cuda = device == "cuda"
+    torch.manual_seed(0)
+    m = model.build_model(cfg).to(device)
+    m.train()
+    opt = train.make_optimizer(m, cfg, fused=cuda)
+    ev, clip = dvc_sample(frames, cfg)
+    rej = synth.perturb(ev, "shift", np.random.default_rng(0))
+    col = lambda evs: {k: v.to(device) for k, v in data.collate(  # noqa: E731
+        [{"evidence": e, "frames": clip} for e in evs] * cfg.batch_size, m.tokenizer, m.qformer_tokenizer, cfg).items()}
+    sft_b, pair_b = col([ev]), col([{**ev, "rejected": rej}])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(objective, b):
+        def run():
+            with autocast:
+                loss = objective(m(b), b, cfg)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_sft = _time(step(losses.sft_objective, sft_b), steps, sync)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else math.nan
+    t_fpo = _time(step(lambda o, b, c: fpo.objective(o, b, c), pair_b), steps, sync)
+    work = train.batch_work(sft_b, cfg).tolist()
+    flops = train.train_flops(m, *work[1:])
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
+    g = f"real size: {preset}, bf16, {frames} frames, {name}"
+    rows = [(g, "SFT step", t_sft, "s", None),
+            (g, "samples/s", work[0] / t_sft, "samples/s", None),
+            (g, "LLM tokens/s", work[1] / t_sft, "tokens/s", None),
+            (g, "peak memory (SFT)", peak, "GiB", None),
+            (g, f"MFU (SFT, {flops / 1e12:.1f} TFLOP per step, peak {peak_tflops:g} TFLOPS)",
+             flops / t_sft / (peak_tflops * 1e12), "", None),
+            (g, "FPO step (packed pair)", t_fpo, "s", None)]
+    per_sample = (t_sft + t_fpo) / work[0]
+    for n in gpus:
+        rows.append((g, f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)",
+                     ETINSTRUCT["samples"] * per_sample / n / 3600, "h", TARGETS["etinstruct_hours"] if n == 4 else None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Learnability: the embedded default end to end
+
+def learn(name=None):
+    """SFT -> evaluate -> FPO -> evaluate on the synthetic set, with the default settings."""
+    import evaluate
+    name = name or time.strftime("learn-%Y%m%d-%H%M%S")
+    times, metrics = {}, {}
+    t_all = time.perf_counter()
+    for stage in ("sft", "fpo"):
+        t = time.perf_counter()
+        train.main(["--stage", stage, "--name", name])
+        times[stage] = time.perf_counter() - t
+        t = time.perf_counter()
+        ckpt = train.checkpoints(Path("runs") / name / stage)[-1]
+        metrics[stage] = evaluate.main(["--ckpt", str(ckpt)])
+        times[f"evaluate {stage}"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    return name, times, metrics
+
+
+def learn_rows(times, metrics):
+    import evaluate
+    rows = [("wall time, the default recipe", k, v, "s", TARGETS["learn_s"] if k == "total" else None)
+            for k, v in times.items()]
+    (s_task, s_merged), (f_task, f_merged) = (evaluate.summary(metrics[k]) for k in ("sft", "fpo"))
+    g = "synthetic test split, E.T.Bench metrics x 100: after SFT -> after FPO"
+    target = {"tvg": TARGETS["tvg_f1"], "dvc": TARGETS["dvc_f1"]}
+    for k in f_task:
+        rows.append((g, k.upper(), 100 * f_task[k], "", target.get(k), 100 * s_task[k]))
+    for k in f_merged:
+        if f_merged[k] is not None:
+            rows.append((g, f"merged {k}", f_merged[k], "", None, s_merged[k]))
+    rows.append((g, "F1 (gnd): FPO - SFT", f_merged["F1 (gnd)"] - s_merged["F1 (gnd)"], "points",
+                 TARGETS["fpo_gnd_change"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+def show(rows):
+    """Print the rows as one table, grouped, with the target next to each figure that has one."""
+    group = None
+    for r in rows:
+        g, what, value, unit, target = r[:5]
+        if g != group:
+            print(f"\n{g}")
+            group = g
+        before = f"{r[5]:8.1f} ->" if len(r) > 5 else ""
+        missing = value is None or math.isnan(value)
+        v = "       -" if missing else (f"{value:8.3f}" if abs(value) < 10 else f"{value:8.1f}")
+        t = ""
+        if target is not None and not missing:
+            op, x = target
+            t = f"   target {op} {x:g}: {'met' if (value <= x if op == '<=' else value >= x) else 'MISSED'}"
+        print(f"  {what:<66} {before}{v} {unit}{t}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn"])
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step")
+    ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
+    ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,steps,generate,realsize")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    t = time.perf_counter()
+    if args.what == "learn":
+        name, times, metrics = learn(args.name)
+        rows = learn_rows(times, metrics)
+        print(f"\nrun: runs/{name}")
+    else:
+        rows = []
+        if "decode" not in skip:
+            rows += decode_figures(args.clips)
+        if "steps" not in skip:
+            rows += step_figures("tiny", 32, args.repeat) + step_figures("mid", 16, args.repeat)
+        if "generate" not in skip:
+            rows += generation_figures("tiny", 16)
+        if "realsize" not in skip:
+            if torch.cuda.is_available():
+                rows += realsize_figures()
+            else:
+                rows.append(("real size (d2vlm-3.8b)", "not measured: needs a CUDA GPU", None, "", None))
+    print(f"{sys.platform}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    show(rows)
+    print(f"\n({time.perf_counter() - t:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(zip(("group", "figure", "value", "unit", "target", "before"), r))
+                                               for r in rows], indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(model.PRESETS))
-    ap.add_argument("--frames", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
-    forward_figures(a.preset, a.frames, a.repeat)
-    fpo_figures(a.preset, a.frames, a.repeat)
+    main()

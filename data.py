@@ -15,6 +15,7 @@ CLI: python data.py synth --out data/synthetic
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -394,14 +395,19 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
 
 
 def write_video(path, frames, fps: int) -> None:
-    """Encode RGB uint8 frames (T, H, W, 3) to an H.264 mp4 at `fps` (written to a temp name, then renamed)."""
+    """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3) arrays, so long
+    clips need not sit in memory) to an H.264 mp4 at `fps` (written to a temp name, then renamed)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.mp4")
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
     with av.open(str(tmp), "w") as c:
         s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.width, s.height, s.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
         s.options = {"crf": "20", "preset": "veryfast"}
-        for img in frames:
+        for img in itertools.chain([first], frames):
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
         c.mux(s.encode())
     os.replace(tmp, path)
@@ -631,15 +637,18 @@ def _span_text(span):
     return "{} - {}".format(*map(fmt_time, span))
 
 
+def _tvg(ev):
+    return (_INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
+            "response should be: 'The event happens in <start time> - <end time>'.",
+            f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
+
+
 def _questions(scene, rng):
     """One (task, question, answer, tgt, captions) per task for this scene, phrased as E.T.Bench asks
     and E.T.Instruct answers. tgt is in E.T.Bench's per-task shape."""
     evs = scene["events"]
     out = {}
-    ev = evs[int(rng.integers(len(evs)))]
-    out["tvg"] = (_INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
-                  "response should be: 'The event happens in <start time> - <end time>'.",
-                  f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
+    out["tvg"] = _tvg(evs[int(rng.integers(len(evs)))])
     ev = evs[int(rng.integers(len(evs)))]
     out["epm"] = (_INTRO + f"answer the question from my point of view: 'When did I see the {ev['colour']} "
                   f"{ev['shape']}?' The format of your response should be: 'The event happens in <start time> - "
@@ -682,8 +691,12 @@ def _synth_one(args):
     scene = _scene(rng)
     name = f"{split}_{i:04d}.mp4"
     write_video(Path(root) / "videos" / name, _render(scene), SYN_FPS)
+    questions = list(_questions(scene, rng).items())
+    if split == "train":  # every event also asked about: one video, several queries, several answers
+        asked = dict(questions)["tvg"][2]
+        questions += [("tvg", _tvg(ev)) for ev in scene["events"] if ev["span"] != asked]
     recs = []
-    for task, (q, a, tgt, caps) in _questions(scene, rng).items():
+    for task, (q, a, tgt, caps) in questions:
         head = {"task": task, "source": SYN_SOURCE, "video": name, "duration": float(scene["duration"])}
         if split == "train":
             recs.append({**head, "conversations": [{"from": "human", "value": "<image>\n" + q},
@@ -699,7 +712,7 @@ def _synth_one(args):
 def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None):
     """Write `n_train` + `n_test` synthetic mp4 files under root/videos and their annotations:
     root/train.json (E.T.Instruct-164K txt schema) and root/test.json (E.T.Bench schema), one record
-    per task in SYN_TASKS per video. The annotation files are written last, so their presence means
+    per task in SYN_TASKS per video (train: plus a tvg record for each of the video's other events). The annotation files are written last, so their presence means
     the set is complete. Same seed -> byte-identical annotation files."""
     root = Path(root)
     (root / "videos").mkdir(parents=True, exist_ok=True)

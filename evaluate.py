@@ -851,7 +851,11 @@ def score_youcook2(records, scorers=None, seed=0):
             g, r = {k: tg[k] for k in ks}, {k: tr[k] for k in ks}
             caption_scores[v]["CIDER"].append(float(np.nan_to_num(scorers.cider.compute_score(g, r)[0])))
             caption_scores[v]["METEOR"].append(_meteor_pairs(scorers, g, r)[0])
-    for v, (spans, caps, preds) in videos.items():
+    # SODA reads captions tokenized in one batch over all videos, as the release does (a line break
+    # the Java tokenizer sees inside one caption then shifts the captions after it)
+    tok_pred = _tokenize_all(scorers, [[c for _, c in preds] for _, _, preds in videos.values()])
+    tok_gt = _tokenize_all(scorers, [caps for _, caps, _ in videos.values()])
+    for (v, (spans, caps, preds)), tp, tg in zip(videos.items(), tok_pred, tok_gt):
         K, S = len(preds), len(spans)
         iou = np.array([[_dense_iou(gs, p) for p, _ in preds] for gs in spans]).reshape(S, K)
         P = [float((iou > t).any(0).sum()) / max(K, 1) for t in YC_THRESHOLDS]
@@ -866,7 +870,7 @@ def score_youcook2(records, scorers=None, seed=0):
         per["CIDER"].append(float(np.mean(caption_scores[v]["CIDER"])))
         per["METEOR"].append(float(np.mean(caption_scores[v]["METEOR"])))
         per["n_preds"].append(K)
-        per["SODA_c_2"].append(float(_soda(scorers, caps, preds, iou)))
+        per["SODA_c_2"].append(float(_soda(scorers, tg, tp, iou)))
     out = _paragraphs(scorers, videos)
     for k, vals in per.items():
         m = sum(vals) / len(vals) if vals else 0.0
@@ -876,17 +880,24 @@ def score_youcook2(records, scorers=None, seed=0):
 
 
 def _soda(scorers, caps, preds, iou):
-    """SODA_c of one video: METEOR of every (ground truth, prediction) pair, the release's argument
-    order (the ground truth as hypothesis) and its string-sorted columns, times tIoU, then chased_dp."""
+    """SODA_c of one video from its tokenized ground-truth and predicted captions: METEOR of every
+    (ground truth, prediction) pair, the release's argument order (the ground truth as hypothesis)
+    and its string-sorted columns, times tIoU, then chased_dp."""
     K, S = len(preds), len(caps)
     if K == 0:
         return 0.0
-    tp = scorers.tokenize({str(i): c for i, (_, c) in enumerate(preds)})
-    tg = scorers.tokenize({str(i): c for i, c in enumerate(caps)})
-    rows = [_meteor_pairs(scorers, {k: tp[k] for k in tp}, {k: tg[str(g)] for k in tp})[1] for g in range(S)]
+    tp = {str(i): [c] for i, c in enumerate(preds)}
+    rows = [_meteor_pairs(scorers, tp, {k: [caps[g]] for k in tp})[1] for g in range(S)]
     best = chased_dp(iou * np.array(rows))
     p, r = best / K, best / S
     return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def _tokenize_all(scorers, lists):
+    """Lists of captions -> the same lists tokenized, in one tokenizer call (keys in order)."""
+    flat = {f"{i}_{j}": c for i, cs in enumerate(lists) for j, c in enumerate(cs)}
+    tok = scorers.tokenize(flat) if flat else {}
+    return [[tok[f"{i}_{j}"][0] for j in range(len(cs))] for i, cs in enumerate(lists)]
 
 
 def _paragraphs(scorers, videos):
@@ -907,21 +918,18 @@ CHARADES_PROMPT = ("You are given a video about indoor activities. Watch the vid
                    "<start time> - <end time>'.")
 
 
-def d2vlm_spans(a, delim=EVI_DELIM):
-    """(evidence spans, answer spans) of a D2VLM response split at `delim` (the answer: the last
-    part), each None when absent; None when the response has no delimiter."""
-    if delim not in a:
+def charades_spans(a, delim=EVI_DELIM):
+    """(evidence spans, answer spans) of a response as the release's Charades converter reads it, each
+    None when absent; None when there is no delimiter. The response and the delimiter are lower-cased
+    before the split; the answer (the last part) goes through tvg_format with plain float(), so "20..."
+    raises Unparsable (the converter crashes); the evidence (the first part) is its "s - e" pairs as
+    written, not reordered and with no other forms."""
+    parts = a.lower().split(delim.lower())
+    if len(parts) < 2:
         return None
-    parts = a.split(delim)
-    try:
-        evidence = tvg_format(parts[0])
-    except Unparsable:
-        evidence = None
-    try:
-        answer = tvg_format(parts[-1], rstrip_dots=True)
-    except Unparsable:
-        answer = None
-    return evidence, answer
+    answer = tvg_format(parts[-1])
+    evidence = [[_float(s), _float(e)] for s, e in _PAIR.findall(parts[0])]
+    return evidence or None, answer
 
 
 def charades_records(annotation_path):
@@ -935,17 +943,21 @@ def charades_records(annotation_path):
 
 def score_charades(records):
     """R1@{0.3, 0.5, 0.7} (percent) and mIoU (fraction) of the first span of each tvg/charades_sta
-    response: the answer's spans after </evi>, else the evidence's. As the official scorer, the
-    denominator is the number of responses with a span (`num`); IoU is over the hull, in float64.
-    Responses the official converter crashes on (no </evi>, no span at all, or answer spans with
-    no evidence spans) are Failed and left out."""
+    response: the answer's spans after </evi>, else the evidence's (as written: a reversed span
+    scores 0). As the official scorer, the denominator is the number of responses with a span
+    (`num`); IoU is over the hull, in float64. Responses the official converter crashes on (no
+    </evi>, no span at all, answer spans with no evidence spans, a number like "20...") are Failed
+    and left out."""
     hits, miou, num, failed, total = {0.3: 0, 0.5: 0, 0.7: 0}, 0.0, 0, 0, 0
     for r in records:
         if r["task"] != "tvg" or r["source"] != "charades_sta":
             continue
         total += 1
-        parsed = d2vlm_spans(r["a"])
-        if parsed is None or parsed[0] is None:
+        try:
+            parsed = charades_spans(r["a"])
+        except Unparsable:  # the converter crashes on float("20...")
+            parsed = None
+        if parsed is None or parsed[0] is None:  # KeyError / TypeError in the converter
             failed += 1
             continue
         evidence, answer = parsed
@@ -1225,6 +1237,7 @@ def main(argv=None):
     out.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     print(text)
     print(f"metrics: {out}", file=sys.stderr)
+    return metrics
 
 
 if __name__ == "__main__":

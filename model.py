@@ -2,7 +2,7 @@
 
 Paper: "Overall Architecture" and "Evidence Token". DESIGN.md §2-§3.
 
-    D2VLMConfig, PRESETS      every number of the model, two presets ("tiny", "d2vlm-3.8b")
+    D2VLMConfig, PRESETS      every number of the model; presets "d2vlm-3.8b", "tiny", "mid"
     build_model(cfg, ...)     vision + Q-Former (+ local InstructBLIP weights), Phi-3 + LoRA (+ local weights)
     D2VLM.forward(batch)      training forward: logits, <evi>-frame similarity logits, evi_head features
     generate(model, batch)    batched decoding with a KV cache and evidence injection
@@ -51,6 +51,7 @@ class D2VLMConfig:
     qformer_cross_every: int = 2
     qformer_vocab: int = 30522
     qformer_max_text: int = 256  # instruction tokens (left-truncated)
+    qformer_dropout: float = 0.1  # BERT's hidden and attention dropout, as InstructBLIP trains it
     num_query_tokens: int = 32
     # LLM: Phi-3-mini-4k-instruct
     llm_width: int = 3072
@@ -70,6 +71,9 @@ class D2VLMConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     lora_targets: tuple = ("qkv_proj", "o_proj")
+    # False: the ViT, the Q-Former's non-attention weights and the LLM's base weights stay frozen, as
+    # upstream fine-tunes pretrained parts. True trains them too: for random weights (no pretraining)
+    train_base: bool = False
     # loss weights (losses.py); 0 switches a term off
     w_sft: float = 1.0
     w_gnd: float = 10.0
@@ -86,6 +90,8 @@ class D2VLMConfig:
     batch_size: int = 1        # per process
     grad_accum: int = 1
     epochs: int = 1
+    fpo_epochs: float = 1.0    # the FPO stage's length in passes over the pairs (a fraction: a seeded subset)
+    fpo_lr_scale: float = 1.0  # the FPO stage's learning rates are lr_lora and lr_other times this
     # data
     fps: float = 1.0
     max_len: int = 2048
@@ -109,8 +115,15 @@ PRESETS = {
                         qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,
                         llm_mlp=256, llm_vocab=1000, llm_max_positions=1024, inject_layer=2, lora_r=16,
                         lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000,
-                        # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights
-                        lr_lora=3e-3, lr_other=3e-3, batch_size=4),
+                        # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights,
+                        # and two passes over the 200 synthetic videos (one leaves the grounding half-learnt)
+                        lr_lora=3e-3, lr_other=3e-3, batch_size=4, epochs=2, fpo_epochs=0.5, fpo_lr_scale=0.3),
+    # between the two, for speed figures on a CPU (bench.py): LLM cost no longer hidden by overheads
+    "mid": D2VLMConfig(image_size=112, patch_size=14, vision_width=384, vision_layers=4, vision_heads=6,
+                       vision_mlp=1536, qformer_width=384, qformer_layers=4, qformer_heads=6, qformer_mlp=1536,
+                       qformer_max_text=128, num_query_tokens=16, llm_width=768, llm_layers=8, llm_heads=12,
+                       llm_mlp=2048, llm_max_positions=2048, inject_layer=2, lora_r=64, lora_alpha=128,
+                       max_len=1024, tiny_vocab=1000, qformer_vocab=1000, lr_lora=1e-3, lr_other=1e-3, batch_size=4),
 }
 
 
@@ -201,7 +214,7 @@ class D2VLM(nn.Module):
         """frames (B, T, 3, S, S) normalised, frame_mask (B, T) -> video tokens (B, T, llm_width), zero
         at padded frames. Each frame's Q-Former also reads the instruction (qformer_ids)."""
         b_idx = frame_mask.nonzero()[:, 0]
-        with torch.no_grad():  # the ViT is frozen
+        with torch.set_grad_enabled(self.cfg.train_base and torch.is_grad_enabled()):  # the ViT is frozen unless train_base
             patches = self.vision(pixel_values=frames[frame_mask]).last_hidden_state[:, 1:]  # post-LN, no CLS
         n_q = self.cfg.num_query_tokens
         mask = torch.cat([qformer_mask.new_ones(len(b_idx), n_q), qformer_mask[b_idx]], 1)  # queries + text
@@ -453,7 +466,9 @@ def qformer_config(cfg):
     return InstructBlipQFormerConfig(hidden_size=cfg.qformer_width, num_hidden_layers=cfg.qformer_layers,
                                      num_attention_heads=cfg.qformer_heads, intermediate_size=cfg.qformer_mlp,
                                      cross_attention_frequency=cfg.qformer_cross_every,
-                                     encoder_hidden_size=cfg.vision_width, vocab_size=cfg.qformer_vocab)
+                                     encoder_hidden_size=cfg.vision_width, vocab_size=cfg.qformer_vocab,
+                                     hidden_dropout_prob=cfg.qformer_dropout,
+                                     attention_probs_dropout_prob=cfg.qformer_dropout)
 
 
 def llm_config(cfg, vocab, tok):
@@ -501,9 +516,9 @@ def build_model(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeniz
     if vision_weights is not None:
         load_instructblip(model, vision_weights)
     # what trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention,
-    # query tokens, aggregator. The ViT is frozen.
+    # query tokens, aggregator. The ViT is frozen. cfg.train_base: everything trains.
     for n, p in model.named_parameters():
-        p.requires_grad = (n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head."))
+        p.requires_grad = cfg.train_base or (n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head."))
                            or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
                            or n.endswith(("embed_tokens.weight", "lm_head.weight")))
     return model

@@ -56,7 +56,7 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
     ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
     ap.add_argument("--preset", choices=sorted(modeling.PRESETS), default="tiny")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="override D2VLMConfig fields, e.g. --set w_cons=0 lr_lora=1e-4 batch_size=8")
     ap.add_argument("--data", help="annotation file (E.T.Instruct-164K txt/vid or the synthetic train.json); "
                                    "default: the synthetic set, generated on first use")
@@ -71,7 +71,7 @@ def get_args(argv=None):
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: stop or skip and count")
     ap.add_argument("--name", default="default", help="run name: checkpoints and log under runs/<name>/<stage>")
     ap.add_argument("--out", default="runs")
-    ap.add_argument("--max-steps", type=int, help="optimizer steps in all (default: cfg.epochs epochs)")
+    ap.add_argument("--max-steps", type=int, help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
     ap.add_argument("--stop-after", type=int, help="save and exit after this step, as if interrupted (--resume goes on)")
     ap.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint of the run, or from DIR")
     ap.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (and one at the end)")
@@ -100,18 +100,20 @@ def configure(cfg, overrides):
             try:
                 changes[key] = kind(value)
             except ValueError:
-                raise SystemExit(f"--set {item}: {key} takes a {kind.__name__}") from None
+                raise SystemExit(f"--set {item}: {key} must be of type {kind.__name__}") from None
         else:
             raise SystemExit(f"--set {item}: {key} cannot be set from the command line")
     return dataclasses.replace(cfg, **changes)
 
 
-def make_optimizer(model, cfg, fused=False):
-    """AdamW, two groups: LoRA at cfg.lr_lora, every other trainable tensor at cfg.lr_other."""
+def make_optimizer(model, cfg, fused=False, scale=1.0):
+    """AdamW, two groups: LoRA at cfg.lr_lora, every other trainable tensor at cfg.lr_other (both
+    times `scale`: cfg.fpo_lr_scale in the FPO stage)."""
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    return torch.optim.AdamW([{"params": lora, "base_lr": cfg.lr_lora, "lr": cfg.lr_lora},
-                              {"params": other, "base_lr": cfg.lr_other, "lr": cfg.lr_other}],
+    lr_lora, lr_other = cfg.lr_lora * scale, cfg.lr_other * scale
+    return torch.optim.AdamW([{"params": lora, "base_lr": lr_lora, "lr": lr_lora},
+                              {"params": other, "base_lr": lr_other, "lr": lr_other}],
                              weight_decay=cfg.weight_decay, fused=fused)
 
 
@@ -126,7 +128,7 @@ def lr_factor(step, total, warmup):
 def train_flops(model, llm_tokens, frames, qformer_tokens):
     """Model FLOPs of one forward + backward: 2 per weight per token forward, 2 more backward to
     the inputs, 2 more for the weight gradient of trained weights (frozen: 4 per weight, trained: 6);
-    the frozen ViT runs forward only (2 per weight per patch). llm_tokens: LLM positions (video tokens
+    a frozen ViT runs forward only (2 per weight per patch), a trained one (train_base) 6. llm_tokens: LLM positions (video tokens
     included); frames; qformer_tokens: Q-Former positions (queries + instruction, per frame).
     Attention scores are left out."""
     raw = model.module if isinstance(model, DDP) else model
@@ -138,8 +140,18 @@ def train_flops(model, llm_tokens, frames, qformer_tokens):
     heads = 6 * sum(p.numel() for m in (raw.frm_head, raw.evi_head) for p in m.parameters())
     qformer = (4 * count(raw.qformer, False) + 6 * count(raw.qformer, True)
                + 6 * sum(p.numel() for p in raw.aggregator.parameters()))
-    vit = 2 * sum(p.numel() for p in raw.vision.parameters())
+    vit = 2 * count(raw.vision, False) + 6 * count(raw.vision, True)
     return (llm + heads) * llm_tokens + qformer * qformer_tokens + vit * patches * frames
+
+
+def batch_work(batch, cfg):
+    """(samples, LLM tokens (the video placeholder counted as its frames), frames, Q-Former tokens)
+    of a collated batch, as a float64 tensor: what train_flops and the throughput figures count."""
+    n_frames = batch["frame_mask"].sum(1)
+    llm_tokens = batch["attention_mask"].sum() - batch["frame_mask"].any(1).sum() + n_frames.sum()
+    qf_tokens = (n_frames * (cfg.num_query_tokens + batch["qformer_mask"].sum(1))).sum()
+    return torch.stack([torch.tensor(len(batch["input_ids"]), device=n_frames.device), llm_tokens,
+                        n_frames.sum(), qf_tokens]).double()
 
 
 def param_digest(model):
@@ -269,7 +281,7 @@ def main(argv=None):
                                      tokenizer_dir=resume / "tokenizer" if resume else None).to(device)
     full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
-    opt = make_optimizer(model, cfg, fused=cuda)
+    opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
     records = args.data
     if args.stage == "fpo" and args.pairs:
         records = synth.load_pairs(args.pairs, cfg.fps)
@@ -287,7 +299,8 @@ def main(argv=None):
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total = args.max_steps or cfg.epochs * steps_per_epoch
+    epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
+    total = args.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     step, epoch, micro = 0, 0, 0
     if resume is not None:
         st = torch.load(resume / STATE, weights_only=True)
@@ -355,12 +368,8 @@ def main(argv=None):
                 out = model(batch)
                 terms = objective(out, batch)
             (terms["loss"] / k).backward()
-            llm_tokens = batch["attention_mask"].sum() - batch["frame_mask"].any(1).sum() + batch["frame_mask"].sum()
-            n_frames = batch["frame_mask"].sum(1)
-            qf_tokens = (n_frames * (cfg.num_query_tokens + batch["qformer_mask"].sum(1))).sum()
             stats += torch.stack([terms[t].detach().double() for t in keys]) / k
-            work += torch.stack([torch.tensor(len(batch["input_ids"]), device=device), llm_tokens,
-                                 n_frames.sum(), qf_tokens]).double()
+            work += batch_work(batch, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -235,7 +235,7 @@ def index_clip(path, n, fps, w=160, h=120):
     for i in range(n):
         for b in range(3):
             frames[i, b * h // 3:(b + 1) * h // 3] = LEVELS[(i // 4 ** b) % 4]
-    data.write_video(path, frames, fps)
+    data.write_video(path, iter(frames), fps)  # any iterable of frames
 
 
 def read_index(frame):
@@ -259,6 +259,12 @@ def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
         expect.append(min(range(n), key=lambda i: (d[i], i)))  # nearest, ties to the earlier frame
     assert frames.shape == (len(expect), 3, 48, 48) and frames.dtype == torch.uint8
     assert [read_index(f) for f in frames] == expect
+
+
+def test_write_video_needs_frames(tmp_path):
+    with pytest.raises(ValueError, match="e.mp4: no frames"):
+        data.write_video(tmp_path / "e.mp4", iter([]), 4)
+    assert not list(tmp_path.iterdir())
 
 
 def test_sampler_resizes_short_side_and_centre_crops(tmp_path):
@@ -348,8 +354,13 @@ def test_synthetic_is_deterministic(synth, tmp_path):
 
 def test_synthetic_annotations_follow_the_schemas(synth):
     train, test = data.load_records(synth / "train.json"), data.load_records(synth / "test.json")
-    assert len(train) == 6 * len(data.SYN_TASKS) and len(test) == 4 * len(data.SYN_TASKS)
+    assert len(test) == 4 * len(data.SYN_TASKS)  # test: one record per task and video
     assert {r["task"] for r in train} == {r["task"] for r in test} == set(data.SYN_TASKS)
+    for v in {r["video"] for r in train}:  # train: the same, plus a tvg question for every other event
+        recs = [r for r in train if r["video"] == v]
+        events = data.to_evidence(next(r for r in recs if r["task"] == "dvc"))["spans"]
+        assert len(recs) == len(data.SYN_TASKS) + len(events) - 1
+        assert sorted(data.to_evidence(r)["spans"][0] for r in recs if r["task"] == "tvg") == sorted(events)
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
     assert [r["idx"] for r in test] == list(range(len(test))) and all(r["version"] == 1.0 for r in test)
     for r in test:  # tgt shapes as E.T.Bench has them

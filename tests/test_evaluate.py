@@ -290,12 +290,15 @@ def test_charades_official_denominator(tmp_path):
                "10 - 20</evi>nothing",                                  # no answer span: the evidence's
                "The event happens in 10 - 20 seconds.",                 # no </evi>: Failed (official: KeyError)
                "</evi>The event happens in 10 - 20.",                   # no evidence span: Failed (TypeError)
-               "5 - 8</evi>The event happens in 10 - 20..."]            # "20..." -> 20 in the answer
+               "5 - 8</evi>The event happens in 10 - 20...",            # float("20..."): Failed (ValueError)
+               "<evi>11.5 - 17</EVI>The event happens in 10 - 20 s.",   # the split is case-blind
+               "<evi>20 - 10</evi>I am not sure.",                      # evidence as written: reversed, IoU 0
+               "from 10 to 20</evi>The event happens in 10 - 20."]      # evidence takes "s - e" only: Failed
     recs = [rec("tvg", a, source="charades_sta", tgt=[10.0, 20.0]) for a in answers] + [rec("tvg", "1 - 2", tgt=[1, 2])]
     out = ev.score_charades(recs)
-    assert (out["Total"], out["Failed"], out["num"]) == (6, 2, 4)
-    assert out["R1@0.3"] == 100.0 and out["R1@0.5"] == 75.0 and out["R1@0.7"] == 75.0
-    assert out["mIoU"] == pytest.approx((3 + 1 / 3) / 4)
+    assert (out["Total"], out["Failed"], out["num"]) == (9, 4, 5)  # IoU 1, 1/3, 1, 1, 0
+    assert out["R1@0.3"] == 80.0 and out["R1@0.5"] == 60.0 and out["R1@0.7"] == 60.0
+    assert out["mIoU"] == pytest.approx((3 + 1 / 3) / 5)
     ann = {"annotations": [{"image_id": "AB12.mp4", "caption": "person opens a door.", "timestamp": [1.5, 7.0], "id": 0}]}
     (tmp_path / "test.json").write_text(json.dumps(ann))
     r = ev.charades_records(tmp_path / "test.json")[0]

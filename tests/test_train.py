@@ -24,10 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    """6 synthetic videos; annotation files with their tvg records and with tvg + dvc records."""
+    """6 synthetic videos; annotation files with their tvg records and with tvg + dvc records (one
+    tvg question per video: the first; the others ask about the video's other events)."""
     root = tmp_path_factory.mktemp("synth")
     data.make_synthetic(root, n_train=6, n_test=0, workers=2)
-    recs = data.load_records(root / "train.json")
+    seen = set()
+    recs = [r for r in data.load_records(root / "train.json")
+            if r["task"] != "tvg" or not (r["video"] in seen or seen.add(r["video"]))]
     (root / "tvg.json").write_text(json.dumps([r for r in recs if r["task"] == "tvg"]))
     (root / "mixed.json").write_text(json.dumps([r for r in recs if r["task"] in ("tvg", "dvc")]))
     return root
@@ -78,6 +81,16 @@ def test_lr_schedule():
     assert f[3] == pytest.approx(1.0) and f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97)))
     assert all(a >= b for a, b in zip(f[2:], f[3:]))  # falls after the warm-up
     assert f[3 + 97 // 2] == pytest.approx(0.5, abs=0.02)
+
+
+def test_set_overrides_accumulate_and_are_typed():
+    args = train.get_args(["--stage", "sft", "--set", "w_cons=0", "epochs=2", "--set", "train_base=true"])
+    cfg = train.configure(model.PRESETS["tiny"], args.set)
+    assert (cfg.w_cons, cfg.epochs, cfg.train_base) == (0.0, 2, True) and isinstance(cfg.epochs, int)
+    with pytest.raises(SystemExit, match="train_base takes true or false"):
+        train.configure(cfg, ["train_base=yes"])
+    with pytest.raises(SystemExit, match="epochs must be of type int"):
+        train.configure(cfg, ["epochs=1.5"])
 
 
 def test_one_step_changes_only_trained_tensors(synth):
@@ -178,6 +191,8 @@ def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
     # the policy starts as the reference: zero rewards, loss log 2
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
     assert first["fpo"] == pytest.approx(math.log(2), abs=1e-4)
+    tiny = model.PRESETS["tiny"]  # the FPO stage's learning rates (step 1: warm-up factor 1)
+    assert first["lr_lora"] == pytest.approx(tiny.lr_lora * tiny.fpo_lr_scale) and tiny.fpo_lr_scale < 1
     pairs = json.loads((out / "pairs.json").read_text())
     assert len(pairs) == 12 and {p["kind"] for p in pairs} <= set(KINDS)
     st = torch.load(out / "step_000002" / train.STATE, weights_only=True)
@@ -192,3 +207,8 @@ def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
     # a new run must not write over these checkpoints
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0"])
+    # without --max-steps the stage lasts fpo_epochs passes: 12 pairs / batch 4 = 3 steps an epoch
+    train.main([*base, "--stage", "fpo", "--init", str(tmp_path / "e2e" / "sft" / "step_000003"), "--out",
+                str(tmp_path), "--name", "frac", "--workers", "0", "--stop-after", "1"])
+    st = torch.load(tmp_path / "frac" / "fpo" / "step_000001" / train.STATE, weights_only=True)
+    assert st["total"] == math.ceil(tiny.fpo_epochs * 3) == 2
