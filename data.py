@@ -712,8 +712,9 @@ def _synth_one(args):
 def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None):
     """Write `n_train` + `n_test` synthetic mp4 files under root/videos and their annotations:
     root/train.json (E.T.Instruct-164K txt schema) and root/test.json (E.T.Bench schema), one record
-    per task in SYN_TASKS per video (train: plus a tvg record for each of the video's other events). The annotation files are written last, so their presence means
-    the set is complete. Same seed -> byte-identical annotation files."""
+    per task in SYN_TASKS per video (train: plus a tvg record for each of the video's other events).
+    The annotation files are written last, so their presence means the set is complete. Same seed ->
+    byte-identical annotation files."""
     root = Path(root)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), "train", i, seed) for i in range(n_train)] + [(str(root), "test", i, seed) for i in range(n_test)]
