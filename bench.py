@@ -286,7 +286,7 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
         torch.cuda.reset_peak_memory_stats()
     t_sft = _time(step(losses.sft_objective, sft_b), steps, sync)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else math.nan
-    t_fpo = _time(step(lambda o, b, c: fpo.objective(o, b, c), pair_b), steps, sync)
+    t_fpo = _time(step(fpo.objective, pair_b), steps, sync)
     work = train.batch_work(sft_b, cfg).tolist()
     flops = train.train_flops(m, *work[1:])
     name = torch.cuda.get_device_name() if cuda else "CPU"

@@ -23,3 +23,13 @@ def test_make_clip_streams_frames_and_is_reused(tmp_path):
     assert frames.shape == (3, 3, 48, 48)  # t = 0, 1, 2 s of a 3-s clip
     mtime = clip.stat().st_mtime_ns
     assert bench.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10).stat().st_mtime_ns == mtime
+
+
+def test_realsize_rows_on_a_small_preset():
+    """The real-size code path (CUDA in bench.py) at tiny size on the CPU: the figures come out and
+    the projection is (SFT step + FPO step) per sample x 164K samples / N GPUs."""
+    rows = {what: value for _, what, value, *_ in bench.realsize_figures("tiny", frames=8, steps=1, device="cpu")}
+    sft, fpo = rows["SFT step"], rows["FPO step (packed pair)"]
+    assert sft > 0 and fpo > 0 and rows["samples/s"] == pytest.approx(4 / sft)  # tiny: batch 4
+    hours = {n: rows[f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)"] for n in (1, 4, 8)}
+    assert hours[1] == pytest.approx(164_000 * (sft + fpo) / 4 / 3600) and hours[4] == pytest.approx(hours[1] / 4)
