@@ -118,6 +118,23 @@ def test_one_step_changes_only_trained_tensors(synth):
         assert any(part in n for n in changed), part
 
 
+def test_train_base_trains_the_frozen_parts_too(synth):
+    cfg = dataclasses.replace(model.PRESETS["tiny"], train_base=True)
+    torch.manual_seed(0)
+    m = model.build_model(cfg)
+    assert all(p.requires_grad for p in m.parameters())
+    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", m.tokenizer, cfg)
+    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = train.make_optimizer(m, cfg)
+    losses.sft_objective(m(batch), batch, cfg)["loss"].backward()
+    opt.step()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+    for part in ("vision.embeddings.patch_embedding", "vision.encoder.layers.1.mlp", "qformer.encoder.layer.0.intermediate",
+                 "base_model.model.model.layers.0.mlp"):
+        assert any(n.startswith(part) or part in n for n in changed), part
+
+
 def test_checkpoints_resume_exactly(synth, tmp_path):
     args = ["--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--max-steps", "5",
             "--save-every", "1", "--keep", "2", "--log-every", "1", "--set", "batch_size=2", "grad_accum=2"]
