@@ -151,12 +151,21 @@ DVC = {"task": "dvc", "prompt": "Densely describe all the events.", "question_sp
                    f"moves left.\n{E} seconds, a green triangle grows."}
 
 
-def dvc_sample(frames, cfg):
-    """One 3-event dense-captioning sample over `frames` random frames (spans spread over the clip)."""
+def dvc_batches(m, frames, copies=1, device="cpu"):
+    """A 3-event dense-captioning sample over `frames` random frames (spans spread over the clip),
+    `copies` times in a batch: (SFT batch, packed preference pair with a shifted rejected response,
+    the rejected response as an SFT batch)."""
+    cfg = m.cfg
     spans = [[frames * a // 16, frames * b // 16] for a, b in ((1, 4), (6, 9), (11, 15))]
     ev = {**DVC, "duration": float(frames), "spans": spans, "frames": spans}
+    rej = synth.perturb(ev, "shift", np.random.default_rng(0))
     clip = torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    return ev, clip
+
+    def col(e):
+        b = data.collate([{"evidence": e, "frames": clip}] * copies, m.tokenizer, m.qformer_tokenizer, cfg)
+        return {k: v.to(device) for k, v in b.items()}
+    return (col(ev), col({**ev, "rejected": rej}),
+            col({**ev, "response": rej["response"], "spans": rej["spans"], "frames": rej["spans"]}))
 
 
 def plain_step_fn(m, b):
@@ -179,12 +188,7 @@ def step_figures(preset, frames, repeat):
     torch.manual_seed(0)
     m = model.build_model(cfg)
     m.train()
-    ev, clip = dvc_sample(frames, cfg)
-    rej = synth.perturb(ev, "shift", np.random.default_rng(0))
-    col = lambda evs: data.collate([{"evidence": e, "frames": clip} for e in evs], m.tokenizer,  # noqa: E731
-                                   m.qformer_tokenizer, cfg)
-    sft_b, pair_b = col([ev]), col([{**ev, "rejected": rej}])
-    rej_b = col([{**ev, "response": rej["response"], "spans": rej["spans"], "frames": rej["spans"]}])
+    sft_b, pair_b, rej_b = dvc_batches(m, frames)
     n_tokens = int(train.batch_work(sft_b, cfg)[1])
 
     def sft_step():
@@ -264,11 +268,7 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     m = model.build_model(cfg).to(device)
     m.train()
     opt = train.make_optimizer(m, cfg, fused=cuda)
-    ev, clip = dvc_sample(frames, cfg)
-    rej = synth.perturb(ev, "shift", np.random.default_rng(0))
-    col = lambda evs: {k: v.to(device) for k, v in data.collate(  # noqa: E731
-        [{"evidence": e, "frames": clip} for e in evs] * cfg.batch_size, m.tokenizer, m.qformer_tokenizer, cfg).items()}
-    sft_b, pair_b = col([ev]), col([{**ev, "rejected": rej}])
+    sft_b, pair_b, _ = dvc_batches(m, frames, cfg.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
