@@ -19,23 +19,25 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
+import checkpoint
 import data
+import decoding
+import etbench
 import fpo
 import losses
 import model
 import synth
 import train
+import video
+from config import PRESETS
+from evidence import EVI, EVI_END
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU (for MFU)
 ETINSTRUCT = {"samples": 164_000, "video_s": 146.0}  # E.T.Instruct-164K: samples, mean video length
 TARGETS = {"evi_overhead": ("<=", 1.15), "fpo_over_sft": ("<=", 1.6), "etinstruct_hours": ("<=", 6.0),
            "learn_s": ("<=", 600.0), "tvg_f1": (">=", 80.0), "dvc_f1": (">=", 60.0), "fpo_gnd_change": (">=", -1.0)}
@@ -56,7 +58,7 @@ def _time(fn, repeat, sync=lambda: None):
 # Frame sampling
 
 def sample_frames_seek(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
-    """The usual alternative to data.sample_frames: one seek per sampled time k/fps (to the keyframe
+    """The usual alternative to video.sample_frames: one seek per sampled time k/fps (to the keyframe
     before it), then decode forward to the frame nearest to k/fps. The same frames, other cost."""
     out = []
     with av.open(str(path)) as container:
@@ -78,7 +80,7 @@ def sample_frames_seek(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
                 prev, prev_t = frame, t
             if pick is None:  # past the last frame
                 break
-            out.append(data._resize_crop(pick, size))
+            out.append(video.resize_crop(pick, size))
             k += 1
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
@@ -110,7 +112,7 @@ def make_clip(path, seconds: int, width: int, height: int, fps: int) -> Path:
                 img[..., 2] = ((xx + yy) // 4 + i) % 256
                 yield img
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.write_video(path, frames(), fps)
+        video.write_video(path, frames(), fps)
     return path
 
 
@@ -125,8 +127,8 @@ def decode_figures(clip_dir, size=224, repeat=2):
         readers = {}
     rows = []
     for name, clip in clips.items():
-        ref = data.sample_frames(clip, 1.0, size)
-        t_seq = _time(lambda: data.sample_frames(clip, 1.0, size), repeat)
+        ref = video.sample_frames(clip, 1.0, size)
+        t_seq = _time(lambda: video.sample_frames(clip, 1.0, size), repeat)
         rows.append(("frame sampling", f"{name}: PyAV sequential (ours)", len(ref) / t_seq, "frames/s", None))
         same = torch.equal(sample_frames_seek(clip, 1.0, size), ref)
         t_seek = _time(lambda: sample_frames_seek(clip, 1.0, size), repeat)
@@ -145,9 +147,9 @@ def decode_figures(clip_dir, size=224, repeat=2):
 # ---------------------------------------------------------------------------------------------
 # Training steps
 
-E = data.EVI
+E = EVI
 DVC = {"task": "dvc", "prompt": "Densely describe all the events.", "question_spans": [], "question_frames": [],
-       "response": E * 3 + data.EVI_END + f"{E} seconds, a red square appears.\n{E} seconds, a blue circle "
+       "response": E * 3 + EVI_END + f"{E} seconds, a red square appears.\n{E} seconds, a blue circle "
                    f"moves left.\n{E} seconds, a green triangle grows."}
 
 
@@ -184,7 +186,7 @@ def plain_step_fn(m, b):
 def step_figures(preset, frames, repeat):
     """<evi> overhead (D2VLM SFT step / plain video-LLM step, same tokens) and FPO step (packed
     pair) / SFT step, for one preset on CPU or the current device."""
-    cfg = model.PRESETS[preset]
+    cfg = PRESETS[preset]
     torch.manual_seed(0)
     m = model.build_model(cfg)
     m.train()
@@ -229,7 +231,7 @@ def step_figures(preset, frames, repeat):
 
 def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32):
     """Greedy generation tokens/s (new tokens, all samples) at several batch sizes, random weights."""
-    cfg = model.PRESETS[preset]
+    cfg = PRESETS[preset]
     torch.manual_seed(0)
     m = model.build_model(cfg).eval()
     ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
@@ -239,9 +241,9 @@ def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32):
         b = data.collate([{"evidence": ev, "frames": c} for c in clips], m.tokenizer, m.qformer_tokenizer, cfg,
                          with_response=False)
         with torch.no_grad():
-            model.generate(m, b, 2)  # warm-up
+            decoding.generate(m, b, 2)  # warm-up
             t = time.perf_counter()
-            out = model.generate(m, b, new_tokens)
+            out = decoding.generate(m, b, new_tokens)
             dt = time.perf_counter() - t
         per[bs] = sum(len(o["tokens"]) for o in out) / dt
         rows.append((f"generation, {preset}, {frames} frames", f"batch {bs}: greedy, {new_tokens} new tokens",
@@ -261,7 +263,7 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     LLM forward + backward, heads; 2 FLOPs per weight per token forward, 4 backward for trained
     weights, 2 for frozen ones, attention scores left out), and the projected SFT + FPO time of one
     epoch each over E.T.Instruct-164K (one preference pair per sample) on N GPUs."""
-    cfg = model.PRESETS[preset]
+    cfg = PRESETS[preset]
     frames = frames or int(ETINSTRUCT["video_s"] * cfg.fps)
     cuda = device == "cuda"
     torch.manual_seed(0)
@@ -290,7 +292,7 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     work = train.batch_work(sft_b, cfg).tolist()
     flops = train.train_flops(m, *work[1:])
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
+    peak_tflops = next((v for k, v in train.PEAK_TFLOPS.items() if k in name), math.nan)
     g = f"real size: {preset}, bf16, {frames} frames, {name}"
     rows = [(g, "SFT step", t_sft, "s", None),
             (g, "samples/s", work[0] / t_sft, "samples/s", None),
@@ -299,11 +301,17 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
             (g, f"MFU (SFT, {flops / 1e12:.1f} TFLOP per step, peak {peak_tflops:g} TFLOPS)",
              flops / t_sft / (peak_tflops * 1e12), "", None),
             (g, "FPO step (packed pair)", t_fpo, "s", None)]
-    per_sample = (t_sft + t_fpo) / work[0]
     for n in gpus:
         rows.append((g, f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)",
-                     ETINSTRUCT["samples"] * per_sample / n / 3600, "h", TARGETS["etinstruct_hours"] if n == 4 else None))
+                     projected_hours(ETINSTRUCT["samples"], t_sft, t_fpo, work[0], n), "h",
+                     TARGETS["etinstruct_hours"] if n == 4 else None))
     return rows
+
+
+def projected_hours(samples: int, sft_step_s: float, fpo_step_s: float, batch: float, gpus: int) -> float:
+    """Hours for one SFT epoch and one FPO epoch (one preference pair per sample) over `samples`,
+    with steps of `batch` samples per GPU taking the measured times, on `gpus` GPUs scaling ideally."""
+    return samples * (sft_step_s + fpo_step_s) / batch / gpus / 3600
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +328,7 @@ def learn(name=None):
         train.main(["--stage", stage, "--name", name])
         times[stage] = time.perf_counter() - t
         t = time.perf_counter()
-        ckpt = train.checkpoints(Path("runs") / name / stage)[-1]
+        ckpt = checkpoint.checkpoints(Path(checkpoint.RUNS) / name / stage)[-1]
         metrics[stage] = evaluate.main(["--ckpt", str(ckpt)])
         times[f"evaluate {stage}"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
@@ -328,10 +336,9 @@ def learn(name=None):
 
 
 def learn_rows(times, metrics):
-    import evaluate
     rows = [("wall time, the default recipe", k, v, "s", TARGETS["learn_s"] if k == "total" else None)
             for k, v in times.items()]
-    (s_task, s_merged), (f_task, f_merged) = (evaluate.summary(metrics[k]) for k in ("sft", "fpo"))
+    (s_task, s_merged), (f_task, f_merged) = (etbench.summary(metrics[k]) for k in ("sft", "fpo"))
     g = "synthetic test split, E.T.Bench metrics x 100: after SFT -> after FPO"
     target = {"tvg": TARGETS["tvg_f1"], "dvc": TARGETS["dvc_f1"]}
     for k in f_task:
@@ -378,7 +385,7 @@ def main(argv=None):
     if args.what == "learn":
         name, times, metrics = learn(args.name)
         rows = learn_rows(times, metrics)
-        print(f"\nrun: runs/{name}")
+        print(f"\nrun: {Path(checkpoint.RUNS) / name}")
     else:
         rows = []
         if "decode" not in skip:

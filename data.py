@@ -1,46 +1,41 @@
-"""Data for D2VLM: annotations -> evidence format, the 1-fps frame sampler, synthetic event videos.
+"""Data for D2VLM: annotations -> the evidence format -> batches.
 
-Paper: "Experiments / implementation details" (E.T.Instruct-164K for training, E.T.Bench for testing,
-1 fps, 224 px) and "Overall Architecture" (the two-stage response: K <evi>, </evi>, then the answer
-with one <evi> per event). DESIGN.md §2 (frames), §4 (conversion), §9 (synthetic default).
+Paper: "Experiments / implementation details" (E.T.Instruct-164K for training, E.T.Bench for testing)
+and "Overall Architecture" (the two-stage response: K <evi>, </evi>, then the answer with one <evi>
+per event). DESIGN.md §4 (conversion).
 
     load_records(path)          E.T.Instruct-164K (txt / vid) or E.T.Bench JSON/JSONL, validated
     to_evidence(record)         -> prompt, two-stage response, spans (seconds and frames)
     render(response, spans)     <evi> -> "s - e" (the text a scorer reads)
-    sample_frames(path)         PyAV, sequential decode, frame k nearest to t = k/fps
-    make_synthetic(root, ...)   mp4 files of coloured shapes + train (E.T.Instruct) / test (E.T.Bench) annotations
-
-CLI: python data.py synth --out data/synthetic
+    VideoDataset, collate       records + frames (video.py) -> the tensors the model reads, in
+                                Phi-3's chat format
 """
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
 import math
-import os
 import re
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import av
-import numpy as np
 import torch
 
-EVI, EVI_END, VID = "<evi>", "</evi>", "<vid>"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from evidence import EVI, EVI_END
+from video import normalize, sample_frames
+
+VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
 DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
 
 # E.T.Bench tasks and the shape of their `tgt` field (scoring-spec §1.1)
-SPAN_TASKS = ("tvg", "epm", "gvq")               # tgt = [s, e]
 SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]
-MCQ_TASKS = ("rar", "eca", "rvq", "gvq")         # o (4 or 5 options), p (answer index)
 CAPTION_TASKS = ("dvc", "slc")                   # g, one caption per tgt span
 BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
-LETTERS = "ABCDE"
+LETTERS = "ABCDE"  # multiple-choice options, in order
+
+# Phi-3's chat format, with one video placeholder in the user turn (model.py turns it into T video tokens)
+VIDEO, END = "<video>", "<|end|>"
+CHAT = (f"<|system|>\n{{system}}{END}\n<|user|>\n{VIDEO}\n{{prompt}}{END}\n<|assistant|>\n", f"{{response}}{END}")
+IGNORE = -100  # the label of tokens that are not trained on (the prompt, padding)
 
 
 class BadRecord(ValueError):
@@ -182,6 +177,11 @@ def _check_spans(spans, field, duration):
     return spans
 
 
+def span_text(span) -> str:
+    """[s, e] in seconds -> "s - e", as E.T.Instruct writes spans."""
+    return "{} - {}".format(*map(fmt_time, span))
+
+
 def fmt_time(x: float) -> str:
     """Seconds as text, as E.T.Instruct writes them: 1 or 2 decimals (12 -> '12.0', 3.25 -> '3.25')."""
     s = f"{x:.2f}"
@@ -201,7 +201,7 @@ def render(response: str, spans) -> str:
     out, k, prev = [], 0, None
     for piece in re.split(f"({re.escape(EVI)})", response):
         if piece == EVI:
-            out.append((", " if prev == EVI else "") + "{} - {}".format(*map(fmt_time, spans[k])))
+            out.append((", " if prev == EVI else "") + span_text(spans[k]))
             k += 1
         elif piece:
             out.append(piece)
@@ -329,91 +329,6 @@ def _bench_answer(record, task, duration):
 
 
 # ---------------------------------------------------------------------------------------------
-# Frames: PyAV, sequential decode, frame k = the decoded frame nearest to t = k / fps
-
-
-def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
-    """Decode `path` once, front to back, and keep for every k with k/fps <= (time of the last frame)
-    the frame nearest to t = k/fps (ties go to the earlier frame). Each kept frame is resized so its
-    short side is `size` (bicubic) and centre-cropped. Returns uint8 (T, 3, size, size). With
-    `max_frames`, decoding stops after that many frames (the first max_frames/fps seconds).
-    Missing, unreadable, audio-only or frameless files raise an error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: video file not found")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot open as a video ({e})") from None
-    out = []
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        t0 = float((stream.start_time or 0) * stream.time_base)
-        k, prev, prev_t, picked, decoded = 0, None, 0.0, {}, 0
-        try:
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                decoded += 1
-                t = frame.time - t0
-                while t >= k / fps and (max_frames is None or len(out) < max_frames):
-                    pick = prev if prev is not None and k / fps - prev_t <= t - k / fps else frame
-                    if id(pick) not in picked:  # a frame may serve several k when fps > video rate
-                        picked = {id(pick): _resize_crop(pick, size)}
-                    out.append(picked[id(pick)])
-                    k += 1
-                if max_frames is not None and len(out) >= max_frames:
-                    break
-                prev, prev_t = frame, t
-        except av.FFmpegError as e:
-            raise ValueError(f"{path}: corrupt video, decoding failed after {len(out)} frames ({e})") from None
-        declared, rate = stream.frames, float(stream.average_rate or 0)
-    if not out:
-        raise ValueError(f"{path}: no decodable video frames")
-    if max_frames is None and declared and declared - decoded > max(rate, 1):  # > 1 s of frames missing
-        raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-
-def _resize_crop(frame, size):
-    w, h = frame.width, frame.height
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[top:top + size, left:left + size]
-
-
-def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 with CLIP's mean and std."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (frames.float() / 255 - mean) / std
-
-
-def write_video(path, frames, fps: int) -> None:
-    """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3) arrays, so long
-    clips need not sit in memory) to an H.264 mp4 at `fps` (written to a temp name, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.mp4")
-    frames = iter(frames)
-    first = next(frames, None)
-    if first is None:
-        raise ValueError(f"{path}: no frames to write")
-    with av.open(str(tmp), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
-        s.options = {"crf": "20", "preset": "veryfast"}
-        for img in itertools.chain([first], frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
-        c.mux(s.encode())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Batches: evidence records + frames -> the tensors the model reads
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -470,10 +385,6 @@ class VideoDataset(torch.utils.data.Dataset):
         ev = self.items[i]
         frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
         return {"evidence": ev, "frames": frames, "index": i}
-
-
-CHAT = ("<|system|>\n{system}<|end|>\n<|user|>\n<video>\n{prompt}<|end|>\n<|assistant|>\n", "{response}<|end|>")
-IGNORE = -100
 
 
 def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = True) -> dict:
@@ -550,211 +461,3 @@ def _pad_spans(rows):
         if r:
             out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic event videos (DESIGN §9): coloured shapes that appear / move / grow / blink during
-# known spans over a textured grey background. Spans are whole seconds and a shape is on screen
-# for every frame with start <= t <= end, so the 1-fps frames show exactly the annotated events.
-
-SYN_FPS, SYN_W, SYN_H = 4, 160, 120          # video frame rate and size (4:3, so the crop is exercised)
-SYN_DURATION = (10, 40)                      # seconds, inclusive
-SYN_EVENT_LEN = (2, 8)                       # seconds, inclusive
-SYN_MAX_EVENTS = 4
-SYN_GAP = 2                                  # seconds from one event's end to the next start
-SYN_COLOURS = {"red": (225, 35, 35), "green": (35, 190, 55), "blue": (40, 75, 235), "yellow": (235, 215, 30),
-               "purple": (150, 45, 215), "orange": (245, 130, 20), "cyan": (25, 200, 215)}
-SYN_SHAPES = ("square", "circle", "triangle")
-SYN_ACTIONS = ("appears", "moves left", "moves right", "grows", "blinks")
-SYN_STEPS = {"appears": "show the {c} {s}", "moves left": "move the {c} {s} to the left",
-             "moves right": "move the {c} {s} to the right", "grows": "enlarge the {c} {s}",
-             "blinks": "flash the {c} {s}"}
-SYN_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc")
-SYN_SOURCE = "synthetic"
-_INTRO = "You are given a video of coloured shapes on a textured background. Watch the video carefully and "
-
-
-def _scene(rng):
-    """Draw one video: duration, background and 1-4 non-overlapping events with distinct colours."""
-    duration = int(rng.integers(SYN_DURATION[0], SYN_DURATION[1] + 1))
-    k = int(rng.integers(1, SYN_MAX_EVENTS + 1))
-    lens = [int(rng.integers(SYN_EVENT_LEN[0], SYN_EVENT_LEN[1] + 1)) for _ in range(k)]
-    while sum(lens) + SYN_GAP * (len(lens) - 1) > duration - 1:  # all must end by the last frame
-        lens.pop()
-    k = len(lens)
-    free = duration - 1 - sum(lens) - SYN_GAP * (k - 1)
-    cuts = np.sort(rng.integers(0, free + 1, size=k))
-    colours = rng.choice(list(SYN_COLOURS), size=k, replace=False)
-    actions = [str(a) for a in rng.choice(SYN_ACTIONS, size=k)]
-    if k >= 2 and rng.random() < 0.5:  # same-class events, so that action localisation is not trivial
-        actions[int(rng.integers(1, k))] = actions[0]
-    events, t = [], 0
-    for i in range(k):
-        s = t + int(cuts[i]) - (int(cuts[i - 1]) if i else 0)
-        events.append({"colour": str(colours[i]), "shape": str(rng.choice(SYN_SHAPES)), "action": actions[i],
-                       "span": [float(s), float(s + lens[i])], "x": int(rng.integers(55, 106)), "y": int(rng.integers(35, 86))})
-        t = s + lens[i] + SYN_GAP
-    coarse = rng.uniform(70, 150, size=(SYN_H // 10, SYN_W // 10, 1))
-    bg = np.kron(coarse, np.ones((10, 10, 1))) + rng.normal(0, 6, size=(SYN_H, SYN_W, 1))
-    bg = np.clip(bg + rng.uniform(-6, 6, size=3), 0, 255).astype(np.uint8)  # near-grey, slightly tinted
-    return {"duration": duration, "events": events, "bg": bg}
-
-
-def _render(scene):
-    n = scene["duration"] * SYN_FPS
-    frames = np.repeat(scene["bg"][None], n, axis=0)
-    yy, xx = np.mgrid[0:SYN_H, 0:SYN_W]
-    for ev in scene["events"]:
-        s, e = map(int, ev["span"])
-        for i in range(s * SYN_FPS, e * SYN_FPS + 1):
-            u = (i / SYN_FPS - s) / max(e - s, 1)  # progress through the event, 0..1
-            x, y, r = ev["x"], ev["y"], 12.0
-            if ev["action"] == "moves left":
-                x = ev["x"] + 25 - 50 * u
-            elif ev["action"] == "moves right":
-                x = ev["x"] - 25 + 50 * u
-            elif ev["action"] == "grows":
-                r = 6 + 14 * u
-            dx, dy = xx - x, yy - y
-            if ev["shape"] == "square":
-                mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
-            elif ev["shape"] == "circle":
-                mask = dx ** 2 + dy ** 2 <= r ** 2
-            else:
-                mask = (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
-            colour = np.array(SYN_COLOURS[ev["colour"]], dtype=np.float64)
-            if ev["action"] == "blinks" and int(i / SYN_FPS - s) % 2:
-                colour = colour * 0.5  # dim on odd seconds, bright on even ones: visible throughout
-            frames[i][mask] = colour.astype(np.uint8)
-    return frames
-
-
-def _caption(ev):
-    return f"a {ev['colour']} {ev['shape']} {ev['action']}"
-
-
-def _span_text(span):
-    return "{} - {}".format(*map(fmt_time, span))
-
-
-def _tvg(ev):
-    return (_INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
-            "response should be: 'The event happens in <start time> - <end time>'.",
-            f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
-
-
-def _questions(scene, rng):
-    """One (task, question, answer, tgt, captions) per task for this scene, phrased as E.T.Bench asks
-    and E.T.Instruct answers. tgt is in E.T.Bench's per-task shape."""
-    evs = scene["events"]
-    out = {}
-    out["tvg"] = _tvg(evs[int(rng.integers(len(evs)))])
-    ev = evs[int(rng.integers(len(evs)))]
-    out["epm"] = (_INTRO + f"answer the question from my point of view: 'When did I see the {ev['colour']} "
-                  f"{ev['shape']}?' The format of your response should be: 'The event happens in <start time> - "
-                  "<end time>'.", f"The event happens in {_span_text(ev['span'])} seconds.", ev["span"], None)
-    action = evs[int(rng.integers(len(evs)))]["action"]
-    spans = [e["span"] for e in evs if e["action"] == action]
-    out["tal"] = (_INTRO + f"find all the moments of the action 'a shape {action}'. The format of your response "
-                  "should be: 'The action happens in <start time> - <end time>, <start time> - <end time>, and "
-                  "<start time> - <end time>'.",
-                  "The action happens in " + ", ".join(map(_span_text, spans)) + " seconds.", spans, None)
-    out["evs"] = (_INTRO + "summarize it by selecting its most important segments. The format of your response "
-                  "should be: 'The key segments are <start time> - <end time>, <start time> - <end time>'.",
-                  "The key segments are " + ", ".join(e_ for e_ in map(_span_text, [e["span"] for e in evs]))
-                  + " seconds.", [e["span"] for e in evs], None)
-    shape = evs[int(rng.integers(len(evs)))]["shape"]
-    spans = [e["span"] for e in evs if e["shape"] == shape]
-    s, e = max(spans, key=lambda x: x[1] - x[0])
-    out["vhd"] = (_INTRO + f"find the highlight moment for the query: 'a {shape}'. The format of your response "
-                  "should be: 'The highlight is at <time> seconds'.",
-                  f"The highlight is at {fmt_time((s + e) / 2)} seconds.", spans, None)
-    caps = [_caption(e) + "." for e in evs]
-    out["dvc"] = (_INTRO + "densely describe all the events. For each event, you need to determine the start and "
-                  "end times and provide a concise description. The format of your response should be: "
-                  "'<start time> - <end time>, <description>'.",
-                  "\n".join(f"{_span_text(e['span'])} seconds, {c}" for e, c in zip(evs, caps)),
-                  [e["span"] for e in evs], caps)
-    steps = [SYN_STEPS[e["action"]].format(c=e["colour"], s=e["shape"]) + "." for e in evs]
-    out["slc"] = (_INTRO + "localize the steps of the procedure it shows. For each step, you need to determine the "
-                  "start and end times and provide a concise description. The format of your response should be: "
-                  "'<start time> - <end time>, <description>'.",
-                  "\n".join(f"{_span_text(e['span'])} seconds, {c}" for e, c in zip(evs, steps)),
-                  [e["span"] for e in evs], steps)
-    return out
-
-
-def _synth_one(args):
-    """Render, encode and annotate one video (runs in a worker process)."""
-    root, split, i, seed = args
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-    scene = _scene(rng)
-    name = f"{split}_{i:04d}.mp4"
-    write_video(Path(root) / "videos" / name, _render(scene), SYN_FPS)
-    questions = list(_questions(scene, rng).items())
-    if split == "train":  # every event also asked about: one video, several queries, several answers
-        asked = dict(questions)["tvg"][2]
-        questions += [("tvg", _tvg(ev)) for ev in scene["events"] if ev["span"] != asked]
-    recs = []
-    for task, (q, a, tgt, caps) in questions:
-        head = {"task": task, "source": SYN_SOURCE, "video": name, "duration": float(scene["duration"])}
-        if split == "train":
-            recs.append({**head, "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                                   {"from": "gpt", "value": a}]})
-        else:
-            rec = {"version": 1.0, **head, "q": q, "tgt": tgt}
-            if caps is not None:
-                rec["g"] = [c.rstrip(".") for c in caps]
-            recs.append(rec)
-    return recs
-
-
-def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None):
-    """Write `n_train` + `n_test` synthetic mp4 files under root/videos and their annotations:
-    root/train.json (E.T.Instruct-164K txt schema) and root/test.json (E.T.Bench schema), one record
-    per task in SYN_TASKS per video (train: plus a tvg record for each of the video's other events).
-    The annotation files are written last, so their presence means the set is complete. Same seed ->
-    byte-identical annotation files."""
-    root = Path(root)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), "train", i, seed) for i in range(n_train)] + [(str(root), "test", i, seed) for i in range(n_test)]
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        results = list(pool.map(_synth_one, jobs, chunksize=4))
-    train = [r for recs in results[:n_train] for r in recs]
-    test = [{"version": r.pop("version"), "idx": j, **r}
-            for j, r in enumerate(r for recs in results[n_train:] for r in recs)]
-    for name, recs in (("train.json", train), ("test.json", test)):
-        tmp = root / (name + ".tmp")
-        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n", encoding="utf-8")
-        os.replace(tmp, root / name)
-    return root / "train.json", root / "test.json"
-
-
-def ensure_synthetic(root, **kw):
-    """Generate the synthetic set under `root` unless it is already there (first use)."""
-    root = Path(root)
-    if not ((root / "train.json").is_file() and (root / "test.json").is_file()):
-        print(f"generating the synthetic dataset under {root} ...", file=sys.stderr)
-        make_synthetic(root, **kw)
-    return root / "train.json", root / "test.json"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="D2VLM data tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("synth", help="generate the synthetic event-video dataset")
-    sp.add_argument("--out", default="data/synthetic")
-    sp.add_argument("--n-train", type=int, default=200)
-    sp.add_argument("--n-test", type=int, default=40)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args(argv)
-    t = time.time()
-    train, test = make_synthetic(args.out, args.n_train, args.n_test, args.seed, args.workers)
-    n_tr, n_te = len(load_records(train)), len(load_records(test))
-    print(f"wrote {args.n_train + args.n_test} videos and {n_tr} train / {n_te} test records "
-          f"to {args.out} in {time.time() - t:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+EVI, EVI_END = "<evi>", "</evi>"  # the evidence token, and the end of the evidence part (stage 1)
+
 
 def similarity(evi: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Grounding logits: evi (B, K, d), frames (B, T, d) -> (B, K, T) = evi . frame / sqrt(d).

@@ -11,12 +11,15 @@ A response's log-probability has two factors: its tokens, and where its <evi> to
 Without a reference (the released recipe, `--ref none`) the pi_ref terms are 0.
 
     grounding_logprob(sim, targets, mask)            -> (B,)
-    response_logprob(out, batch, branch, alpha)      -> {"text": (B,), "grounding": (B,)} of one branch
-    fpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta) -> loss, TRL-named metrics
+    response_logprob(out, batch, branch, alpha)      -> (B, 2) [text, grounding] of one branch
+    fpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta) -> per-pair losses (B,), rewards (B, 2) x 2
+    reference_logprobs(model, pairs, ...)            -> (N, 4) the reference's factors, computed once
+    objective(out, batch, cfg, ref)                  the FPO stage's loss: SFT on the chosen + w_fpo * L_FPO
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import evidence
@@ -46,68 +49,101 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, prev: torch.Tenso
     return logp.reshape(B, L * V).gather(1, idx) * take
 
 
-def response_logprob(out: dict, batch: dict, branch: int, alpha: float) -> dict:
+FACTORS = ("text", "grounding")  # the two factors of log pi(R), in the order of every (B, 2) tensor here
+
+
+def response_logprob(out: dict, batch: dict, branch: int, alpha: float) -> torch.Tensor:
     """The two factors of log pi(R) for one branch of a packed preference batch (data.collate of
-    pairs; 1 = chosen, 2 = rejected), from D2VLM.forward's output. Returns {"text": (B,),
-    "grounding": (B,)}; their sum is log pi(R)."""
+    pairs; 1 = chosen, 2 = rejected), from D2VLM.forward's output.
+
+    Shape: (B, 2) = [text, grounding]; their sum over the last dim is log pi(R)."""
     lab = batch["labels"].masked_fill(batch["branch"] != branch, IGNORE)
     text = token_logprobs(out["logits"], lab, batch["prev"]).sum(1)
     y = evidence.soft_targets(batch["answer_spans"].clamp(min=0), out["sim"].shape[-1], alpha)
     rows = out["evi_mask"] & (out["evi_branch"] == branch)
     mask = rows[..., None] & out["frame_mask"][:, None, :]
-    return {"text": text, "grounding": grounding_logprob(out["sim"], y, mask)}
-
-
-def fpo_loss(chosen: dict, rejected: dict, ref_chosen: dict | None = None, ref_rejected: dict | None = None,
-             beta: float = 0.1):
-    """chosen / rejected (and the optional reference values): {"text": (B,), "grounding": (B,)}.
-    Returns the mean FPO loss (scalar) and metrics named as TRL names them: rewards/chosen,
-    rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, plus the
-    text and grounding parts of each (logps/chosen_text, ..., rewards/margins_grounding)."""
-    zero = {"text": 0.0, "grounding": 0.0}
-    rc, rr = ref_chosen or zero, ref_rejected or zero
-    part = {}
-    for f in ("text", "grounding"):
-        part[f] = (beta * (chosen[f] - rc[f]), beta * (rejected[f] - rr[f]))
-    r_c = part["text"][0] + part["grounding"][0]
-    r_r = part["text"][1] + part["grounding"][1]
-    loss = -F.logsigmoid(r_c - r_r).mean()
-    m = {"rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
-         "rewards/accuracies": (r_c > r_r).float().mean(), "rewards/margins": (r_c - r_r).mean(),
-         "logps/chosen": (chosen["text"] + chosen["grounding"]).mean(),
-         "logps/rejected": (rejected["text"] + rejected["grounding"]).mean()}
-    for f in ("text", "grounding"):
-        m[f"logps/chosen_{f}"] = chosen[f].mean()
-        m[f"logps/rejected_{f}"] = rejected[f].mean()
-        m[f"rewards/margins_{f}"] = (part[f][0] - part[f][1]).mean()
-    return loss, {k: v.detach() for k, v in m.items()}
-
-
-METRICS = ("fpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "logps/chosen_text", "logps/rejected_text", "logps/chosen_grounding",
-           "logps/rejected_grounding", "rewards/margins_text", "rewards/margins_grounding")
+    return torch.stack([text, grounding_logprob(out["sim"], y, mask)], 1)
 
 
 def policy_logprobs(out: dict, batch: dict, alpha: float):
-    """(chosen, rejected) factors of log pi for a packed preference batch."""
+    """(chosen, rejected) factors of log pi for a packed preference batch, each (B, 2)."""
     return response_logprob(out, batch, 1, alpha), response_logprob(out, batch, 2, alpha)
+
+
+def fpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor | None = None,
+             reference_rejected: torch.Tensor | None = None, beta: float = 0.1):
+    """The FPO loss of B preference pairs: DPO's loss on log-probs that factor into text and grounding.
+
+    Shape:
+        policy_chosen, policy_rejected        (B, 2) log-prob factors [text, grounding] under the policy
+        reference_chosen, reference_rejected  (B, 2) the same under the reference, or None (reference-free,
+                                              as released: 0)
+        returns losses (B,), chosen_rewards (B, 2), rejected_rewards (B, 2): beta * (policy - reference)
+        per factor; a pair's reward is the sum over the last dim.
+    """
+    chosen_rewards = beta * (policy_chosen - (0.0 if reference_chosen is None else reference_chosen))
+    rejected_rewards = beta * (policy_rejected - (0.0 if reference_rejected is None else reference_rejected))
+    losses = -F.logsigmoid(chosen_rewards.sum(1) - rejected_rewards.sum(1))
+    return losses, chosen_rewards, rejected_rewards
+
+
+# The logged figures, named as TRL names them, each from (policy chosen, policy rejected, chosen
+# rewards, rejected rewards), all (B, 2); plus the text and grounding parts of each.
+_FIGURES = {
+    "rewards/chosen": lambda pc, pr, rc, rr: rc.sum(1),
+    "rewards/rejected": lambda pc, pr, rc, rr: rr.sum(1),
+    "rewards/accuracies": lambda pc, pr, rc, rr: (rc.sum(1) > rr.sum(1)).float(),
+    "rewards/margins": lambda pc, pr, rc, rr: rc.sum(1) - rr.sum(1),
+    "logps/chosen": lambda pc, pr, rc, rr: pc.sum(1),
+    "logps/rejected": lambda pc, pr, rc, rr: pr.sum(1),
+    **{f"logps/{side}_{f}": (lambda pc, pr, rc, rr, i=i, s=side: (pc if s == "chosen" else pr)[:, i])
+       for i, f in enumerate(FACTORS) for side in ("chosen", "rejected")},
+    **{f"rewards/margins_{f}": (lambda pc, pr, rc, rr, i=i: rc[:, i] - rr[:, i]) for i, f in enumerate(FACTORS)},
+}
+METRICS = ("fpo", *_FIGURES)  # what fpo.objective adds to the SFT terms
+
+
+def figures(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards) -> dict:
+    """The _FIGURES of a batch, each the mean over its pairs (detached scalars)."""
+    args = (policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)
+    return {k: fn(*args).mean().detach() for k, fn in _FIGURES.items()}
+
+
+@torch.no_grad()
+def reference_logprobs(model, ds, collate, cfg, rank: int, world: int, device, autocast) -> torch.Tensor:
+    """The log-prob factors of every pair of `ds` under `model` (the SFT model FPO starts from), no
+    dropout. Shape: (len(ds), 4) float64 = [chosen text, chosen grounding, rejected text, rejected
+    grounding]. Each rank computes every world-th pair, then the ranks sum their tables."""
+    was = model.training
+    model.eval()
+    table = torch.zeros(len(ds), 4, dtype=torch.float64, device=device)
+    mine = list(range(rank, len(ds), world))
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate([ds[j] for j in mine[i:i + cfg.batch_size]]).items()}
+        with autocast:
+            out = model(batch)
+        table[batch["index"]] = torch.cat(policy_logprobs(out, batch, cfg.alpha), 1).double()
+    if world > 1:
+        dist.all_reduce(table)
+    model.train(was)
+    return table
 
 
 def objective(out: dict, batch: dict, cfg, ref: torch.Tensor | None = None) -> dict:
     """The FPO-stage loss of a packed preference batch: losses.sft_objective on the chosen response
-    + cfg.w_fpo * fpo_loss. ref: None (reference-free, as released) or a table (N, 4) of reference
-    [chosen text, chosen grounding, rejected text, rejected grounding] log-probs indexed by
-    batch["index"]. Returns "loss" (differentiable), the SFT terms of the chosen response ("sft",
-    "gnd", "cons") and "fpo" + the METRICS, detached."""
+    + cfg.w_fpo * the mean FPO loss. ref: None (reference-free, as released) or the table (N, 4) of
+    reference_logprobs, indexed by batch["index"]. Returns "loss" (differentiable), the SFT terms of
+    the chosen response ("sft", "gnd", "cons") and the METRICS, detached."""
     chosen_rows = out["evi_branch"] == 1
     out_c = {**out, "evi_mask": out["evi_mask"] & chosen_rows}
     batch_c = {"labels": batch["labels"].masked_fill(batch["branch"] != 1, IGNORE),
                "answer_spans": batch["answer_spans"].masked_fill(~chosen_rows[..., None], -1)}
     terms = losses.sft_objective(out_c, batch_c, cfg)
     pc, pr = policy_logprobs(out, batch, cfg.alpha)
-    rc = rr = None
+    ref_c = ref_r = None
     if ref is not None:
-        r = ref[batch["index"]].to(pc["text"].device)
-        rc, rr = {"text": r[:, 0], "grounding": r[:, 1]}, {"text": r[:, 2], "grounding": r[:, 3]}
-    loss, metrics = fpo_loss(pc, pr, rc, rr, cfg.beta)
-    return {**terms, "loss": terms["loss"] + cfg.w_fpo * loss, "fpo": loss.detach(), **metrics}
+        r = ref[batch["index"]].to(pc.device)
+        ref_c, ref_r = r[:, :2], r[:, 2:]
+    per_pair, rc, rr = fpo_loss(pc, pr, ref_c, ref_r, cfg.beta)
+    loss = per_pair.mean()
+    return {**terms, "loss": terms["loss"] + cfg.w_fpo * loss, "fpo": loss.detach(), **figures(pc, pr, rc, rr)}

@@ -2,10 +2,11 @@
 
 Paper: "Overall Architecture" and "Evidence Token". DESIGN.md §2-§3.
 
-    D2VLMConfig, PRESETS      every number of the model; presets "d2vlm-3.8b", "tiny", "mid"
-    build_model(cfg, ...)     vision + Q-Former (+ local InstructBLIP weights), Phi-3 + LoRA (+ local weights)
-    D2VLM.forward(batch)      training forward: logits, <evi>-frame similarity logits, evi_head features
-    generate(model, batch)    batched decoding with a KV cache and evidence injection
+    build_model(cfg, tokenizer, ...)  vision + Q-Former + aggregator, Phi-3 + LoRA, frm/evi heads
+    D2VLM.forward(batch)              training forward: logits, <evi>-frame similarity logits, evi_head features
+    D2VLM.encode_prompt(batch)        video tokens, the layout, pass 1 -> Prompt (decoding.py goes on from it)
+    build_tiny_tokenizer(vocab)       the in-code BPE of the embedded default
+(config.py holds the numbers, decoding.py the generation loop, checkpoint.py the weight files.)
 
 How one sequence runs through the LLM. The user turn holds one video placeholder; it becomes T video
 tokens, with bidirectional attention among them and causal attention everywhere else (one explicit
@@ -16,115 +17,18 @@ LLM forward in all, no second run.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import (AutoTokenizer, DynamicCache, InstructBlipQFormerConfig, InstructBlipQFormerModel,
-                          InstructBlipVisionConfig, InstructBlipVisionModel, Phi3Config, Phi3ForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (DynamicCache, InstructBlipQFormerConfig, InstructBlipQFormerModel, InstructBlipVisionConfig,
+                          InstructBlipVisionModel, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast)
 
+import event_videos
 import evidence
-from data import EVI, EVI_END, IGNORE, render
-
-VIDEO = "<video>"
-END = "<|end|>"
-
-
-@dataclass
-class D2VLMConfig:
-    # vision: EVA ViT-G/14 as transformers' InstructBlipVisionModel (39 of EVA's 40 layers)
-    image_size: int = 224
-    patch_size: int = 14
-    vision_width: int = 1408
-    vision_layers: int = 39
-    vision_heads: int = 16
-    vision_mlp: int = 6144
-    init_range: float = 0.02  # InstructBlipVisionConfig defaults to 1e-10: a dead random ViT
-    # Q-Former (BERT-base with cross-attention every 2nd layer) and our query tokens
-    qformer_width: int = 768
-    qformer_layers: int = 12
-    qformer_heads: int = 12
-    qformer_mlp: int = 3072
-    qformer_cross_every: int = 2
-    qformer_vocab: int = 30522
-    qformer_max_text: int = 256  # instruction tokens (left-truncated)
-    qformer_dropout: float = 0.1  # BERT's hidden and attention dropout, as InstructBLIP trains it
-    num_query_tokens: int = 32
-    # LLM: Phi-3-mini-4k-instruct
-    llm_width: int = 3072
-    llm_layers: int = 32
-    llm_heads: int = 32
-    llm_mlp: int = 8192
-    llm_vocab: int = 32064
-    llm_max_positions: int = 4096
-    rope_theta: float = 10000.0
-    # evidence tokens
-    inject_layer: int = 6      # hidden_states[6]: layer-6 video states are added to <evi> embeddings
-    match_layer: int = -2      # hidden_states[-2]: what frm_head / evi_head read
-    select_ratio: float = 0.6  # frames with p >= 0.6 * max p form the candidate runs
-    alpha: float = 2.0         # soft targets alpha^-distance
-    # LoRA on the LLM
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    lora_targets: tuple = ("qkv_proj", "o_proj")
-    # False: the ViT, the Q-Former's non-attention weights and the LLM's base weights stay frozen, as
-    # upstream fine-tunes pretrained parts. True trains them too: for random weights (no pretraining)
-    train_base: bool = False
-    # loss weights (losses.py); 0 switches a term off
-    w_sft: float = 1.0
-    w_gnd: float = 10.0
-    w_cons: float = 10.0
-    # FPO (fpo.py): L = the SFT objective on the chosen response + w_fpo * L_FPO
-    beta: float = 0.1
-    w_fpo: float = 1.0
-    # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
-    lr_lora: float = 5e-5
-    lr_other: float = 2e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.03       # fraction of the steps
-    grad_clip: float = 1.0
-    batch_size: int = 1        # per process
-    grad_accum: int = 1
-    epochs: int = 1
-    fpo_epochs: float = 1.0    # the FPO stage's length in passes over the pairs (a fraction: a seeded subset)
-    fpo_lr_scale: float = 1.0  # the FPO stage's learning rates are lr_lora and lr_other times this
-    # data
-    fps: float = 1.0
-    max_len: int = 2048
-    system_prompt: str = "You are a helpful AI assistant."
-    tiny_vocab: int = 1000  # size of the in-code BPE tokenizer used when no LLM weights are given
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "D2VLMConfig":
-        d = json.loads(text)
-        d["lora_targets"] = tuple(d["lora_targets"])
-        return cls(**d)
-
-
-PRESETS = {
-    "d2vlm-3.8b": D2VLMConfig(),
-    "tiny": D2VLMConfig(image_size=112, patch_size=16, vision_width=96, vision_layers=2, vision_heads=4,
-                        vision_mlp=192, qformer_width=64, qformer_layers=2, qformer_heads=4, qformer_mlp=128,
-                        qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,
-                        llm_mlp=256, llm_vocab=1000, llm_max_positions=1024, inject_layer=2, lora_r=16,
-                        lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000,
-                        # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights,
-                        # and two passes over the 200 synthetic videos (one leaves the grounding half-learnt)
-                        lr_lora=3e-3, lr_other=3e-3, batch_size=4, epochs=2, fpo_epochs=0.5, fpo_lr_scale=0.3),
-    # between the two, for speed figures on a CPU (bench.py): LLM cost no longer hidden by overheads
-    "mid": D2VLMConfig(image_size=112, patch_size=14, vision_width=384, vision_layers=4, vision_heads=6,
-                       vision_mlp=1536, qformer_width=384, qformer_layers=4, qformer_heads=6, qformer_mlp=1536,
-                       qformer_max_text=128, num_query_tokens=16, llm_width=768, llm_layers=8, llm_heads=12,
-                       llm_mlp=2048, llm_max_positions=2048, inject_layer=2, lora_r=64, lora_alpha=128,
-                       max_len=1024, tiny_vocab=1000, qformer_vocab=1000, lr_lora=1e-3, lr_other=1e-3, batch_size=4),
-}
+from config import D2VLMConfig
+from data import END, IGNORE, VIDEO
+from evidence import EVI, EVI_END
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,16 +37,10 @@ PRESETS = {
 def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained in code on the synthetic dataset's phrasing, with the Phi-3 chat
     tokens and ours as special tokens. Deterministic; saved and loaded in HF format like any other."""
-    import numpy as np
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    import data
-    rng = np.random.default_rng(0)
-    corpus = []
-    for _ in range(300):
-        for q, a, _, _ in data._questions(data._scene(rng), rng).values():
-            corpus += [q, a]
-    corpus += [f"{i}.{j} - {i + 1}.{j} seconds" for i in range(400) for j in (0, 5)]
+    # the synthetic questions and answers, and timestamps as E.T.Instruct writes them (0.0 - 400.5 s)
+    corpus = event_videos.corpus() + [f"{i}.{j} - {i + 1}.{j} seconds" for i in range(400) for j in (0, 5)]
     special = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", END, VIDEO, EVI, EVI_END]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -239,97 +137,84 @@ class D2VLM(nn.Module):
         seeing the chosen ones and restarts their positions where the response starts;
         batch["prev"] gives the position each token follows (its predictor).
         """
-        ctx = self.encode_prompt(batch)
+        pr = self.encode_prompt(batch)
         ids, labels = batch["input_ids"], batch["labels"]
         is_evi = ids == self.token_id[EVI]
         ans_pos, evi_mask = _positions(is_evi & (labels != IGNORE))
         spans = batch["answer_spans"]
         if spans.shape[1] != ans_pos.shape[1] or not (evi_mask == (spans[..., 0] >= 0)).all():
             raise ValueError("answer_spans must give one span per answer <evi> token")
-        emb = self.suffix_embeds(ctx, ans_pos, evi_mask, spans)
+        emb = self.suffix_embeds(pr, ans_pos, evi_mask, spans)
         branch = batch.get("branch")
-        if branch is not None:  # to suffix columns (branches 1 and 2 are all in the suffix)
-            b, t = (branch > 0).nonzero(as_tuple=True)
-            branch = torch.zeros_like(ctx["suf_mask"], dtype=torch.long).index_put((b, ctx["col"][b, t] - ctx["P"]), branch[b, t])
-        hs = self.run(emb, ctx["suf_mask"], ctx["cache"], ctx["pre_mask"], branch=branch)
-        final = torch.cat([ctx["pre_hs"][-1], hs[-1]], 1)
-        match = torch.cat([ctx["pre_hs"][self.cfg.match_layer], hs[self.cfg.match_layer]], 1)
-        col = ctx["col"]
-        logits = self.lm_head(_gather(final, col))
+        if branch is not None:
+            branch = _to_suffix_columns(branch, pr)
+        hs = self.run(emb, pr.suf_mask, pr.cache, pr.pre_mask, branch=branch)
+        final = torch.cat([pr.pre_hs[-1], hs[-1]], 1)
+        match = torch.cat([pr.pre_hs[self.cfg.match_layer], hs[self.cfg.match_layer]], 1)
+        logits = self.lm_head(_gather(final, pr.col))
         pred = batch["prev"].gather(1, ans_pos) if "prev" in batch else ans_pos - 1
-        feats = self.evi_head(_gather(match, _gather_idx(col, pred)))
-        out = {"logits": logits, "sim": evidence.similarity(feats, ctx["frm"]), "evi_feats": feats,
-               "evi_mask": evi_mask, "frame_mask": ctx["frame_mask"]}
+        feats = self.evi_head(_gather(match, _gather_idx(pr.col, pred)))
+        out = {"logits": logits, "sim": evidence.similarity(feats, pr.frm), "evi_feats": feats,
+               "evi_mask": evi_mask, "frame_mask": pr.frame_mask}
         if "branch" in batch:  # which response each answer <evi> belongs to (1 chosen, 2 rejected)
             out["evi_branch"] = batch["branch"].gather(1, ans_pos)
         return out
 
-    def encode_prompt(self, batch):
-        """Video tokens, the sequence layout and pass 1 (the prefix up to the end of the video, cached).
-
-        Layout per sample: [left pad | text before the video | T video tokens] (the prefix, P columns)
-        then [text after the video | right pad] (the suffix, S columns). `col` maps each position
-        of input_ids to its column in prefix+suffix (the video placeholder -> the last video token)."""
-        ids, attn = batch["input_ids"], batch["attention_mask"].bool()
-        B, L = ids.shape
-        dev = ids.device
+    def encode_prompt(self, batch) -> "Prompt":
+        """Video tokens, the sequence layout and pass 1: the prefix (everything up to the end of the
+        video) through the LLM once, its keys and values cached. See `Prompt` for what it holds."""
+        ids = batch["input_ids"]
+        B, dev = ids.shape[0], ids.device
         frame_mask = batch.get("frame_mask", torch.zeros(B, 0, dtype=torch.bool, device=dev))
-        has_video = ids == self.token_id[VIDEO]
-        if not (has_video.sum(1) == frame_mask.any(1).long()).all():
-            raise ValueError(f"each sample needs one {VIDEO} token if it has frames and none otherwise")
-        vpos = torch.where(has_video.any(1), has_video.long().argmax(1), -1)
-        n_frames, lengths = frame_mask.sum(1), attn.sum(1)
-        pre_len = vpos + n_frames + (vpos < 0).long()  # text before the video + the video (0 without)
-        suf_len = lengths - vpos - 1
-        P, S = int(pre_len.max()), int(suf_len.max())
+        lay = layout(ids, batch["attention_mask"].bool(), frame_mask, self.token_id[VIDEO])
+        flat, is_video = self.embed_prompt(batch, lay, frame_mask)
+        P, T = lay.P, frame_mask.shape[1]
+        cache = DynamicCache(config=self.decoder.config)
+        pre_hs = (self.run(flat[:, :P], lay.pre_mask, cache, None, is_video) if P
+                  else [flat[:, :0]] * (self.cfg.llm_layers + 1))
+        vc = lay.vid_col.clamp(0, max(P - 1, 0))
+        inject = _gather(pre_hs[self.cfg.inject_layer], vc) if T else flat.new_zeros(B, 0, flat.shape[-1])
+        frm = self.frm_head(_gather(pre_hs[self.cfg.match_layer], vc)) if T else inject
+        return Prompt(col=lay.col, pre_mask=lay.pre_mask, suf_mask=lay.suf_mask, suffix=flat[:, P:], cache=cache,
+                      pre_hs=pre_hs, inject=inject, frm=frm, frame_mask=frame_mask, lengths=lay.lengths, P=P)
+
+    def embed_prompt(self, batch, lay: "Layout", frame_mask):
+        """The LLM input of prefix + suffix, (B, P + S, D): token embeddings and video tokens in their
+        columns, each question <evi> (no label) raised by the mean raw video token over its span.
+        Also returns which prefix columns hold video tokens (B, P)."""
+        ids, B, dev = batch["input_ids"], len(lay.col), lay.col.device
+        L, P, T = ids.shape[1], lay.P, frame_mask.shape[1]
         ar = torch.arange(L, device=dev)[None]
-        col = torch.where(ar < vpos[:, None], P - pre_len[:, None] + ar, P + ar - vpos[:, None] - 1)
-        col = torch.where(ar == vpos[:, None], P - 1, col)
-        real = ar < lengths[:, None]
-        col = torch.where(real, col, 0)
         emb = self.decoder.embed_tokens(ids)
-        flat = emb.new_zeros(B, P + S, emb.shape[-1])
-        b, t = (real & (ar != vpos[:, None])).nonzero(as_tuple=True)
-        flat[b, col[b, t]] = emb[b, t]
-        T = frame_mask.shape[1]
-        vid_col = (P - n_frames)[:, None] + torch.arange(T, device=dev)[None]
+        flat = emb.new_zeros(B, P + lay.S, emb.shape[-1])
+        b, t = (lay.real & (ar != lay.vpos[:, None])).nonzero(as_tuple=True)
+        flat[b, lay.col[b, t]] = emb[b, t]
         video, is_video = None, torch.zeros(B, P, dtype=torch.bool, device=dev)
         if T:
             video = self.encode_video(batch["frames"], frame_mask, batch["qformer_ids"], batch["qformer_mask"])
             b, t = frame_mask.nonzero(as_tuple=True)
-            flat[b, vid_col[b, t]] = video[b, t].to(flat.dtype)
-            is_video[b, vid_col[b, t]] = True
-        # question <evi> (no label): + the mean raw video token over their span
-        is_q = (ids == self.token_id[EVI]) & (batch["labels"] == IGNORE if "labels" in batch else real)
+            flat[b, lay.vid_col[b, t]] = video[b, t].to(flat.dtype)
+            is_video[b, lay.vid_col[b, t]] = True
+        is_q = (ids == self.token_id[EVI]) & (batch["labels"] == IGNORE if "labels" in batch else lay.real)
         q_pos, q_mask = _positions(is_q)
         qspans = batch.get("question_spans")
         if q_mask.any():
             if qspans is None or qspans.shape[1] != q_pos.shape[1] or not (q_mask == (qspans[..., 0] >= 0)).all():
                 raise ValueError("question_spans must give one span per question <evi> token")
             add = evidence.pool_evidence(video, qspans.clamp(min=0)) * q_mask[..., None]
-            flat = flat.index_put((torch.arange(B, device=dev)[:, None].expand_as(q_pos), _gather_idx(col, q_pos)),
+            flat = flat.index_put((torch.arange(B, device=dev)[:, None].expand_as(q_pos), _gather_idx(lay.col, q_pos)),
                                   add.to(flat.dtype), accumulate=True)
-        pre_mask = torch.arange(P, device=dev)[None] >= (P - pre_len)[:, None]
-        suf_mask = torch.arange(S, device=dev)[None] < suf_len[:, None]
-        cache = DynamicCache(config=self.decoder.config)
-        ctx = dict(col=col, pre_mask=pre_mask, suf_mask=suf_mask, suffix=flat[:, P:], cache=cache,
-                   frame_mask=frame_mask, lengths=lengths, P=P)
-        pre_hs = self.run(flat[:, :P], pre_mask, cache, None, is_video) if P else [flat[:, :0]] * (self.cfg.llm_layers + 1)
-        ctx["pre_hs"] = pre_hs
-        vc = vid_col.clamp(0, max(P - 1, 0))
-        ctx["inject"] = _gather(pre_hs[self.cfg.inject_layer], vc) if T else flat.new_zeros(B, 0, flat.shape[-1])
-        ctx["frm"] = self.frm_head(_gather(pre_hs[self.cfg.match_layer], vc)) if T else ctx["inject"]
-        return ctx
+        return flat, is_video
 
-    def suffix_embeds(self, ctx, pos, mask, spans):
+    def suffix_embeds(self, pr: "Prompt", pos, mask, spans):
         """Suffix embeddings with the answer <evi> at `pos` (B, N) (positions in input_ids) raised by
         the mean of the layer-`inject_layer` video states over their spans (B, N, 2)."""
-        emb = ctx["suffix"]
+        emb = pr.suffix
         if not mask.any():
             return emb
-        add = evidence.pool_evidence(ctx["inject"], spans.clamp(min=0)) * mask[..., None]
+        add = evidence.pool_evidence(pr.inject, spans.clamp(min=0)) * mask[..., None]
         b = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
-        return emb.index_put((b, _gather_idx(ctx["col"], pos) - ctx["P"]), add.to(emb.dtype), accumulate=True)
+        return emb.index_put((b, _gather_idx(pr.col, pos) - pr.P), add.to(emb.dtype), accumulate=True)
 
     def run(self, emb, mask, cache, past_mask, is_video=None, branch=None):
         """The Phi-3 decoder on emb (B, N, D) whose real positions are `mask` (B, N), after the cached
@@ -358,6 +243,70 @@ class D2VLM(nn.Module):
         return out.hidden_states
 
 
+@dataclass
+class Layout:
+    """Where each input position goes. Per sample: [left pad | text before the video | T video
+    tokens] is the prefix (P columns), [text after the video | right pad] the suffix (S columns).
+    B samples, L input positions."""
+    col: torch.Tensor       # (B, L) long: the column of each input position (video placeholder -> last video token, pads -> 0)
+    vid_col: torch.Tensor   # (B, T) long: the column of each frame's video token
+    vpos: torch.Tensor      # (B,) long: position of the video placeholder, -1 without video
+    real: torch.Tensor      # (B, L) bool: not padding
+    lengths: torch.Tensor   # (B,) long: real input positions
+    pre_mask: torch.Tensor  # (B, P) bool: real prefix columns (left padded)
+    suf_mask: torch.Tensor  # (B, S) bool: real suffix columns (right padded)
+    P: int
+    S: int
+
+
+def layout(ids, attn, frame_mask, video_id: int) -> Layout:
+    """The prefix / suffix layout of right-padded input_ids (B, L) with attention_mask attn (B, L)
+    and frame_mask (B, T): each sample's video placeholder expands to its frames, the prefix is
+    left-aligned to end at column P - 1 (the last video token) for every sample."""
+    B, L = ids.shape
+    dev = ids.device
+    has_video = ids == video_id
+    if not (has_video.sum(1) == frame_mask.any(1).long()).all():
+        raise ValueError(f"each sample needs one {VIDEO} token if it has frames and none otherwise")
+    vpos = torch.where(has_video.any(1), has_video.long().argmax(1), -1)
+    n_frames, lengths = frame_mask.sum(1), attn.sum(1)
+    pre_len = vpos + n_frames + (vpos < 0).long()  # text before the video + the video (0 without)
+    suf_len = lengths - vpos - 1
+    P, S = int(pre_len.max()), int(suf_len.max())
+    ar = torch.arange(L, device=dev)[None]
+    col = torch.where(ar < vpos[:, None], P - pre_len[:, None] + ar, P + ar - vpos[:, None] - 1)
+    col = torch.where(ar == vpos[:, None], P - 1, col)
+    real = ar < lengths[:, None]
+    vid_col = (P - n_frames)[:, None] + torch.arange(frame_mask.shape[1], device=dev)[None]
+    return Layout(col=torch.where(real, col, 0), vid_col=vid_col, vpos=vpos, real=real, lengths=lengths,
+                  pre_mask=torch.arange(P, device=dev)[None] >= (P - pre_len)[:, None],
+                  suf_mask=torch.arange(S, device=dev)[None] < suf_len[:, None], P=P, S=S)
+
+
+@dataclass
+class Prompt:
+    """What D2VLM.encode_prompt computes once per batch, for forward and generate to go on from.
+    B samples, L input positions, P prefix / S suffix columns, T frames, D = llm_width."""
+    col: torch.Tensor          # (B, L) long: the column of each input position (Layout.col)
+    pre_mask: torch.Tensor     # (B, P) bool: real prefix columns
+    suf_mask: torch.Tensor     # (B, S) bool: real suffix columns
+    suffix: torch.Tensor       # (B, S, D): the suffix's input embeddings (question <evi> raised, answer <evi> not yet)
+    cache: DynamicCache        # the prefix's keys and values, every layer
+    pre_hs: tuple              # llm_layers + 1 tensors (B, P, D): the prefix's hidden states (embeddings first)
+    inject: torch.Tensor       # (B, T, D): layer-inject_layer video states (what an answer <evi> takes in)
+    frm: torch.Tensor          # (B, T, D): frm_head features of the layer-match_layer video states
+    frame_mask: torch.Tensor   # (B, T) bool
+    lengths: torch.Tensor      # (B,) long: real input positions
+    P: int
+
+
+def _to_suffix_columns(branch, pr: Prompt):
+    """Per-position branch labels (B, L) -> per suffix column (B, S). A packed pair's responses
+    (branches 1 and 2) lie wholly in the suffix; the prompt (0) needs no column there."""
+    b, t = (branch > 0).nonzero(as_tuple=True)
+    return torch.zeros_like(pr.suf_mask, dtype=torch.long).index_put((b, pr.col[b, t] - pr.P), branch[b, t])
+
+
 def _positions(mask):
     """(B, L) bool -> positions of the True entries (B, N) left-aligned, padded with 0, and their mask."""
     n = mask.sum(1)
@@ -374,82 +323,6 @@ def _gather(x, idx):
 
 def _gather_idx(col, pos):
     return col.gather(1, pos.clamp(min=0))
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-
-@torch.no_grad()
-def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             generator=None, use_cache: bool = True):
-    """Batched decoding from prompts (a collated batch without responses). Greedy at temperature 0,
-    else sampling (temperature, top_p). Each emitted <evi> gets the span chosen from its similarity
-    over the frames (evidence.select_interval), and its next input embedding is raised by the mean
-    layer-`inject_layer` video state over that span. Stops a sample at <|end|>.
-    use_cache=False recomputes the whole sequence at every step (a reference for tests).
-    Returns one dict per sample: text (each <evi> as "s - e" seconds), tokens, spans (seconds), and
-    probs: for each <evi>, sigmoid(similarity) over the sample's frames (what its span was chosen from)."""
-    cfg, tid = model.cfg, model.token_id
-    B = batch["input_ids"].shape[0]
-    ctx = model.encode_prompt(batch)
-    suffix, suf_mask = ctx["suffix"], ctx["suf_mask"]
-    hs = model.run(suffix, suf_mask, ctx["cache"], ctx["pre_mask"])
-    last = ctx["col"].gather(1, (ctx["lengths"] - 1)[:, None])[:, 0] - ctx["P"]
-    h_last = hs[-1][torch.arange(B), last]
-    m_last = hs[cfg.match_layer][torch.arange(B), last]
-    past = torch.cat([ctx["pre_mask"], suf_mask], 1)
-    done = torch.zeros(B, dtype=torch.bool, device=suffix.device)
-    tokens, spans, probs, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], []
-    n_frames = ctx["frame_mask"].sum(1).tolist()
-    pad = model.tokenizer.pad_token_id
-    for _ in range(max_new_tokens):
-        logits = model.lm_head(h_last).float()
-        tok = _choose(logits, temperature, top_p, generator)
-        tok = torch.where(done, pad, tok)
-        emb = model.decoder.embed_tokens(tok)
-        is_evi = (tok == tid[EVI]) & ~done
-        if is_evi.any():
-            sim = evidence.similarity(model.evi_head(m_last)[:, None], ctx["frm"])
-            span = evidence.select_interval(sim, cfg.select_ratio, ctx["frame_mask"])  # (B, 1, 2)
-            emb = emb + evidence.pool_evidence(ctx["inject"], span)[:, 0] * is_evi[:, None]
-            for i in is_evi.nonzero()[:, 0].tolist():
-                spans[i].append([v / cfg.fps for v in span[i, 0].tolist()])
-                probs[i].append(torch.sigmoid(sim[i, 0, :n_frames[i]].float()).tolist())
-        for i in (~done).nonzero()[:, 0].tolist():
-            tokens[i].append(int(tok[i]))
-        live = ~done
-        done = done | (tok == tid[END])
-        if done.all():
-            break
-        new_embs.append(emb)
-        if use_cache:
-            hs = model.run(emb[:, None], live[:, None], ctx["cache"], past)
-            past = torch.cat([past, live[:, None]], 1)
-            h_last, m_last = hs[-1][:, 0], hs[cfg.match_layer][:, 0]
-        else:  # recompute prefix and everything after it from scratch
-            ctx = model.encode_prompt(batch)
-            past = torch.cat([past, live[:, None]], 1)
-            gen_mask = past[:, ctx["P"] + suffix.shape[1]:]
-            hs = model.run(torch.cat([ctx["suffix"], torch.stack(new_embs, 1)], 1),
-                           torch.cat([suf_mask, gen_mask], 1), ctx["cache"], ctx["pre_mask"])
-            h_last, m_last = hs[-1][:, -1], hs[cfg.match_layer][:, -1]
-    out = []
-    for i in range(B):
-        toks = tokens[i][:-1] if tokens[i] and tokens[i][-1] == tid[END] else tokens[i]
-        raw = model.tokenizer.decode(toks, skip_special_tokens=False)
-        out.append({"text": render(raw, spans[i]), "tokens": tokens[i], "spans": spans[i], "probs": probs[i]})
-    return out
-
-
-def _choose(logits, temperature, top_p, generator):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1:
-        sp, si = probs.sort(-1, descending=True)
-        keep = sp.cumsum(-1) - sp < top_p
-        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,31 +353,18 @@ def llm_config(cfg, vocab, tok):
                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
 
 
-def build_model(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokenizer_dir=None) -> D2VLM:
-    """The D2VLM of `cfg`. vision_weights: a local InstructBLIP checkpoint directory (only its
-    vision_model.*, qformer.* and query_tokens tensors are read, shard by shard; the language model
-    in it is never loaded) with its qformer_tokenizer/. llm_weights: a local Phi-3 directory (model
-    and tokenizer). Without them the weights are random and the tokenizer is the in-code BPE (or the
-    one saved in tokenizer_dir). Nothing is fetched from the network."""
-    for p in (vision_weights, llm_weights, tokenizer_dir):
-        if p is not None and not Path(p).is_dir():
-            raise FileNotFoundError(f"{p}: weights directory not found")
-    if llm_weights is not None:
-        tok = AutoTokenizer.from_pretrained(llm_weights, local_files_only=True)
-    elif tokenizer_dir is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    else:
-        tok = build_tiny_tokenizer(cfg.tiny_vocab)
-    vision = InstructBlipVisionModel(vision_config(cfg))
-    qformer = InstructBlipQFormerModel(qformer_config(cfg))
-    qtok = tok
-    if vision_weights is not None:
-        qtok = AutoTokenizer.from_pretrained(Path(vision_weights) / "qformer_tokenizer", local_files_only=True)
+def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=None) -> D2VLM:
+    """The D2VLM of `cfg` with random weights, or around a pretrained `llm` (a Phi3ForCausalLM).
+    tokenizer: the LLM's (default: the in-code BPE, build_tiny_tokenizer); <video>, <evi>, </evi>
+    are added to it. qformer_tokenizer: the Q-Former's (default: the LLM's). Loading weights from
+    directories is checkpoint.py's job (checkpoint.from_weights, checkpoint.from_checkpoint)."""
+    tok = tokenizer if tokenizer is not None else build_tiny_tokenizer(cfg.tiny_vocab)
+    qtok = qformer_tokenizer if qformer_tokenizer is not None else tok
     if len(qtok) > cfg.qformer_vocab:
         raise ValueError(f"the Q-Former tokenizer has {len(qtok)} tokens, more than qformer_vocab={cfg.qformer_vocab}")
-    if llm_weights is not None:
-        llm = Phi3ForCausalLM.from_pretrained(llm_weights, local_files_only=True, dtype=torch.float32)
-    else:
+    vision = InstructBlipVisionModel(vision_config(cfg))
+    qformer = InstructBlipQFormerModel(qformer_config(cfg))
+    if llm is None:
         llm = Phi3ForCausalLM(llm_config(cfg, max(cfg.llm_vocab, len(tok)), tok))
     add_special_tokens(tok)
     if len(tok) > llm.get_input_embeddings().weight.shape[0]:
@@ -513,8 +373,6 @@ def build_model(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeniz
     llm = get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                          target_modules=list(cfg.lora_targets)))
     model = D2VLM(cfg, vision, qformer, llm, tok, qtok)
-    if vision_weights is not None:
-        load_instructblip(model, vision_weights)
     # what trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention,
     # query tokens, aggregator. The ViT is frozen. cfg.train_base: everything trains.
     for n, p in model.named_parameters():
@@ -522,100 +380,3 @@ def build_model(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeniz
                            or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
                            or n.endswith(("embed_tokens.weight", "lm_head.weight")))
     return model
-
-
-def load_instructblip(model: D2VLM, directory) -> None:
-    """Copy vision_model.*, qformer.*, query_tokens from the safetensors shards of an InstructBLIP
-    checkpoint directory into `model`, reading only the shards that hold them."""
-    from safetensors import safe_open
-    d = Path(directory)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        wmap = json.loads(index.read_text())["weight_map"]
-        shards = sorted({f for k, f in wmap.items() if k.startswith(("vision_model.", "qformer.", "query_tokens"))})
-    elif (d / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
-    vis, qf, qt = {}, {}, None
-    for shard in shards:
-        with safe_open(str(d / shard), framework="pt") as f:
-            for k in f.keys():
-                if k.startswith("vision_model."):
-                    vis[k[len("vision_model."):]] = f.get_tensor(k)
-                elif k.startswith("qformer."):
-                    qf[k[len("qformer."):]] = f.get_tensor(k)
-                elif k == "query_tokens":
-                    qt = f.get_tensor(k)
-    if qt is None or not vis or not qf:
-        raise ValueError(f"{d}: missing vision_model.*, qformer.* or query_tokens tensors")
-    model.vision.load_state_dict(vis, strict=True)
-    model.qformer.load_state_dict(qf, strict=True)
-    with torch.no_grad():
-        model.query_tokens.copy_(qt)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading weights
-
-WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
-ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
-
-
-def save_weights(model: D2VLM, directory, full: bool) -> None:
-    """Write model weights into `directory` (which must exist): the LoRA adapter as a peft
-    directory, the other trainable tensors (all non-LoRA tensors when `full`: a model built without
-    weight directories has random frozen parts that must travel with it) as safetensors, the config
-    and the tokenizer."""
-    from safetensors.torch import save_file
-    d = Path(directory)
-    model.llm.save_pretrained(d / ADAPTER, save_embedding_layers=False)
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()
-               if "lora_" not in n and (full or p.requires_grad)}
-    save_file(tensors, str(d / WEIGHTS), metadata={"full": str(full)})
-    (d / "config.json").write_text(model.cfg.to_json())
-    model.tokenizer.save_pretrained(d / "tokenizer")
-
-
-def load_weights(model: D2VLM, directory) -> None:
-    """Load what save_weights wrote into a model built with the same config (and the same weight
-    directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
-    from peft import set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    d = Path(directory)
-    for f in (d / WEIGHTS, d / ADAPTER / "adapter_model.safetensors"):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: checkpoint file not found")
-    params = dict(model.named_parameters())
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        with torch.no_grad():
-            for k in f.keys():
-                if k not in params:
-                    raise ValueError(f"{d / WEIGHTS}: tensor {k} does not exist in this model")
-                t = f.get_tensor(k)
-                if t.shape != params[k].shape:
-                    raise ValueError(f"{d / WEIGHTS}: tensor {k} has shape {tuple(t.shape)}, "
-                                     f"the model expects {tuple(params[k].shape)}")
-                params[k].copy_(t)
-    res = set_peft_model_state_dict(model.llm, load_file(str(d / ADAPTER / "adapter_model.safetensors")))
-    if res.unexpected_keys:
-        raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
-
-
-def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None) -> D2VLM:
-    """The model saved in a checkpoint directory (config.json, tokenizer/, weights). A checkpoint
-    that is not full also needs the weight directories the run was built from. `cfg` replaces the
-    saved config (same architecture, other training settings: FPO after SFT)."""
-    from safetensors import safe_open
-    d = Path(directory)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: not a checkpoint directory (no config.json)")
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        full = f.metadata().get("full") == "True"
-    if not full and (vision_weights is None or llm_weights is None):
-        raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
-    cfg = cfg or D2VLMConfig.from_json((d / "config.json").read_text())
-    m = build_model(cfg, vision_weights, llm_weights, tokenizer_dir=d / "tokenizer")
-    load_weights(m, d)
-    return m

@@ -34,8 +34,6 @@ import numpy as np
 import data
 from data import EVI, EVI_END
 
-KINDS = ("shift", "insert", "delete", "merge", "tamper", "repeat")
-TEMPORAL = ("shift", "insert", "delete", "merge")
 MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
 SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...
 MIN_SHIFT = 2.0         # ... but at least this many seconds
@@ -78,8 +76,7 @@ def _assemble(head, units, seps, tail, mode):
         last = seps[-1] if seps else ", "
         seps = [seps[0] if seps else ", "] * max(len(units) - 2, 0) + ([last] if len(units) > 1 else [])
     body = head + "".join(u + s for u, s in zip(units, seps + [""])) + tail
-    n = body.count(EVI)
-    return EVI * n + EVI_END + body, n
+    return EVI * body.count(EVI) + EVI_END + body
 
 
 def _rejected(response, spans, evi_spans=None):
@@ -90,81 +87,84 @@ def _rejected(response, spans, evi_spans=None):
 # ---------------------------------------------------------------------------------------------
 # Perturbations
 
-def perturb(record, kind, rng, vocab=None, borrowed=()):
-    """The rejected response for `record` (data.to_evidence output) made by `kind`, or None if the
-    kind does not apply. vocab: {class: [words]} for `tamper` (default KEY_WORDS); borrowed: answer
-    lines of other records (one <evi> each) for `insert` into dense captions.
-    Returns {"response", "spans" (the K events, seconds), "evi_spans" (one span per <evi>, stage 1
-    then stage 2; differs from spans * 2 only for `repeat`)}."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown perturbation {kind!r}; expected one of {KINDS}")
-    resp, spans, dur = record["response"], [list(s) for s in record["spans"]], float(record["duration"])
+def _shift(record, rng, vocab, borrowed):
+    """Move one span by +-(0.3-1.0) x its length, at least MIN_SHIFT seconds, inside the video."""
+    spans, dur = [list(x) for x in record["spans"]], float(record["duration"])
+    if not spans:
+        return None
+    k = int(rng.integers(len(spans)))
+    s, e = spans[k]
+    length = e - s
+    d = max(MIN_SHIFT, rng.uniform(*SHIFT) * length)
+    for sign in rng.permutation([-1, 1]):
+        ns = min(max(s + sign * d, 0.0), max(dur - length, 0.0))
+        if abs(ns - s) >= MIN_SHIFT / 2:  # clamping at the video's ends may eat part of the shift
+            spans[k] = [ns, ns + length]
+            return _rejected(record["response"], spans)
+    return None
+
+
+def _insert(record, rng, vocab, borrowed):
+    """A spurious event in a gap between the events (multi-event tasks): one more <evi> in a list,
+    or a line borrowed from another record in dense captions."""
+    spans, dur = [list(x) for x in record["spans"]], float(record["duration"])
+    mode, head, units, seps, tail = _units(record["response"])
+    if mode is None or record["task"] not in MULTI_EVENT_TASKS or not spans:
+        return None
+    length = float(np.clip(np.mean([e - s for s, e in spans]), *INSERT_LEN))
+    edges = sorted(spans)
+    gaps = [(a, b) for a, b in zip([0.0] + [e for _, e in edges], [s for s, _ in edges] + [dur]) if b - a > length + 1]
+    if not gaps:
+        return None
+    a, b = gaps[int(rng.integers(len(gaps)))]
+    ns = round(float(rng.uniform(a + 0.5, b - 0.5 - length)), 1)
+    at = sum(s < ns for s, _ in spans)  # keep the events in time order
+    if mode == "lines":
+        if not borrowed:
+            return None
+        units.insert(at, borrowed[int(rng.integers(len(borrowed)))])
+        seps = ["\n"] * (len(units) - 1)
+    else:
+        units.insert(at, EVI)
+    spans.insert(at, [ns, ns + length])
+    return _rejected(_assemble(head, units, seps, tail, mode), spans)
+
+
+def _drop(record, rng, merge: bool):
+    """Delete one event, or merge two neighbours into one span with the first one's words (K >= 2)."""
+    spans = [list(x) for x in record["spans"]]
     K = len(spans)
-    mode, head, units, seps, tail = _units(resp)
-    if kind == "shift":
-        if K == 0:
-            return None
-        k = int(rng.integers(K))
-        s, e = spans[k]
-        length = e - s
-        d = max(MIN_SHIFT, rng.uniform(*SHIFT) * length)
-        for sign in rng.permutation([-1, 1]):
-            ns = min(max(s + sign * d, 0.0), max(dur - length, 0.0))
-            if abs(ns - s) >= MIN_SHIFT / 2:  # clamping at the video's ends may eat part of the shift
-                spans[k] = [ns, ns + length]
-                return _rejected(resp, spans)
+    mode, head, units, seps, tail = _units(record["response"])
+    if mode is None or K < 2 or len(units) != K:
         return None
-    if kind in ("insert", "delete", "merge") and mode is None:
+    k = int(rng.integers(K - 1 if merge else K))
+    if merge:  # events k and k+1 become one span with event k's words
+        spans[k] = [min(spans[k][0], spans[k + 1][0]), max(spans[k][1], spans[k + 1][1])]
+        k += 1
+    del units[k], spans[k]
+    seps = seps[:-1] if mode == "lines" else (seps[1:] if k == 0 else seps[:k - 1] + seps[k:])
+    return _rejected(_assemble(head, units, seps, tail, mode), spans)
+
+
+def _tamper(record, rng, vocab, borrowed):
+    """Swap one key word of the answer (colour, object, action, ...) for another of its class."""
+    stage1, answer = record["response"].split(EVI_END, 1)
+    cls_of = {w: c for c, ws in vocab.items() if len(ws) > 1 for w in ws}
+    hits = [m for m in re.finditer(r"[A-Za-z]+", answer) if m.group().lower() in cls_of]
+    if not hits:
         return None
-    if kind == "insert":
-        if record["task"] not in MULTI_EVENT_TASKS or K == 0:
-            return None
-        length = float(np.clip(np.mean([e - s for s, e in spans]), *INSERT_LEN))
-        edges = sorted(spans)
-        gaps = [(a, b) for a, b in zip([0.0] + [e for _, e in edges], [s for s, _ in edges] + [dur]) if b - a > length + 1]
-        if not gaps:
-            return None
-        a, b = gaps[int(rng.integers(len(gaps)))]
-        ns = round(float(rng.uniform(a + 0.5, b - 0.5 - length)), 1)
-        new = [ns, ns + length]
-        at = sum(s < ns for s, _ in spans)  # keep the events in time order
-        if mode == "lines":
-            if not borrowed:
-                return None
-            unit = borrowed[int(rng.integers(len(borrowed)))]
-            units.insert(at, unit)
-            seps = ["\n"] * (len(units) - 1)
-        else:
-            units.insert(at, EVI)
-        spans.insert(at, new)
-        r, _ = _assemble(head, units, seps, tail, mode)
-        return _rejected(r, spans)
-    if kind in ("delete", "merge"):
-        if K < 2 or len(units) != K:
-            return None
-        k = int(rng.integers(K - 1 if kind == "merge" else K))
-        if kind == "merge":  # events k and k+1 become one span with event k's words
-            spans[k] = [min(spans[k][0], spans[k + 1][0]), max(spans[k][1], spans[k + 1][1])]
-            k += 1
-        del units[k], spans[k]
-        seps = seps[:-1] if mode == "lines" else (seps[1:] if k == 0 else seps[:k - 1] + seps[k:])
-        r, _ = _assemble(head, units, seps, tail, mode)
-        return _rejected(r, spans)
-    if kind == "tamper":
-        vocab = vocab or KEY_WORDS
-        stage1, answer = resp.split(EVI_END, 1)
-        cls_of = {w: c for c, ws in vocab.items() if len(ws) > 1 for w in ws}
-        hits = [m for m in re.finditer(r"[A-Za-z]+", answer) if m.group().lower() in cls_of]
-        if not hits:
-            return None
-        m = hits[int(rng.integers(len(hits)))]
-        word = m.group()
-        options = [w for w in vocab[cls_of[word.lower()]] if w != word.lower()]
-        new = options[int(rng.integers(len(options)))]
-        new = new.capitalize() if word[0].isupper() else new
-        return _rejected(stage1 + EVI_END + answer[:m.start()] + new + answer[m.end():], spans)
-    # repeat: one line (or, in a one-line answer, one sentence) is said twice
-    stage1, answer = resp.split(EVI_END, 1)
+    m = hits[int(rng.integers(len(hits)))]
+    word = m.group()
+    options = [w for w in vocab[cls_of[word.lower()]] if w != word.lower()]
+    new = options[int(rng.integers(len(options)))]
+    new = new.capitalize() if word[0].isupper() else new
+    return _rejected(stage1 + EVI_END + answer[:m.start()] + new + answer[m.end():], record["spans"])
+
+
+def _repeat(record, rng, vocab, borrowed):
+    """Say one line (or, in a one-line answer, one sentence) twice."""
+    spans = [list(x) for x in record["spans"]]
+    stage1, answer = record["response"].split(EVI_END, 1)
     lines = answer.split("\n")
     if len(lines) > 1:
         k = int(rng.integers(len(lines)))
@@ -178,9 +178,28 @@ def perturb(record, kind, rng, vocab=None, borrowed=()):
     # the repeated piece refers to the same events again: one more stage-2 <evi> per <evi> in it
     before = sum(p.count(EVI) for p in parts[:k + 1])
     again = list(range(before - parts[k].count(EVI), before))
-    stage2 = list(range(K))
+    stage2 = list(range(len(spans)))
     stage2 = stage2[:before] + again + stage2[before:]
-    return _rejected(stage1 + EVI_END + joiner.join(parts), spans, [spans[i] for i in range(K)] + [spans[i] for i in stage2])
+    return _rejected(stage1 + EVI_END + joiner.join(parts), spans, spans + [spans[i] for i in stage2])
+
+
+# kind -> f(record, rng, vocab, borrowed) -> the rejected response, or None where it does not apply
+PERTURBATIONS = {"shift": _shift, "insert": _insert,
+                 "delete": lambda record, rng, vocab, borrowed: _drop(record, rng, merge=False),
+                 "merge": lambda record, rng, vocab, borrowed: _drop(record, rng, merge=True),
+                 "tamper": _tamper, "repeat": _repeat}
+KINDS = tuple(PERTURBATIONS)
+
+
+def perturb(record, kind, rng, vocab=None, borrowed=()):
+    """The rejected response for `record` (data.to_evidence output) made by `kind`, or None if the
+    kind does not apply. vocab: {class: [words]} for `tamper` (default KEY_WORDS); borrowed: answer
+    lines of other records (one <evi> each) for `insert` into dense captions.
+    Returns {"response", "spans" (the K events, seconds), "evi_spans" (one span per <evi>, stage 1
+    then stage 2; differs from spans * 2 only for `repeat`)}."""
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {KINDS}")
+    return PERTURBATIONS[kind](record, rng, vocab or KEY_WORDS, borrowed)
 
 
 # ---------------------------------------------------------------------------------------------

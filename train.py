@@ -15,11 +15,9 @@ in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the o
 
 DDP comes from torchrun's environment (gloo on CPU, NCCL on CUDA; multi-node through torchrun's own
 flags). Checkpoints go to runs/<name>/<stage>/step_NNNNNN/ (written under a temporary name, then
-renamed; the last --keep are kept) and hold: adapter/ (the LoRA adapter, a peft directory),
-model.safetensors (the other trained tensors), config.json, tokenizer/ and trainer_state.pt (step,
-data position, RNG states, optimizer; loadable with torch.load(weights_only=True)). --resume picks
-up the newest one and continues exactly as if the run had not stopped. A JSONL log of every logged
-step lands in runs/<name>/<stage>/log.jsonl.
+renamed; the last --keep are kept; what they hold: checkpoint.py). --resume picks up the newest one
+and continues exactly as if the run had not stopped. A JSONL log of every logged step lands in
+runs/<name>/<stage>/log.jsonl.
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -42,20 +39,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import checkpoint as ckpt
 import data
+import event_videos
 import fpo
 import losses
-import model as modeling
 import synth
+from config import PRESETS
 
-SYNTHETIC = Path("data/synthetic")
-STATE = "trainer_state.pt"
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
     ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
-    ap.add_argument("--preset", choices=sorted(modeling.PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="override D2VLMConfig fields, e.g. --set w_cons=0 lr_lora=1e-4 batch_size=8")
     ap.add_argument("--data", help="annotation file (E.T.Instruct-164K txt/vid or the synthetic train.json); "
@@ -69,8 +67,8 @@ def get_args(argv=None):
                     help="fpo reference: none (as released) or the SFT model (log-probs computed once, before step 1)")
     ap.add_argument("--beta", type=float, help="fpo: the DPO temperature (default cfg.beta = 0.1)")
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: stop or skip and count")
-    ap.add_argument("--name", default="default", help="run name: checkpoints and log under runs/<name>/<stage>")
-    ap.add_argument("--out", default="runs")
+    ap.add_argument("--name", default=ckpt.DEFAULT_NAME, help="run name: checkpoints and log under runs/<name>/<stage>")
+    ap.add_argument("--out", default=ckpt.RUNS)
     ap.add_argument("--max-steps", type=int, help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
     ap.add_argument("--stop-after", type=int, help="save and exit after this step, as if interrupted (--resume goes on)")
     ap.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint of the run, or from DIR")
@@ -79,7 +77,7 @@ def get_args(argv=None):
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--workers", type=int, help="data-loading processes per rank")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
+    ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"], help="accelerator peak for MFU (H100 bf16 dense)")
     return ap.parse_args(argv)
 
 
@@ -131,16 +129,15 @@ def train_flops(model, llm_tokens, frames, qformer_tokens):
     a frozen ViT runs forward only (2 per weight per patch), a trained one (train_base) 6. llm_tokens: LLM positions (video tokens
     included); frames; qformer_tokens: Q-Former positions (queries + instruction, per frame).
     Attention scores are left out."""
-    raw = model.module if isinstance(model, DDP) else model
     def count(mod, trained):
         return sum(p.numel() for n, p in mod.named_parameters() if p.requires_grad == trained and "embed_tokens" not in n)
-    cfg = raw.cfg
+    cfg = model.cfg
     patches = (cfg.image_size // cfg.patch_size) ** 2 + 1
-    llm = 4 * count(raw.llm, False) + 6 * count(raw.llm, True)
-    heads = 6 * sum(p.numel() for m in (raw.frm_head, raw.evi_head) for p in m.parameters())
-    qformer = (4 * count(raw.qformer, False) + 6 * count(raw.qformer, True)
-               + 6 * sum(p.numel() for p in raw.aggregator.parameters()))
-    vit = 2 * count(raw.vision, False) + 6 * count(raw.vision, True)
+    llm = 4 * count(model.llm, False) + 6 * count(model.llm, True)
+    heads = 6 * sum(p.numel() for m in (model.frm_head, model.evi_head) for p in m.parameters())
+    qformer = (4 * count(model.qformer, False) + 6 * count(model.qformer, True)
+               + 6 * sum(p.numel() for p in model.aggregator.parameters()))
+    vit = 2 * count(model.vision, False) + 6 * count(model.vision, True)
     return (llm + heads) * llm_tokens + qformer * qformer_tokens + vit * patches * frames
 
 
@@ -163,47 +160,6 @@ def param_digest(model):
     return h.hexdigest()
 
 
-def checkpoints(run_dir):
-    return sorted(Path(run_dir).glob("step_[0-9]*"))
-
-
-def save_checkpoint(run_dir, step, model, opt, state, full, keep):
-    """runs/<name>/<stage>/step_NNNNNN, written as .step_NNNNNN.tmp and renamed; keeps the last `keep`."""
-    final = Path(run_dir) / f"step_{step:06d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    modeling.save_weights(model, tmp, full)
-    torch.save({**state, "step": step, "optimizer": opt.state_dict()}, tmp / STATE)
-    if final.exists():  # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-@torch.no_grad()
-def reference_logprobs(model, ds, collate, cfg, rank, world, device, autocast):
-    """The log-prob factors of every pair under `model` (the SFT model FPO starts from), no dropout:
-    (len(ds), 4) [chosen text, chosen grounding, rejected text, rejected grounding]. Each rank
-    computes every world-th pair, then the ranks sum their tables."""
-    was = model.training
-    model.eval()
-    table = torch.zeros(len(ds), 4, dtype=torch.float64, device=device)
-    mine = list(range(rank, len(ds), world))
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate([ds[j] for j in mine[i:i + cfg.batch_size]]).items()}
-        with autocast:
-            out = model(batch)
-        c, r = fpo.policy_logprobs(out, batch, cfg.alpha)
-        table[batch["index"]] = torch.stack([c["text"], c["grounding"], r["text"], r["grounding"]], 1).double()
-    if world > 1:
-        dist.all_reduce(table)
-    model.train(was)
-    return table
-
-
 def gather(obj, world):
     """obj from every rank, in rank order."""
     if world == 1:
@@ -217,9 +173,11 @@ def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # ---- distributed setup from torchrun's environment
+
+
+def setup_distributed():
+    """DDP from torchrun's environment (gloo on CPU, NCCL on CUDA); one process without it.
+    Returns (ddp, rank, world size, local rank, device)."""
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
@@ -231,88 +189,100 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    master = rank == 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    # ---- the starting point: the preset (sft) or the newest SFT checkpoint of the run (fpo)
+    return ddp, rank, world, local, device
+
+
+def starting_point(args, run_dir):
+    """(cfg, init, resume): the config this run trains with (the preset, or for FPO the SFT
+    checkpoint's, with --set on top); the SFT checkpoint FPO starts from (None for SFT); the
+    checkpoint --resume continues (None for a fresh run), which must have run with the same config."""
     init = None
     if args.stage == "fpo":
-        found = [Path(args.init)] if args.init else checkpoints(Path(args.out) / args.name / "sft")
-        if not found or not (found[-1] / "config.json").is_file():
+        found = [Path(args.init)] if args.init else ckpt.checkpoints(Path(args.out) / args.name / "sft")
+        if not found or not (found[-1] / ckpt.CONFIG).is_file():
             raise SystemExit(f"fpo starts from an SFT checkpoint: none in {args.init or Path(args.out) / args.name / 'sft'} "
                              "(run `torchrun train.py --stage sft` first, or give --init DIR)")
         init = found[-1]
-        base = modeling.D2VLMConfig.from_json((init / "config.json").read_text())
+        base = ckpt.read_config(init)
     else:
-        base = modeling.PRESETS[args.preset]
+        base = PRESETS[args.preset]
     cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
-    run_dir = Path(args.out) / args.name / args.stage
-    if not args.resume and checkpoints(run_dir):  # never write over another run's checkpoints
-        raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        if ckpt.checkpoints(run_dir):  # never write over another run's checkpoints
+            raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
+        return cfg, init, None
+    found = ckpt.checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
+    if not found or not (found[-1] / ckpt.STATE).is_file():
+        raise SystemExit(f"--resume: no checkpoint in {run_dir if args.resume == 'latest' else args.resume}")
+    resume = found[-1]
+    saved = ckpt.read_config(resume)
+    differ = [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
+              if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)]
+    if differ:
+        raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
+    return cfg, init, resume
 
-    # ---- data
+
+def resolve_data(args, master, ddp):
+    """--data / --videos, defaulting to the synthetic set (generated by rank 0 on first use)."""
     if args.data is None:
         if master:
-            data.ensure_synthetic(SYNTHETIC)
+            event_videos.ensure_synthetic(event_videos.SYNTHETIC)
         if ddp:
             dist.barrier()
-        args.data, args.videos = str(SYNTHETIC / "train.json"), args.videos or str(SYNTHETIC / "videos")
+        args.data, args.videos = str(event_videos.SYNTHETIC / "train.json"), args.videos or str(event_videos.SYNTHETIC / "videos")
     if args.videos is None:
         raise SystemExit("--videos is required with --data (the folder the records' `video` paths are relative to)")
 
-    # ---- model, optimizer, (resume)
-    resume = None
-    if args.resume:
-        found = checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
-        if not found or not (found[-1] / STATE).is_file():
-            raise SystemExit(f"--resume: no checkpoint in {run_dir if args.resume == 'latest' else args.resume}")
-        resume = found[-1]
-        saved = modeling.D2VLMConfig.from_json((resume / "config.json").read_text())
-        differ = [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
-                  if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)]
-        if differ:
-            raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if init is not None:
-        model = modeling.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg).to(device)
-    else:
-        model = modeling.build_model(cfg, args.vision_weights, args.llm_weights,
-                                     tokenizer_dir=resume / "tokenizer" if resume else None).to(device)
-    full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
-    torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
-    opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
+
+def training_data(args, cfg, tokenizer, run_dir, master):
+    """The stage's dataset: the records of --data (SFT), or preference pairs (FPO), read from --pairs
+    or made from --data with the run's seed (the same on every rank; written to run_dir/pairs.json)."""
     records = args.data
     if args.stage == "fpo" and args.pairs:
         records = synth.load_pairs(args.pairs, cfg.fps)
-    elif args.stage == "fpo":  # the same seed on every rank: the same pairs
-        raw_records = data.load_records(args.data, args.on_error)
-        records = synth.make_pairs([data.to_evidence(r, cfg.fps) for r in raw_records], args.seed)
+    elif args.stage == "fpo":
+        raw = data.load_records(args.data, args.on_error)
+        records = synth.make_pairs([data.to_evidence(r, cfg.fps) for r in raw], args.seed)
         if master:
             synth.save_pairs(records, run_dir / "pairs.json")
-            print(f"fpo: {len(records)} pairs from {len(raw_records)} records ("
+            print(f"fpo: {len(records)} pairs from {len(raw)} records ("
                   + ", ".join(f"{k} {records.counts.get(k, 0)}" for k in synth.KINDS)
                   + f"), no kind applies to {records.unusable}; written to {run_dir / 'pairs.json'}", file=sys.stderr)
-    ds = data.VideoDataset(records, args.videos, model.tokenizer, cfg, on_error=args.on_error)
+    ds = data.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
         raise SystemExit(f"{args.data}: no usable records")
+    return ds
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, world, local, device = setup_distributed()
+    cuda, master = device.type == "cuda", rank == 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    run_dir = Path(args.out) / args.name / args.stage
+    cfg, init, resume = starting_point(args, run_dir)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    resolve_data(args, master, ddp)
+
+    # ---- model, optimizer, data, schedule
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if init is not None:
+        model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg).to(device)
+    else:
+        model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights,
+                                  tokenizer_dir=resume / ckpt.TOKENIZER if resume else None).to(device)
+    full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
+    torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
+    opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
+    ds = training_data(args, cfg, model.tokenizer, run_dir, master)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
-    total = args.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    step, epoch, micro = 0, 0, 0
-    if resume is not None:
-        st = torch.load(resume / STATE, weights_only=True)
-        for k, v in (("world_size", world), ("total", total), ("seed", args.seed), ("ref", args.ref)):
-            if st[k] != v:
-                raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
-        modeling.load_weights(model, resume)
-        opt.load_state_dict(st["optimizer"])
-        step, epoch, micro = st["step"], st["epoch"], st["micro"]
-        torch.set_rng_state(st["rng"][rank]["cpu"])
-        if cuda:
-            torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
+    total = args.max_steps or max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
+    st = restore(resume, model, opt, rank, device, world_size=world, total=total, seed=args.seed, ref=args.ref)
+    step, epoch, micro = (st["step"], st["epoch"], st["micro"]) if resume else (0, 0, 0)
     raw = model
     if ddp:
         model = DDP(model, device_ids=[local] if cuda else None)
@@ -324,24 +294,11 @@ def main(argv=None):
         ref = None
         if args.ref == "sft":  # the starting model's log-probs, computed once (and kept in the checkpoints)
             ref = (st["ref_logprobs"].to(device) if resume
-                   else reference_logprobs(raw, ds, collate, cfg, rank, world, device, autocast))
+                   else fpo.reference_logprobs(raw, ds, collate, cfg, rank, world, device, autocast))
         objective = partial(fpo.objective, cfg=cfg, ref=ref)
         keys += fpo.METRICS
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) // world - 1))
-
-    def batches(epoch, micro):
-        """Micro-batches from (epoch, micro) on; the sampler order is a function of (seed, epoch)."""
-        while True:
-            sampler.set_epoch(epoch)
-            order = list(sampler)[micro * cfg.batch_size:]
-            # own generator: creating the loader must not draw from the global RNG (exact resume)
-            loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=order, collate_fn=collate, num_workers=workers,
-                                generator=torch.Generator(), pin_memory=cuda)
-            for b in loader:
-                yield b
-            epoch, micro = epoch + 1, 0
-
-    stream = batches(epoch, micro)
+    stream = micro_batches(ds, sampler, cfg.batch_size, collate, workers, cuda, epoch, micro)
     if master:
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {len(ds)} samples ({ds.skipped['too_long']} too long, {ds.skipped['invalid']} invalid, "
@@ -352,7 +309,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=not master, desc=args.stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     t_start = t_log = time.time()
-    first_step, n_acc, saved_to = step, 0, resume
+    first_step, n_acc, saved_to, last = step, 0, resume, None
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
     model.train(args.stage == "sft")  # no dropout in FPO (as TRL's DPO): policy and reference see the same net
@@ -363,40 +320,33 @@ def main(argv=None):
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
         for i in range(k):
             batch = {n: t.to(device, non_blocking=True) for n, t in next(stream).items()}
-            sync = ddp and i < k - 1
-            with model.no_sync() if sync else nullcontext(), autocast:
-                out = model(batch)
-                terms = objective(out, batch)
+            with model.no_sync() if ddp and i < k - 1 else nullcontext(), autocast:
+                terms = objective(model(batch), batch)
             (terms["loss"] / k).backward()
             stats += torch.stack([terms[t].detach().double() for t in keys]) / k
             work += batch_work(batch, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step, micro = step + 1, micro + k
+        step, micro, n_acc = step + 1, micro + k, n_acc + 1
         if micro == micro_per_epoch:
             epoch, micro = epoch + 1, 0
-        n_acc += 1
         bar.update(1)
         stop = args.stop_after is not None and step >= args.stop_after
 
-        # ---- log (the figures are means over the ranks and the steps since the last log)
+        # ---- log: means over the ranks and the steps since the last log
         if step % args.log_every == 0 or step == total or stop:
             if ddp:
                 dist.all_reduce(stats)
                 dist.all_reduce(work)
-            n, dt = n_acc, time.time() - t_log
-            rec = {"step": step, "epoch": epoch, **{t: round(float(v) / (n * world), 5) for t, v in zip(keys, stats)},
-                   "grad_norm": round(float(grad_norm), 4), "lr_lora": opt.param_groups[0]["lr"],
-                   "lr_other": opt.param_groups[1]["lr"], "samples_per_s": round(float(work[0]) / dt, 2),
-                   "tokens_per_s": round(float(work[1]) / dt, 1), "s_per_step": round(dt / n, 4)}
-            if cuda:
-                rec["mfu"] = round(train_flops(model, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world), 4)
+            dt = time.time() - t_log
+            mfu = train_flops(raw, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world) if cuda else None
+            last = log_row(step, epoch, keys, stats / (n_acc * world), work, dt, n_acc, grad_norm, opt, mfu)
             if master:
-                log.write(json.dumps(rec) + "\n")
+                log.write(json.dumps(last) + "\n")
                 log.flush()
-                bar.set_postfix({t: rec[t] for t in ("loss", "gnd", "sft", "rewards/accuracies") if t in rec})
-            last, n_acc, t_log = rec, 0, time.time()
+                bar.set_postfix({t: last[t] for t in ("loss", "gnd", "sft", "rewards/accuracies") if t in last})
+            n_acc, t_log = 0, time.time()
             stats.zero_()
             work.zero_()
 
@@ -408,7 +358,8 @@ def main(argv=None):
                          "seed": args.seed, "ref": args.ref, "stage": args.stage}
                 if args.stage == "fpo" and args.ref == "sft":
                     state["ref_logprobs"] = ref.cpu()
-                saved_to = save_checkpoint(run_dir, step, raw, opt, state, full, args.keep)
+                saved_to = ckpt.save_checkpoint(run_dir, step, raw, {**state, "step": step, "optimizer": opt.state_dict()},
+                                                full, args.keep)
             if ddp:
                 dist.barrier()
         if stop:
@@ -418,23 +369,66 @@ def main(argv=None):
     # ---- summary: every rank's trained weights must be bit-identical
     digests = gather(param_digest(raw), world)
     if master:
-        wall = time.time() - t_start
-        done = step - first_step
-        summary = {"summary": True, "stage": args.stage, "steps": step, "wall_s": round(wall, 1),
-                   "s_per_step": round(wall / max(done, 1), 4), "final": last if done else None,
-                   "checkpoint": str(saved_to), "rank_digests": digests}
-        log.write(json.dumps(summary) + "\n")
-        log.close()
-        fin = (f"loss {last['loss']:.4f} (sft {last['sft']:.4f}, gnd {last['gnd']:.4f}, cons {last['cons']:.4f}"
-               + (f", fpo {last['fpo']:.4f}, reward accuracy {last['rewards/accuracies']:.3f}" if "fpo" in last else "")
-               + ")" if done else "no steps run")
-        print(f"{args.stage}: {done} steps to step {step}/{total} in {wall:.1f} s ({wall / max(done, 1):.3f} s/step), "
-              f"{fin}; checkpoint {summary['checkpoint']}", file=sys.stderr)
+        summarize(log, args.stage, step, total, step - first_step, time.time() - t_start, last, saved_to, digests)
     if ddp:
         dist.barrier()  # let every rank finish its part before the group goes away
         dist.destroy_process_group()
     if len(set(digests)) > 1:
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
+
+
+def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
+    """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)[micro * batch_size:]
+        # own generator: creating the loader must not draw from the global RNG (exact resume)
+        yield from DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=workers,
+                              generator=torch.Generator(), pin_memory=pin_memory)
+        epoch, micro = epoch + 1, 0
+
+
+def restore(resume, model, opt, rank, device, **expected):
+    """For an exact resume: a checkpoint's weights, optimizer state and this rank's RNG state into
+    `model`, `opt` and the process. The run must match `expected` (world_size, total, seed, ref).
+    Returns the trainer state (step, epoch, micro, ...); {} when `resume` is None."""
+    if resume is None:
+        return {}
+    st = torch.load(resume / ckpt.STATE, weights_only=True)
+    for k, v in expected.items():
+        if st[k] != v:
+            raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
+    ckpt.load_weights(model, resume)
+    opt.load_state_dict(st["optimizer"])
+    torch.set_rng_state(st["rng"][rank]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
+    return st
+
+
+def log_row(step, epoch, keys, means, work, dt, n_steps, grad_norm, opt, mfu):
+    """One line of log.jsonl: the objective's terms (means), gradient norm, learning rates, throughput."""
+    rec = {"step": step, "epoch": epoch, **{t: round(float(v), 5) for t, v in zip(keys, means)},
+           "grad_norm": round(float(grad_norm), 4), "lr_lora": opt.param_groups[0]["lr"],
+           "lr_other": opt.param_groups[1]["lr"], "samples_per_s": round(float(work[0]) / dt, 2),
+           "tokens_per_s": round(float(work[1]) / dt, 1), "s_per_step": round(dt / n_steps, 4)}
+    if mfu is not None:
+        rec["mfu"] = round(mfu, 4)
+    return rec
+
+
+def summarize(log, stage, step, total, done, wall, last, saved_to, digests):
+    """The closing line of log.jsonl and of the run's output."""
+    summary = {"summary": True, "stage": stage, "steps": step, "wall_s": round(wall, 1),
+               "s_per_step": round(wall / max(done, 1), 4), "final": last if done else None,
+               "checkpoint": str(saved_to), "rank_digests": digests}
+    log.write(json.dumps(summary) + "\n")
+    log.close()
+    fin = (f"loss {last['loss']:.4f} (sft {last['sft']:.4f}, gnd {last['gnd']:.4f}, cons {last['cons']:.4f}"
+           + (f", fpo {last['fpo']:.4f}, reward accuracy {last['rewards/accuracies']:.3f}" if "fpo" in last else "")
+           + ")" if done else "no steps run")
+    print(f"{stage}: {done} steps to step {step}/{total} in {wall:.1f} s ({wall / max(done, 1):.3f} s/step), "
+          f"{fin}; checkpoint {saved_to}", file=sys.stderr)
 
 
 if __name__ == "__main__":

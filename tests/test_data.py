@@ -1,17 +1,17 @@
-"""data.py: annotation reading and validation, evidence conversion, render round trip, the frame
-sampler, and the synthetic dataset."""
+"""data.py: annotation reading and validation, evidence conversion, render round trip, and
+VideoDataset's counts and skips."""
+import dataclasses
 import json
 import math
-import re
-import struct
 
-import av
-import numpy as np
 import pytest
 import torch
 
+import config
 import data
+import model
 from data import EVI, EVI_END
+
 
 # ---------------------------------------------------------------------------------------------
 # Conversion of hand-written records, E.T.Instruct-164K (txt and vid) and E.T.Bench (txt and vid)
@@ -224,173 +224,32 @@ def test_bad_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Frame sampler
+# VideoDataset
 
-LEVELS = (0, 85, 170, 255)
-
-
-def index_clip(path, n, fps, w=160, h=120):
-    """A clip whose frame i shows i in base 4 as three grey bands (readable after resize and crop)."""
-    frames = np.zeros((n, h, w, 3), np.uint8)
-    for i in range(n):
-        for b in range(3):
-            frames[i, b * h // 3:(b + 1) * h // 3] = LEVELS[(i // 4 ** b) % 4]
-    data.write_video(path, iter(frames), fps)  # any iterable of frames
-
-
-def read_index(frame):
-    """Inverse of index_clip for a (3, S, S) uint8 frame."""
-    s = frame.shape[1]
-    digits = [int(np.argmin([abs(float(frame[:, b * s // 3 + s // 12:(b + 1) * s // 3 - s // 12].float().mean()) - v)
-                             for v in LEVELS])) for b in range(3)]
-    return sum(d * 4 ** b for b, d in enumerate(digits))
-
-
-@pytest.mark.parametrize("video_fps,fps", [(7, 1.0), (7, 0.5), (7, 3.0), (3, 1.0), (2, 4.0)])
-def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
-    n = 60
-    index_clip(tmp_path / "c.mp4", n, video_fps)
-    frames = data.sample_frames(tmp_path / "c.mp4", fps=fps, size=48)
-    last = (n - 1) / video_fps
-    expect = []
-    for k in range(int(last * fps + 1e-9) + 1):
-        t = k / fps
-        d = [abs(i / video_fps - t) for i in range(n)]
-        expect.append(min(range(n), key=lambda i: (d[i], i)))  # nearest, ties to the earlier frame
-    assert frames.shape == (len(expect), 3, 48, 48) and frames.dtype == torch.uint8
-    assert [read_index(f) for f in frames] == expect
-
-
-def test_write_video_needs_frames(tmp_path):
-    with pytest.raises(ValueError, match="e.mp4: no frames"):
-        data.write_video(tmp_path / "e.mp4", iter([]), 4)
-    assert not list(tmp_path.iterdir())
-
-
-def test_sampler_resizes_short_side_and_centre_crops(tmp_path):
-    # 200x100: left half red, right half blue, a green 20-px stripe at the centre
-    img = np.zeros((100, 200, 3), np.uint8)
-    img[:, :100] = (255, 0, 0)
-    img[:, 100:] = (0, 0, 255)
-    img[:, 90:110] = (0, 255, 0)
-    data.write_video(tmp_path / "w.mp4", np.repeat(img[None], 4, 0), 2)
-    f = data.sample_frames(tmp_path / "w.mp4", size=50)[0].permute(1, 2, 0).numpy().astype(int)
-    # resized to 100x50, the crop keeps columns 25..75: red 0..20, green 20..30, blue 30..50
-    assert f.shape == (50, 50, 3)
-    assert (f[25, 5] - (255, 0, 0)).__abs__().max() < 40
-    assert (f[25, 25] - (0, 255, 0)).__abs__().max() < 40
-    assert (f[25, 45] - (0, 0, 255)).__abs__().max() < 40
-    assert data.sample_frames(tmp_path / "w.mp4", size=50, max_frames=1).shape[0] == 1
-
-
-def test_normalize_is_clip():
-    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    y = data.normalize(x)
-    assert y.dtype == torch.float32
-    for c in range(3):
-        assert torch.allclose(y[:, c], torch.tensor((1 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]))
-
-
-def _faststart(path, n=12):
-    frames = np.random.default_rng(0).integers(0, 255, (n, 64, 96, 3), dtype=np.uint8)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=4)
-        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
-        for img in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        c.mux(s.encode())
-    return path.read_bytes()
-
-
-def test_sampler_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.mp4: video file not found"):
-        data.sample_frames(tmp_path / "nope.mp4")
-    (tmp_path / "junk.mp4").write_bytes(b"\x00not a video" * 50)
-    with pytest.raises(ValueError, match="junk.mp4: cannot open as a video"):
-        data.sample_frames(tmp_path / "junk.mp4")
-    with av.open(str(tmp_path / "audio.m4a"), "w") as c:  # audio only
-        s = c.add_stream("aac", rate=16000)
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 16000
-        c.mux(s.encode(fr))
-        c.mux(s.encode())
-    with pytest.raises(ValueError, match="audio.m4a: has no video stream"):
-        data.sample_frames(tmp_path / "audio.m4a")
-    full = _faststart(tmp_path / "full.mp4", n=40)
-    i = 0  # cut right before the media data: a header with no frames
-    while full[i + 4:i + 8] != b"mdat":
-        i += struct.unpack(">I", full[i:i + 4])[0]
-    (tmp_path / "zero.mp4").write_bytes(full[:i])
-    with pytest.raises(ValueError, match="zero.mp4: no decodable video frames"):
-        data.sample_frames(tmp_path / "zero.mp4")
-    (tmp_path / "half.mp4").write_bytes(full[:len(full) // 2])
-    with pytest.raises(ValueError, match=r"half.mp4: truncated video, decoded \d+ of the 40 frames"):
-        data.sample_frames(tmp_path / "half.mp4")
-    mid = bytearray(full)
-    mid[len(full) // 2:len(full) // 2 + 4000] = bytes(4000)
-    (tmp_path / "mid.mp4").write_bytes(bytes(mid))
-    with pytest.raises(ValueError, match="mid.mp4: (corrupt|truncated) video"):
-        data.sample_frames(tmp_path / "mid.mp4")
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic dataset
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    data.make_synthetic(root, n_train=6, n_test=4, seed=3, workers=2)
-    return root
-
-
-def test_synthetic_is_deterministic(synth, tmp_path):
-    data.make_synthetic(tmp_path / "again", n_train=6, n_test=4, seed=3, workers=1)
-    data.make_synthetic(tmp_path / "other", n_train=6, n_test=4, seed=4, workers=2)
-    for name in ("train.json", "test.json"):
-        assert (synth / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
-        assert (synth / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
-
-
-def test_synthetic_annotations_follow_the_schemas(synth):
-    train, test = data.load_records(synth / "train.json"), data.load_records(synth / "test.json")
-    assert len(test) == 4 * len(data.SYN_TASKS)  # test: one record per task and video
-    assert {r["task"] for r in train} == {r["task"] for r in test} == set(data.SYN_TASKS)
-    for v in {r["video"] for r in train}:  # train: the same, plus a tvg question for every other event
-        recs = [r for r in train if r["video"] == v]
-        events = data.to_evidence(next(r for r in recs if r["task"] == "dvc"))["spans"]
-        assert len(recs) == len(data.SYN_TASKS) + len(events) - 1
-        assert sorted(data.to_evidence(r)["spans"][0] for r in recs if r["task"] == "tvg") == sorted(events)
-    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
-    assert [r["idx"] for r in test] == list(range(len(test))) and all(r["version"] == 1.0 for r in test)
-    for r in test:  # tgt shapes as E.T.Bench has them
-        flat = r["task"] in ("tvg", "epm")
-        assert (isinstance(r["tgt"][0], float)) == flat
-        if r["task"] in ("dvc", "slc"):
-            assert len(r["g"]) == len(r["tgt"])
-    # some video has two events of one action class, so tal has several spans
-    assert any(len(data.to_evidence(r)["spans"]) > 1 for r in train + test if r["task"] == "tal")
-    for r in train:  # the txt answers round-trip through the evidence format (points as "p - p")
-        ev = data.to_evidence(r)
-        text = data.answer_text(data.render(ev["response"], ev["spans"] * 2))
-        gpt = r["conversations"][1]["value"]
-        if r["task"] == "vhd":
-            p = re.search(r"at ([\d.]+) seconds", gpt).group(1)
-            gpt = gpt.replace(p, f"{p} - {p}")
-        assert text == gpt
-
-
-def test_synthetic_frames_show_the_annotated_events(synth):
-    """For every second, the sampled frame contains the colour of exactly the events annotated at it."""
-    for r in data.load_records(synth / "test.json"):
-        if r["task"] != "dvc":
-            continue
-        frames = data.sample_frames(synth / "videos" / r["video"], size=112)
-        assert frames.shape[0] == int(r["duration"])
-        f = frames.permute(0, 2, 3, 1).numpy().astype(int)
-        for (s, e), cap in zip(r["tgt"], r["g"]):
-            colour = np.array(data.SYN_COLOURS[cap.split()[1]])
-            shades = (colour, colour // 2) if cap.endswith("blinks") else (colour,)  # blinking: dim on odd seconds
-            for k in range(len(f)):
-                n = int(np.any([np.abs(f[k] - c).max(-1) < 40 for c in shades], axis=0).sum())
-                assert (n > 40) == (s <= k <= e), (r["video"], cap, k, n)
+def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
+    cfg = config.PRESETS["tiny"]
+    tok = model.build_tiny_tokenizer(cfg.tiny_vocab)
+    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
+    assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "too_long": 0}
+    s = ds[0]
+    assert s["frames"].dtype == torch.uint8 and s["frames"].shape[1:] == (3, cfg.image_size, cfg.image_size)
+    assert s["frames"].shape[0] == math.ceil(s["evidence"]["duration"])
+    # dvc answers are longer than tvg ones: a max_len between the two keeps only the tvg records
+    lengths = []
+    for ev in ds.items:
+        n = len(tok(data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) + data.CHAT[1].format(
+            response=ev["response"]), add_special_tokens=False)["input_ids"])
+        lengths.append(n - 1 + math.ceil(ev["duration"]))
+    tvg = [n for n, ev in zip(lengths, ds.items) if ev["task"] == "tvg"]
+    cut = max(tvg)
+    short = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, dataclasses.replace(cfg, max_len=cut))
+    assert len(short) == sum(n <= cut for n in lengths) and short.skipped["too_long"] == sum(n > cut for n in lengths)
+    assert short.skipped["too_long"] > 0 and "longer than max_len" in capsys.readouterr().err
+    # a record whose video file is missing: one error naming the record, or a counted skip
+    recs = json.loads((synthetic / "tvg.json").read_text())
+    recs[2]["video"] = "nope.mp4"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(recs))
+    with pytest.raises(FileNotFoundError, match=r"record 2: field 'video': .*nope.mp4 not found"):
+        data.VideoDataset(bad, synthetic / "videos", tok, cfg)
+    assert data.VideoDataset(bad, synthetic / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1

@@ -1,12 +1,12 @@
 """fpo.py: the grounding log-probability against the paper's product, token log-probs, the packed
 chosen/rejected forward against two separate forwards, and the FPO loss."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import evidence
 import fpo
@@ -14,8 +14,8 @@ import model
 import synth
 from data import EVI, EVI_END, IGNORE
 
-warnings.filterwarnings("ignore")
-CFG = model.PRESETS["tiny"]
+
+CFG = config.PRESETS["tiny"]
 
 
 def test_grounding_logprob_hard_targets_is_the_papers_product():
@@ -98,32 +98,39 @@ def test_packed_pair_equals_two_separate_forwards():
         y = evidence.soft_targets(b["answer_spans"].clamp(min=0), o["sim"].shape[-1], CFG.alpha)
         mask = o["evi_mask"][..., None] & o["frame_mask"][:, None, :]
         grounding = fpo.grounding_logprob(o["sim"], y, mask)
-        torch.testing.assert_close(packed["text"], text, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(packed["grounding"], grounding, rtol=1e-5, atol=1e-4)
-    assert (chosen["text"] != rejected["text"]).all()
+        torch.testing.assert_close(packed[:, 0], text, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(packed[:, 1], grounding, rtol=1e-5, atol=1e-4)
+    assert (chosen[:, 0] != rejected[:, 0]).all()
 
 
 def test_fpo_loss_is_log2_at_equal_inputs_and_its_gradient_widens_the_margin():
     g = torch.Generator().manual_seed(0)
-    c = {"text": torch.randn(4, generator=g) * 10, "grounding": torch.randn(4, generator=g) * 5}
-    loss, m = fpo.fpo_loss(c, c)
-    assert loss.item() == pytest.approx(math.log(2)) and m["rewards/margins"].item() == 0
-    loss, m = fpo.fpo_loss(c, {k: v.clone() for k, v in c.items()}, c, c)  # reference = policy: rewards 0
-    assert loss.item() == pytest.approx(math.log(2)) and m["rewards/chosen"].item() == 0
-    chosen = {k: torch.randn(4, generator=g, requires_grad=True) for k in ("text", "grounding")}
-    rejected = {k: torch.randn(4, generator=g, requires_grad=True) for k in ("text", "grounding")}
-    loss, before = fpo.fpo_loss(chosen, rejected, beta=0.1)
-    want = -torch.nn.functional.logsigmoid(0.1 * ((chosen["text"] + chosen["grounding"])
-                                                  - (rejected["text"] + rejected["grounding"]))).mean()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    loss.backward()
+    c = torch.randn(4, 2, generator=g) * torch.tensor([10.0, 5.0])  # [text, grounding] log-probs of 4 pairs
+    losses, rc, rr = fpo.fpo_loss(c, c)
+    assert losses.shape == (4,) and rc.shape == rr.shape == (4, 2)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 4) and torch.equal(rc, rr)
+    losses, rc, rr = fpo.fpo_loss(c, c.clone() + 1, c, c + 1)  # reference = policy: rewards 0
+    assert losses.tolist() == pytest.approx([math.log(2)] * 4) and not rc.any() and not rr.any()
+    chosen = torch.randn(4, 2, generator=g, requires_grad=True)
+    rejected = torch.randn(4, 2, generator=g, requires_grad=True)
+    ref_c, ref_r = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    losses, rc, rr = fpo.fpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
+    for i in range(4):  # by hand: -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]), factors summed
+        c, r = chosen[i].detach(), rejected[i].detach()
+        margin = 0.1 * (float(c.sum() - ref_c[i].sum()) - float(r.sum() - ref_r[i].sum()))
+        assert losses[i].item() == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-5)
+    torch.testing.assert_close(rc, 0.1 * (chosen - ref_c))
+    before = fpo.figures(chosen, rejected, rc, rr)
+    losses.mean().backward()
     with torch.no_grad():
-        for d, sign in ((chosen, -1), (rejected, -1)):
-            for v in d.values():
-                v += sign * 1.0 * v.grad  # one gradient-descent step
-        assert (chosen["text"].grad < 0).all() and (rejected["grounding"].grad > 0).all()
-    _, after = fpo.fpo_loss(chosen, rejected, beta=0.1)
+        assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+        chosen -= 1.0 * chosen.grad  # one gradient-descent step
+        rejected -= 1.0 * rejected.grad
+    _, rc, rr = fpo.fpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
+    after = fpo.figures(chosen, rejected, rc, rr)
     assert after["rewards/margins"] > before["rewards/margins"]
-    assert set(fpo.METRICS) - {"fpo"} <= set(after)
+    assert set(fpo.METRICS) == {"fpo", *after}
     parts = after["rewards/margins_text"] + after["rewards/margins_grounding"]
     assert parts.item() == pytest.approx(after["rewards/margins"].item(), rel=1e-5)
+    assert after["logps/chosen_text"].item() == pytest.approx(chosen[:, 0].mean().item())
+    assert after["rewards/accuracies"].item() == pytest.approx(float((rc.sum(1) > rr.sum(1)).float().mean()))

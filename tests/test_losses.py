@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import losses
-import model
 from data import IGNORE
 
-CFG = model.PRESETS["tiny"]
+
+CFG = config.PRESETS["tiny"]
 
 
 def np_sigmoid(x):

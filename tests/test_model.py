@@ -1,18 +1,20 @@
 """model.py: parity with plain Phi-3, the attention mask, evidence injection, batched / cached
 generation, real-size parameter counts, loading from checkpoint directory layouts."""
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, OPTConfig, Phi3ForCausalLM)
 
+import checkpoint
+import config
 import data
+import decoding
 import model
 from data import EVI
 
-warnings.filterwarnings("ignore")
-CFG = model.PRESETS["tiny"]
+
+CFG = config.PRESETS["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +60,32 @@ def test_text_only_logits_equal_plain_phi3(tiny):
             torch.testing.assert_close(ours[i, :len(row)], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_layout_by_hand():
+    """Two samples: [a b <video> c d] with 3 frames, and [a <video> c] + 2 pads with 2 of 3 frames.
+    The prefixes (text before the video + its frames) end together at column P - 1 = 4."""
+    V, pad = 9, 0
+    ids = torch.tensor([[1, 2, V, 3, 4], [1, V, 3, pad, pad]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    frame_mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    lay = model.layout(ids, attn, frame_mask, V)
+    assert (lay.P, lay.S) == (5, 2)
+    assert lay.col.tolist() == [[0, 1, 4, 5, 6], [2, 4, 5, 0, 0]]
+    assert lay.vid_col[0].tolist() == [2, 3, 4] and lay.vid_col[1, :2].tolist() == [3, 4]
+    assert lay.pre_mask.tolist() == [[True] * 5, [False, False, True, True, True]]
+    assert lay.suf_mask.tolist() == [[True, True], [True, False]]
+    with pytest.raises(ValueError, match="one <video> token"):
+        model.layout(ids, attn, torch.zeros(2, 3, dtype=torch.bool), V)
+
+
 def test_mask_video_bidirectional_text_causal(tiny):
     b = batch(tiny, [sample(8)])
     with torch.no_grad():
         ctx = tiny.encode_prompt(b)
-        P, T = ctx["P"], 8
-        video = ctx["pre_hs"][-1][0, P - T:]
+        P, T = ctx.P, 8
+        video = ctx.pre_hs[-1][0, P - T:]
         b2 = dict(b, frames=b["frames"].clone())
         b2["frames"][0, T - 1] += 1.0  # perturb the last frame
-        video2 = tiny.encode_prompt(b2)["pre_hs"][-1][0, P - T:]
+        video2 = tiny.encode_prompt(b2).pre_hs[-1][0, P - T:]
         assert (video2[0] - video[0]).abs().max() > 1e-4  # the first video position sees the last frame
         out = tiny(b)["logits"]
         b3 = dict(b, input_ids=b["input_ids"].clone())
@@ -88,13 +107,13 @@ def test_answer_evi_embedding_is_token_plus_mean_layer_states(tiny):
     finally:
         hook.remove()
     suffix_in = seen[1][0]  # pass 2 input
-    P = ctx["P"]
+    P = ctx.P
     ids = b["input_ids"][0]
     evi_pos = (ids == tiny.token_id[EVI]).nonzero()[:, 0]
-    layer = ctx["pre_hs"][CFG.inject_layer][0, P - 8:]  # layer-`inject_layer` states of the 8 video tokens
+    layer = ctx.pre_hs[CFG.inject_layer][0, P - 8:]  # layer-`inject_layer` states of the 8 video tokens
     expect = tiny.decoder.embed_tokens(torch.tensor(tiny.token_id[EVI])) + layer[2:6].mean(0)
     for p in evi_pos:
-        torch.testing.assert_close(suffix_in[int(ctx["col"][0, p]) - P], expect, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(suffix_in[int(ctx.col[0, p]) - P], expect, atol=1e-5, rtol=1e-5)
     # a question <evi> gets the mean raw video token instead
     b = batch(tiny, [sample(8, q=f"What happens in {EVI}?", qspans=((1, 3),))])
     seen.clear()
@@ -108,7 +127,7 @@ def test_answer_evi_embedding_is_token_plus_mean_layer_states(tiny):
     ids = b["input_ids"][0]
     qpos = int((ids == tiny.token_id[EVI]).nonzero()[0, 0])
     expect = tiny.decoder.embed_tokens(torch.tensor(tiny.token_id[EVI])) + video[0, 1:4].mean(0)
-    torch.testing.assert_close(ctx["suffix"][0, int(ctx["col"][0, qpos]) - ctx["P"]], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ctx.suffix[0, int(ctx.col[0, qpos]) - ctx.P], expect, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +138,7 @@ def evi_happy(tiny):
     with torch.no_grad():
         head = m.lm_head.weight
         b = batch(m, [sample(6, seed=s) for s in range(3)], with_response=False)
-        first = [g["tokens"][0] for g in model.generate(m, b, max_new_tokens=1)]
+        first = [g["tokens"][0] for g in decoding.generate(m, b, max_new_tokens=1)]
         head[m.token_id[EVI]] = head[first[0]] * 1.02  # wins wherever that token would have
     return m
 
@@ -128,12 +147,12 @@ def test_generation_batched_equals_one_by_one_and_cache_equals_recompute(evi_hap
     m = evi_happy
     samples = [sample(n, seed=s) for n, s in ((6, 0), (9, 1), (7, 2))]
     b = batch(m, samples, with_response=False)
-    together = model.generate(m, b, max_new_tokens=10)
+    together = decoding.generate(m, b, max_new_tokens=10)
     assert any(g["spans"] for g in together), "no <evi> emitted: the test would not cover injection"
     for s, g in zip(samples, together):
-        alone = model.generate(m, batch(m, [s], with_response=False), max_new_tokens=10)[0]
+        alone = decoding.generate(m, batch(m, [s], with_response=False), max_new_tokens=10)[0]
         assert alone["tokens"] == g["tokens"] and alone["spans"] == g["spans"]
-    recompute = model.generate(m, b, max_new_tokens=10, use_cache=False)
+    recompute = decoding.generate(m, b, max_new_tokens=10, use_cache=False)
     assert [g["tokens"] for g in recompute] == [g["tokens"] for g in together]
     assert [g["spans"] for g in recompute] == [g["spans"] for g in together]
     for g in together:  # every <evi> is rendered as "s - e" with its span
@@ -142,7 +161,7 @@ def test_generation_batched_equals_one_by_one_and_cache_equals_recompute(evi_hap
 
 def test_real_size_parameter_counts_on_meta():
     with torch.device("meta"):
-        m = model.build_model(model.PRESETS["d2vlm-3.8b"])
+        m = model.build_model(config.PRESETS["d2vlm-3.8b"])
     assert sum(p.numel() for p in m.vision.parameters()) == 985_952_256
     assert len(m.vision.encoder.layers) == 39
     assert sum(p.numel() for p in m.qformer.parameters()) == 185_659_392
@@ -169,11 +188,11 @@ def test_loading_from_checkpoint_layouts(tmp_path, tiny):
     plain.save_pretrained(tmp_path / "phi3")
     tiny.tokenizer.save_pretrained(tmp_path / "phi3")
     assert len(list((tmp_path / "instructblip").glob("model-*.safetensors"))) > 1  # sharded
-    m = model.build_model(CFG, vision_weights=tmp_path / "instructblip", llm_weights=tmp_path / "phi3")
+    m = checkpoint.from_weights(CFG, vision_weights=tmp_path / "instructblip", llm_weights=tmp_path / "phi3")
     torch.testing.assert_close(m.vision.state_dict(), ib.vision_model.state_dict())
     torch.testing.assert_close(m.qformer.state_dict(), ib.qformer.state_dict())
     torch.testing.assert_close(m.query_tokens, ib.query_tokens)
     torch.testing.assert_close(m.lm_head.weight, plain.lm_head.weight)
     assert not any(n.startswith("language") for n, _ in m.named_parameters())
     with pytest.raises(FileNotFoundError, match="nowhere: weights directory not found"):
-        model.build_model(CFG, vision_weights=tmp_path / "nowhere")
+        checkpoint.from_weights(CFG, vision_weights=tmp_path / "nowhere")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+import event_videos
 import synth
 from data import EVI, EVI_END
 
@@ -156,11 +157,10 @@ def test_make_pairs_is_seeded_counts_and_roundtrips(tmp_path):
         synth.load_pairs(tmp_path / "bad.json")
 
 
-def test_cli_reports_kinds(tmp_path, capsys):
-    data.make_synthetic(tmp_path, n_train=3, n_test=0, workers=1)
-    n = len(data.load_records(tmp_path / "train.json"))
-    synth.main(["--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "pairs.json")])
+def test_cli_reports_kinds(synthetic, tmp_path, capsys):
+    n = len(data.load_records(synthetic / "train.json"))
+    synth.main(["--data", str(synthetic / "train.json"), "--out", str(tmp_path / "pairs.json")])
     err = capsys.readouterr().err
     assert re.search(rf"pairs.json: {n} pairs from {n} records \(shift \d+, insert \d+, delete \d+, merge \d+, "
                      r"tamper \d+, repeat \d+\); no kind applies to 0 records", err), err
-    assert len(synth.load_pairs(tmp_path / "pairs.json")) == n > 3 * len(data.SYN_TASKS)
+    assert len(synth.load_pairs(tmp_path / "pairs.json")) == n > 6 * len(event_videos.SYN_TASKS)

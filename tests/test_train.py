@@ -6,34 +6,22 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoint
+import config
 import data
+import decoding
 import losses
 import model
-from synth import KINDS
 import train
+from synth import KINDS
 
-warnings.filterwarnings("ignore")
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """6 synthetic videos; annotation files with their tvg records and with tvg + dvc records (one
-    tvg question per video: the first; the others ask about the video's other events)."""
-    root = tmp_path_factory.mktemp("synth")
-    data.make_synthetic(root, n_train=6, n_test=0, workers=2)
-    seen = set()
-    recs = [r for r in data.load_records(root / "train.json")
-            if r["task"] != "tvg" or not (r["video"] in seen or seen.add(r["video"]))]
-    (root / "tvg.json").write_text(json.dumps([r for r in recs if r["task"] == "tvg"]))
-    (root / "mixed.json").write_text(json.dumps([r for r in recs if r["task"] in ("tvg", "dvc")]))
-    return root
 
 
 def run(args, out, name):
@@ -43,35 +31,6 @@ def run(args, out, name):
 
 def log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def test_dataset_counts_and_skips(synth, capsys):
-    cfg = model.PRESETS["tiny"]
-    tok = model.build_tiny_tokenizer(cfg.tiny_vocab)
-    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", tok, cfg)
-    assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "too_long": 0}
-    s = ds[0]
-    assert s["frames"].dtype == torch.uint8 and s["frames"].shape[1:] == (3, cfg.image_size, cfg.image_size)
-    assert s["frames"].shape[0] == math.ceil(s["evidence"]["duration"])
-    # dvc answers are longer than tvg ones: a max_len between the two keeps only the tvg records
-    lengths = []
-    for ev in ds.items:
-        n = len(tok(data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) + data.CHAT[1].format(
-            response=ev["response"]), add_special_tokens=False)["input_ids"])
-        lengths.append(n - 1 + math.ceil(ev["duration"]))
-    tvg = [n for n, ev in zip(lengths, ds.items) if ev["task"] == "tvg"]
-    cut = max(tvg)
-    short = data.VideoDataset(synth / "mixed.json", synth / "videos", tok, dataclasses.replace(cfg, max_len=cut))
-    assert len(short) == sum(n <= cut for n in lengths) and short.skipped["too_long"] == sum(n > cut for n in lengths)
-    assert short.skipped["too_long"] > 0 and "longer than max_len" in capsys.readouterr().err
-    # a record whose video file is missing: one error naming the record, or a counted skip
-    recs = json.loads((synth / "tvg.json").read_text())
-    recs[2]["video"] = "nope.mp4"
-    bad = synth / "bad.json"
-    bad.write_text(json.dumps(recs))
-    with pytest.raises(FileNotFoundError, match=r"record 2: field 'video': .*nope.mp4 not found"):
-        data.VideoDataset(bad, synth / "videos", tok, cfg)
-    assert data.VideoDataset(bad, synth / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1
 
 
 def test_lr_schedule():
@@ -85,7 +44,7 @@ def test_lr_schedule():
 
 def test_set_overrides_accumulate_and_are_typed():
     args = train.get_args(["--stage", "sft", "--set", "w_cons=0", "epochs=2", "--set", "train_base=true"])
-    cfg = train.configure(model.PRESETS["tiny"], args.set)
+    cfg = train.configure(config.PRESETS["tiny"], args.set)
     assert (cfg.w_cons, cfg.epochs, cfg.train_base) == (0.0, 2, True) and isinstance(cfg.epochs, int)
     with pytest.raises(SystemExit, match="train_base takes true or false"):
         train.configure(cfg, ["train_base=yes"])
@@ -93,11 +52,11 @@ def test_set_overrides_accumulate_and_are_typed():
         train.configure(cfg, ["epochs=1.5"])
 
 
-def test_one_step_changes_only_trained_tensors(synth):
-    cfg = model.PRESETS["tiny"]
+def test_one_step_changes_only_trained_tensors(synthetic):
+    cfg = config.PRESETS["tiny"]
     torch.manual_seed(0)
     m = model.build_model(cfg)
-    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", m.tokenizer, cfg)
+    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
     batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
     opt = train.make_optimizer(m, cfg)
     lora = {id(p) for n, p in m.named_parameters() if "lora_" in n}
@@ -118,12 +77,12 @@ def test_one_step_changes_only_trained_tensors(synth):
         assert any(part in n for n in changed), part
 
 
-def test_train_base_trains_the_frozen_parts_too(synth):
-    cfg = dataclasses.replace(model.PRESETS["tiny"], train_base=True)
+def test_train_base_trains_the_frozen_parts_too(synthetic):
+    cfg = dataclasses.replace(config.PRESETS["tiny"], train_base=True)
     torch.manual_seed(0)
     m = model.build_model(cfg)
     assert all(p.requires_grad for p in m.parameters())
-    ds = data.VideoDataset(synth / "mixed.json", synth / "videos", m.tokenizer, cfg)
+    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
     batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = train.make_optimizer(m, cfg)
@@ -135,33 +94,33 @@ def test_train_base_trains_the_frozen_parts_too(synth):
         assert any(n.startswith(part) or part in n for n in changed), part
 
 
-def test_checkpoints_resume_exactly(synth, tmp_path):
-    args = ["--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--max-steps", "5",
+def test_checkpoints_resume_exactly(synthetic, tmp_path):
+    args = ["--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos"), "--max-steps", "5",
             "--save-every", "1", "--keep", "2", "--log-every", "1", "--set", "batch_size=2", "grad_accum=2"]
     straight = run(args, tmp_path, "straight")
-    assert [p.name for p in train.checkpoints(straight)] == ["step_000004", "step_000005"]  # keep the last 2
+    assert [p.name for p in checkpoint.checkpoints(straight)] == ["step_000004", "step_000005"]  # keep the last 2
     assert not list(straight.glob(".*tmp*"))
     # 12 samples, 6 micro-batches an epoch, accumulation 2: step 3 ends epoch 0
     assert [r["epoch"] for r in log(straight)[:5]] == [0, 0, 1, 1, 1]
     stopped = run([*args, "--stop-after", "2"], tmp_path, "resumed")
-    assert [p.name for p in train.checkpoints(stopped)] == ["step_000001", "step_000002"]
-    st = torch.load(stopped / "step_000002" / train.STATE, weights_only=True)
+    assert [p.name for p in checkpoint.checkpoints(stopped)] == ["step_000001", "step_000002"]
+    st = torch.load(stopped / "step_000002" / checkpoint.STATE, weights_only=True)
     assert (st["step"], st["epoch"], st["micro"]) == (2, 0, 4)
+    at_step_2 = train.param_digest(checkpoint.from_checkpoint(stopped / "step_000002"))
     run([*args, "--resume"], tmp_path, "resumed")
     assert [r["step"] for r in log(stopped) if "step" in r] == [1, 2, 3, 4, 5]
-    a = model.from_checkpoint(straight / "step_000005")
-    b = model.from_checkpoint(stopped / "step_000005")
+    a = checkpoint.from_checkpoint(straight / "step_000005")
+    b = checkpoint.from_checkpoint(stopped / "step_000005")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
-    # and the run did train: the final weights differ from the ones after step 1
-    first = model.from_checkpoint(tmp_path / "resumed" / "sft" / "step_000004")
-    assert not all(torch.equal(p, q) for p, q in zip(first.parameters(), b.parameters()))
+    # and the resumed steps did train: the final weights differ from the ones the resume started from
+    assert train.param_digest(b) != at_step_2
     assert train.param_digest(a) == log(straight)[-1]["rank_digests"][0]
 
 
-def test_two_process_ddp_ends_identical(synth, tmp_path):
+def test_two_process_ddp_ends_identical(synthetic, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--max-steps", "3",
+           "--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos"), "--max-steps", "3",
            "--workers", "0", "--out", str(tmp_path), "--name", "ddp", "--log-every", "1",
            "--set", "batch_size=2", "grad_accum=2"]  # 3 micro-batches a rank: steps of 2 and 1 (an epoch's end)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -172,24 +131,24 @@ def test_two_process_ddp_ends_identical(synth, tmp_path):
     assert [r["epoch"] for r in log(tmp_path / "ddp" / "sft")[:3]] == [0, 1, 1]
     d = summary["rank_digests"]
     assert len(d) == 2 and d[0] == d[1]
-    m = model.from_checkpoint(tmp_path / "ddp" / "sft" / "step_000003")
+    m = checkpoint.from_checkpoint(tmp_path / "ddp" / "sft" / "step_000003")
     assert train.param_digest(m) == d[0]
     torch.manual_seed(0)
-    init = model.build_model(model.PRESETS["tiny"])
+    init = model.build_model(config.PRESETS["tiny"])
     assert train.param_digest(init) != d[0]
 
 
-def test_overfit_grounds_tvg_events(synth, tmp_path):
+def test_overfit_grounds_tvg_events(synthetic, tmp_path):
     """The tiny model from scratch, trained on the tvg questions of 6 videos, must answer them with
     spans of mean IoU >= 0.7 (generation, not teacher forcing)."""
-    out = run(["--data", str(synth / "tvg.json"), "--videos", str(synth / "videos"), "--max-steps", "80",
+    out = run(["--data", str(synthetic / "tvg.json"), "--videos", str(synthetic / "videos"), "--max-steps", "80",
                "--log-every", "20", "--set", "batch_size=6"], tmp_path, "overfit")
     records = log(out)
     assert records[-2]["gnd"] < 0.5 * records[0]["gnd"]
-    m = model.from_checkpoint(out / "step_000080").eval()
-    ds = data.VideoDataset(synth / "tvg.json", synth / "videos", m.tokenizer, m.cfg, with_response=False)
+    m = checkpoint.from_checkpoint(out / "step_000080").eval()
+    ds = data.VideoDataset(synthetic / "tvg.json", synthetic / "videos", m.tokenizer, m.cfg, with_response=False)
     samples = [ds[i] for i in range(len(ds))]
-    outs = model.generate(m, data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
+    outs = decoding.generate(m, data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
                           max_new_tokens=24)
     ious = []
     for o, s in zip(outs, samples):
@@ -198,8 +157,8 @@ def test_overfit_grounds_tvg_events(synth, tmp_path):
     assert sum(ious) / len(ious) >= 0.7, (ious, [o["text"] for o in outs])
 
 
-def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
-    base = ["--data", str(synth / "mixed.json"), "--videos", str(synth / "videos"), "--log-every", "1"]
+def test_fpo_after_sft_end_to_end_with_sft_reference(synthetic, tmp_path):
+    base = ["--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos"), "--log-every", "1"]
     run([*base, "--max-steps", "3"], tmp_path, "e2e")
     fpo_args = [*base, "--stage", "fpo", "--ref", "sft", "--max-steps", "4"]
     train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0", "--stop-after", "2"])
@@ -208,18 +167,18 @@ def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
     # the policy starts as the reference: zero rewards, loss log 2
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
     assert first["fpo"] == pytest.approx(math.log(2), abs=1e-4)
-    tiny = model.PRESETS["tiny"]  # the FPO stage's learning rates (step 1: warm-up factor 1)
+    tiny = config.PRESETS["tiny"]  # the FPO stage's learning rates (step 1: warm-up factor 1)
     assert first["lr_lora"] == pytest.approx(tiny.lr_lora * tiny.fpo_lr_scale) and tiny.fpo_lr_scale < 1
     pairs = json.loads((out / "pairs.json").read_text())
     assert len(pairs) == 12 and {p["kind"] for p in pairs} <= set(KINDS)
-    st = torch.load(out / "step_000002" / train.STATE, weights_only=True)
+    st = torch.load(out / "step_000002" / checkpoint.STATE, weights_only=True)
     assert st["ref"] == "sft" and st["ref_logprobs"].shape == (12, 4)
     train.main([*fpo_args, "--out", str(tmp_path), "--name", "e2e", "--workers", "0", "--resume"])
     records = [r for r in log(out) if "step" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert abs(records[-1]["rewards/margins"]) > 0  # the policy moved away from the reference
-    m = model.from_checkpoint(out / "step_000004")
-    sft = model.from_checkpoint(tmp_path / "e2e" / "sft" / "step_000003")
+    m = checkpoint.from_checkpoint(out / "step_000004")
+    sft = checkpoint.from_checkpoint(tmp_path / "e2e" / "sft" / "step_000003")
     assert train.param_digest(m) != train.param_digest(sft)
     # a new run must not write over these checkpoints
     with pytest.raises(SystemExit, match="already holds checkpoints"):
@@ -227,5 +186,5 @@ def test_fpo_after_sft_end_to_end_with_sft_reference(synth, tmp_path):
     # without --max-steps the stage lasts fpo_epochs passes: 12 pairs / batch 4 = 3 steps an epoch
     train.main([*base, "--stage", "fpo", "--init", str(tmp_path / "e2e" / "sft" / "step_000003"), "--out",
                 str(tmp_path), "--name", "frac", "--workers", "0", "--stop-after", "1"])
-    st = torch.load(tmp_path / "frac" / "fpo" / "step_000001" / train.STATE, weights_only=True)
+    st = torch.load(tmp_path / "frac" / "fpo" / "step_000001" / checkpoint.STATE, weights_only=True)
     assert st["total"] == math.ceil(tiny.fpo_epochs * 3) == 2

@@ -1,0 +1,189 @@
+"""Weight files: building D2VLM from local weight directories, our checkpoints, run directories.
+
+    from_weights(cfg, vision_weights, llm_weights)   D2VLM with InstructBLIP's ViT + Q-Former and Phi-3 read
+                                                     from local directories (random parts where none is given)
+    save_weights / load_weights / from_checkpoint    our checkpoint directory (below)
+    save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
+    checkpoints(run_dir), latest_checkpoint(root)    finding them again
+
+A checkpoint directory holds adapter/ (the LoRA adapter, a peft directory), model.safetensors (the
+other trained tensors; every non-LoRA tensor when "full": a model built without weight directories
+has random frozen parts that must travel with it), config.json (D2VLMConfig), tokenizer/ and, in a
+training run, trainer_state.pt (step, data position, RNG states, optimizer; torch.load with
+weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Phi3ForCausalLM
+
+from config import D2VLMConfig
+from files import atomic_path
+from model import D2VLM, build_model
+
+WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
+ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
+CONFIG = "config.json"
+TOKENIZER = "tokenizer"
+STATE = "trainer_state.pt"     # a training run's state (train.py)
+STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
+RUNS, DEFAULT_NAME = "runs", "default"  # train.py's --out and --name defaults: runs/<name>/<stage>/
+DEFAULT_RUN = Path(RUNS) / DEFAULT_NAME
+
+
+def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokenizer_dir=None) -> D2VLM:
+    """The D2VLM of `cfg`. vision_weights: a local InstructBLIP checkpoint directory (only its
+    vision_model.*, qformer.* and query_tokens tensors are read, shard by shard; the language model
+    in it is never loaded) with its qformer_tokenizer/. llm_weights: a local Phi-3 directory (model
+    and tokenizer). Without them the weights are random and the tokenizer is the in-code BPE (or the
+    one saved in tokenizer_dir). Nothing is fetched from the network."""
+    for p in (vision_weights, llm_weights, tokenizer_dir):
+        if p is not None and not Path(p).is_dir():
+            raise FileNotFoundError(f"{p}: weights directory not found")
+    tok = None
+    if llm_weights is not None:
+        tok = AutoTokenizer.from_pretrained(llm_weights, local_files_only=True)
+    elif tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    qtok = None
+    if vision_weights is not None:
+        qtok = AutoTokenizer.from_pretrained(Path(vision_weights) / "qformer_tokenizer", local_files_only=True)
+    llm = None
+    if llm_weights is not None:
+        llm = Phi3ForCausalLM.from_pretrained(llm_weights, local_files_only=True, dtype=torch.float32)
+    model = build_model(cfg, tok, qtok, llm)
+    if vision_weights is not None:
+        load_instructblip(model, vision_weights)
+    return model
+
+
+def load_instructblip(model: D2VLM, directory) -> None:
+    """Copy vision_model.*, qformer.*, query_tokens from the safetensors shards of an InstructBLIP
+    checkpoint directory into `model`, reading only the shards that hold them."""
+    from safetensors import safe_open
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        wmap = json.loads(index.read_text())["weight_map"]
+        shards = sorted({f for k, f in wmap.items() if k.startswith(("vision_model.", "qformer.", "query_tokens"))})
+    elif (d / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    vis, qf, qt = {}, {}, None
+    for shard in shards:
+        with safe_open(str(d / shard), framework="pt") as f:
+            for k in f.keys():
+                if k.startswith("vision_model."):
+                    vis[k[len("vision_model."):]] = f.get_tensor(k)
+                elif k.startswith("qformer."):
+                    qf[k[len("qformer."):]] = f.get_tensor(k)
+                elif k == "query_tokens":
+                    qt = f.get_tensor(k)
+    if qt is None or not vis or not qf:
+        raise ValueError(f"{d}: missing vision_model.*, qformer.* or query_tokens tensors")
+    model.vision.load_state_dict(vis, strict=True)
+    model.qformer.load_state_dict(qf, strict=True)
+    with torch.no_grad():
+        model.query_tokens.copy_(qt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our checkpoint directories
+
+def save_weights(model: D2VLM, directory, full: bool) -> None:
+    """Write model weights into `directory` (which must exist): the LoRA adapter as a peft
+    directory, the other trainable tensors (all non-LoRA tensors when `full`) as safetensors, the
+    config and the tokenizer."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    model.llm.save_pretrained(d / ADAPTER, save_embedding_layers=False)
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()
+               if "lora_" not in n and (full or p.requires_grad)}
+    save_file(tensors, str(d / WEIGHTS), metadata={"full": str(full)})
+    (d / CONFIG).write_text(model.cfg.to_json())
+    model.tokenizer.save_pretrained(d / TOKENIZER)
+
+
+def load_weights(model: D2VLM, directory) -> None:
+    """Load what save_weights wrote into a model built with the same config (and the same weight
+    directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    d = Path(directory)
+    for f in (d / WEIGHTS, d / ADAPTER / "adapter_model.safetensors"):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: checkpoint file not found")
+    params = dict(model.named_parameters())
+    with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        with torch.no_grad():
+            for k in f.keys():
+                if k not in params:
+                    raise ValueError(f"{d / WEIGHTS}: tensor {k} does not exist in this model")
+                t = f.get_tensor(k)
+                if t.shape != params[k].shape:
+                    raise ValueError(f"{d / WEIGHTS}: tensor {k} has shape {tuple(t.shape)}, "
+                                     f"the model expects {tuple(params[k].shape)}")
+                params[k].copy_(t)
+    res = set_peft_model_state_dict(model.llm, load_file(str(d / ADAPTER / "adapter_model.safetensors")))
+    if res.unexpected_keys:
+        raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
+
+
+def read_config(directory) -> D2VLMConfig:
+    """The D2VLMConfig a checkpoint directory was saved with."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file():
+        raise FileNotFoundError(f"{d}: not a checkpoint directory (no {CONFIG})")
+    return D2VLMConfig.from_json((d / CONFIG).read_text())
+
+
+def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None) -> D2VLM:
+    """The model saved in a checkpoint directory (config.json, tokenizer/, weights). A checkpoint
+    that is not full also needs the weight directories the run was built from. `cfg` replaces the
+    saved config (same architecture, other training settings: FPO after SFT)."""
+    from safetensors import safe_open
+    d = Path(directory)
+    saved = read_config(d)
+    with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        full = f.metadata().get("full") == "True"
+    if not full and (vision_weights is None or llm_weights is None):
+        raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
+    m = from_weights(cfg or saved, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER)
+    load_weights(m, d)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: runs/<name>/<stage>/step_NNNNNN
+
+def checkpoints(run_dir) -> list:
+    """The checkpoint directories of a run directory, oldest first."""
+    return sorted(Path(run_dir).glob(STEP_GLOB))
+
+
+def latest_checkpoint(root) -> Path:
+    """The newest checkpoint of a run: FPO if there is one, else SFT."""
+    for stage in ("fpo", "sft"):
+        found = checkpoints(Path(root) / stage)
+        if found:
+            return found[-1]
+    raise SystemExit(f"no checkpoint under {root}/fpo or {root}/sft: run `torchrun train.py --stage sft` first, or give --ckpt")
+
+
+def save_checkpoint(run_dir, step: int, model: D2VLM, state: dict, full: bool, keep: int) -> Path:
+    """runs/<name>/<stage>/step_NNNNNN (written under a temporary name, then renamed; a re-run of the
+    same step replaces it) with the weights and `state` (trainer_state.pt); keeps the last `keep`."""
+    final = Path(run_dir) / f"step_{step:06d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp, full)
+        torch.save(state, tmp / STATE)
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final

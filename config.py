@@ -1,0 +1,108 @@
+"""Every number of D2VLM in one dataclass, and the presets. DESIGN.md §2-§3 (architecture), §5-§6
+(losses, FPO), §8 (training).
+
+    D2VLMConfig            the fields, grouped: vision, Q-Former, LLM, evidence tokens, LoRA, losses,
+                           FPO, training, data; to_json / from_json (checkpoints hold it as config.json)
+    PRESETS                "d2vlm-3.8b" (the paper's model), "tiny" (the embedded default, trains on a
+                           CPU in minutes), "mid" (between the two, for CPU speed figures)
+
+train.py's `--set FIELD=VALUE` reaches every field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class D2VLMConfig:
+    # vision: EVA ViT-G/14 as transformers' InstructBlipVisionModel (39 of EVA's 40 layers)
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1408
+    vision_layers: int = 39
+    vision_heads: int = 16
+    vision_mlp: int = 6144
+    init_range: float = 0.02  # InstructBlipVisionConfig defaults to 1e-10: a dead random ViT
+    # Q-Former (BERT-base with cross-attention every 2nd layer) and our query tokens
+    qformer_width: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_mlp: int = 3072
+    qformer_cross_every: int = 2
+    qformer_vocab: int = 30522
+    qformer_max_text: int = 256  # instruction tokens (left-truncated)
+    qformer_dropout: float = 0.1  # BERT's hidden and attention dropout, as InstructBLIP trains it
+    num_query_tokens: int = 32
+    # LLM: Phi-3-mini-4k-instruct
+    llm_width: int = 3072
+    llm_layers: int = 32
+    llm_heads: int = 32
+    llm_mlp: int = 8192
+    llm_vocab: int = 32064
+    llm_max_positions: int = 4096
+    rope_theta: float = 10000.0
+    # evidence tokens
+    inject_layer: int = 6      # hidden_states[6]: layer-6 video states are added to <evi> embeddings
+    match_layer: int = -2      # hidden_states[-2]: what frm_head / evi_head read
+    select_ratio: float = 0.6  # frames with p >= 0.6 * max p form the candidate runs
+    alpha: float = 2.0         # soft targets alpha^-distance
+    # LoRA on the LLM
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_targets: tuple = ("qkv_proj", "o_proj")
+    # False: the ViT, the Q-Former's non-attention weights and the LLM's base weights stay frozen, as
+    # upstream fine-tunes pretrained parts. True trains them too: for random weights (no pretraining)
+    train_base: bool = False
+    # loss weights (losses.py); 0 switches a term off
+    w_sft: float = 1.0
+    w_gnd: float = 10.0
+    w_cons: float = 10.0
+    # FPO (fpo.py): L = the SFT objective on the chosen response + w_fpo * L_FPO
+    beta: float = 0.1
+    w_fpo: float = 1.0
+    # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
+    lr_lora: float = 5e-5
+    lr_other: float = 2e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.03       # fraction of the steps
+    grad_clip: float = 1.0
+    batch_size: int = 1        # per process
+    grad_accum: int = 1
+    epochs: int = 1
+    fpo_epochs: float = 1.0    # the FPO stage's length in passes over the pairs (a fraction: a seeded subset)
+    fpo_lr_scale: float = 1.0  # the FPO stage's learning rates are lr_lora and lr_other times this
+    # data
+    fps: float = 1.0
+    max_len: int = 2048
+    system_prompt: str = "You are a helpful AI assistant."
+    tiny_vocab: int = 1000  # size of the in-code BPE tokenizer used when no LLM weights are given
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "D2VLMConfig":
+        d = json.loads(text)
+        d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+
+PRESETS = {
+    "d2vlm-3.8b": D2VLMConfig(),
+    "tiny": D2VLMConfig(image_size=112, patch_size=16, vision_width=96, vision_layers=2, vision_heads=4,
+                        vision_mlp=192, qformer_width=64, qformer_layers=2, qformer_heads=4, qformer_mlp=128,
+                        qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,
+                        llm_mlp=256, llm_vocab=1000, llm_max_positions=1024, inject_layer=2, lora_r=16,
+                        lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000,
+                        # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights,
+                        # and two passes over the 200 synthetic videos (one leaves the grounding half-learnt)
+                        lr_lora=3e-3, lr_other=3e-3, batch_size=4, epochs=2, fpo_epochs=0.5, fpo_lr_scale=0.3),
+    # between the two, for speed figures on a CPU (bench.py): LLM cost no longer hidden by overheads
+    "mid": D2VLMConfig(image_size=112, patch_size=14, vision_width=384, vision_layers=4, vision_heads=6,
+                       vision_mlp=1536, qformer_width=384, qformer_layers=4, qformer_heads=6, qformer_mlp=1536,
+                       qformer_max_text=128, num_query_tokens=16, llm_width=768, llm_layers=8, llm_heads=12,
+                       llm_mlp=2048, llm_max_positions=2048, inject_layer=2, lora_r=64, lora_alpha=128,
+                       max_len=1024, tiny_vocab=1000, qformer_vocab=1000, lr_lora=1e-3, lr_other=1e-3, batch_size=4),
+}

