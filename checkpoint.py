@@ -86,10 +86,29 @@ def load_instructblip(model: D2VLM, directory) -> None:
                     qt = f.get_tensor(k)
     if qt is None or not vis or not qf:
         raise ValueError(f"{d}: missing vision_model.*, qformer.* or query_tokens tensors")
-    model.vision.load_state_dict(vis, strict=True)
-    model.qformer.load_state_dict(qf, strict=True)
+    load_exactly(model.vision, vis, d, "vision_model.")
+    load_exactly(model.qformer, qf, d, "qformer.")
+    load_exactly(model, {"query_tokens": qt}, d, "", only=("query_tokens",))
+
+
+def load_exactly(module, tensors: dict, source, prefix: str, only=None) -> None:
+    """Copy `tensors` (names relative to `module`) into it. Every tensor must exist in the module
+    with the same shape, and every one of the module's (or those in `only`) must be given; a
+    mismatch is one error naming `source`, the tensor as the file names it (`prefix` + name) and
+    both shapes. Values are cast to the module's dtype."""
+    own = {k: v for k, v in module.state_dict().items() if only is None or k in only}
+    for k, t in tensors.items():
+        if k not in own:
+            raise ValueError(f"{source}: tensor {prefix}{k} has no place in this model")
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: tensor {prefix}{k} has shape {tuple(t.shape)}, this model "
+                             f"expects {tuple(own[k].shape)} (check the config's widths and vocabularies)")
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: tensor {prefix}{missing[0]} is missing ({len(missing)} in all)")
     with torch.no_grad():
-        model.query_tokens.copy_(qt)
+        for k, t in tensors.items():
+            own[k].copy_(t)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ class D2VLMConfig:
     qformer_heads: int = 12
     qformer_mlp: int = 3072
     qformer_cross_every: int = 2
-    qformer_vocab: int = 30522
+    qformer_vocab: int = 30523  # BERT's 30522 + InstructBLIP's [DEC]
+    qformer_ln_eps: float = 1e-5  # the LayerNorm between the ViT and the Q-Former (LAVIS's ln_vision)
     qformer_max_text: int = 256  # instruction tokens (left-truncated)
     qformer_dropout: float = 0.1  # BERT's hidden and attention dropout, as InstructBLIP trains it
     num_query_tokens: int = 32

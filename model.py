@@ -52,8 +52,9 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def add_special_tokens(tok):
-    """Add <video>, <evi>, </evi> to an LLM tokenizer (no-op for those it has)."""
-    tok.add_special_tokens({"additional_special_tokens": [VIDEO, EVI, EVI_END]})
+    """Add <evi>, </evi>, <video> to an LLM tokenizer, in this order (no-op for those it has): on
+    Phi-3's 32011-entry tokenizer <evi> = 32011 and </evi> = 32012, the ids the released weights use."""
+    tok.add_special_tokens({"additional_special_tokens": [EVI, EVI_END, VIDEO]})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -113,12 +114,16 @@ class D2VLM(nn.Module):
         at padded frames. Each frame's Q-Former also reads the instruction (qformer_ids)."""
         b_idx = frame_mask.nonzero()[:, 0]
         with torch.set_grad_enabled(self.cfg.train_base and torch.is_grad_enabled()):  # the ViT is frozen unless train_base
-            patches = self.vision(pixel_values=frames[frame_mask]).last_hidden_state[:, 1:]  # post-LN, no CLS
+            v = self.vision
+            patches = v.encoder(inputs_embeds=v.embeddings(frames[frame_mask])).last_hidden_state[:, 1:]  # raw, no CLS
+        # the Q-Former reads them through a LayerNorm that trains (upstream's qformer_ln, HF's
+        # post_layernorm); the aggregator reads them raw
+        normed = v.post_layernorm(patches)
         n_q = self.cfg.num_query_tokens
         mask = torch.cat([qformer_mask.new_ones(len(b_idx), n_q), qformer_mask[b_idx]], 1)  # queries + text
         q = self.qformer(input_ids=qformer_ids[b_idx], attention_mask=mask,
                          query_embeds=self.query_tokens.expand(len(b_idx), -1, -1),
-                         encoder_hidden_states=patches).last_hidden_state[:, :n_q]
+                         encoder_hidden_states=normed).last_hidden_state[:, :n_q]
         tokens = self.aggregator(q, patches)
         out = tokens.new_zeros(*frame_mask.shape, tokens.shape[-1])
         out[frame_mask] = tokens
@@ -363,6 +368,7 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
     if len(qtok) > cfg.qformer_vocab:
         raise ValueError(f"the Q-Former tokenizer has {len(qtok)} tokens, more than qformer_vocab={cfg.qformer_vocab}")
     vision = InstructBlipVisionModel(vision_config(cfg))
+    vision.post_layernorm.eps = cfg.qformer_ln_eps  # HF uses the ViT's eps for it; LAVIS's ln_vision has its own
     qformer = InstructBlipQFormerModel(qformer_config(cfg))
     if llm is None:
         llm = Phi3ForCausalLM(llm_config(cfg, max(cfg.llm_vocab, len(tok)), tok))
@@ -373,10 +379,11 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
     llm = get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                          target_modules=list(cfg.lora_targets)))
     model = D2VLM(cfg, vision, qformer, llm, tok, qtok)
-    # what trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention,
-    # query tokens, aggregator. The ViT is frozen. cfg.train_base: everything trains.
+    # what trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention, the
+    # LayerNorm before it, query tokens, aggregator. The ViT is frozen. cfg.train_base: everything trains.
     for n, p in model.named_parameters():
-        p.requires_grad = cfg.train_base or (n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head."))
+        p.requires_grad = cfg.train_base or (n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head.",
+                                                           "vision.post_layernorm."))
                            or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
                            or n.endswith(("embed_tokens.weight", "lm_head.weight")))
     return model

@@ -11,7 +11,7 @@ import config
 import data
 import decoding
 import model
-from data import EVI
+from evidence import EVI, EVI_END
 
 
 CFG = config.PRESETS["tiny"]
@@ -32,7 +32,7 @@ def clip(n, seed, colour=(200, 30, 30)):
     return torch.from_numpy(f)
 
 
-def sample(n, response=f"{EVI}{data.EVI_END}The event happens in {EVI} seconds.", spans=((2, 4),), q="Find the red box.",
+def sample(n, response=f"{EVI}{EVI_END}The event happens in {EVI} seconds.", spans=((2, 4),), q="Find the red box.",
            qspans=(), seed=0):
     ev = {"prompt": q, "response": response, "frames": [list(s) for s in spans],
           "question_frames": [list(s) for s in qspans]}
@@ -164,23 +164,30 @@ def test_real_size_parameter_counts_on_meta():
         m = model.build_model(config.PRESETS["d2vlm-3.8b"])
     assert sum(p.numel() for p in m.vision.parameters()) == 985_952_256
     assert len(m.vision.encoder.layers) == 39
-    assert sum(p.numel() for p in m.qformer.parameters()) == 185_659_392
+    assert sum(p.numel() for p in m.qformer.parameters()) == 185_659_392 + 768  # + the [DEC] row of the vocabulary
     base = m.llm.get_base_model()
     assert sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n) == 3_821_079_552
     assert m.query_tokens.shape == (1, 32, 768)
 
 
-def test_loading_from_checkpoint_layouts(tmp_path, tiny):
-    """Tiny checkpoints saved as an InstructBLIP directory (with a language model inside, which must
-    not be loaded) and a Phi-3 directory go through the same loader as the real ones."""
-    ib_cfg = InstructBlipConfig(vision_config=model.vision_config(CFG).to_dict(),
-                                qformer_config=model.qformer_config(CFG).to_dict(),
+def write_instructblip(path, cfg, seed=1, **qformer):
+    """A tiny InstructBLIP checkpoint directory in transformers' layout, sharded, with a language
+    model inside (which must never be loaded). `qformer` overrides Q-Former config fields."""
+    ib_cfg = InstructBlipConfig(vision_config=model.vision_config(cfg).to_dict(),
+                                qformer_config={**model.qformer_config(cfg).to_dict(), **qformer},
                                 text_config=OPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                                       ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32).to_dict(),
-                                num_query_tokens=CFG.num_query_tokens)
-    torch.manual_seed(1)
+                                num_query_tokens=cfg.num_query_tokens)
+    torch.manual_seed(seed)
     ib = InstructBlipForConditionalGeneration(ib_cfg)
-    ib.save_pretrained(tmp_path / "instructblip", max_shard_size="200KB")
+    ib.save_pretrained(path, max_shard_size="200KB")
+    return ib
+
+
+def test_loading_from_checkpoint_layouts(tmp_path, tiny):
+    """Tiny checkpoints saved as an InstructBLIP directory and a Phi-3 directory go through the same
+    loader as the real ones."""
+    ib = write_instructblip(tmp_path / "instructblip", CFG)
     tiny.tokenizer.save_pretrained(tmp_path / "instructblip" / "qformer_tokenizer")
     phi = tiny.llm.get_base_model()
     plain = Phi3ForCausalLM(phi.config)
@@ -196,3 +203,49 @@ def test_loading_from_checkpoint_layouts(tmp_path, tiny):
     assert not any(n.startswith("language") for n, _ in m.named_parameters())
     with pytest.raises(FileNotFoundError, match="nowhere: weights directory not found"):
         checkpoint.from_weights(CFG, vision_weights=tmp_path / "nowhere")
+    # a Q-Former vocabulary other than the config's: one error naming the tensor and both shapes
+    write_instructblip(tmp_path / "other_vocab", CFG, vocab_size=CFG.qformer_vocab + 1)
+    tiny.tokenizer.save_pretrained(tmp_path / "other_vocab" / "qformer_tokenizer")
+    want = (rf"other_vocab: tensor qformer.embeddings.word_embeddings.weight has shape \({CFG.qformer_vocab + 1}, "
+            rf"{CFG.qformer_width}\), this model expects \({CFG.qformer_vocab}, {CFG.qformer_width}\)")
+    with pytest.raises(ValueError, match=want):
+        checkpoint.from_weights(CFG, vision_weights=tmp_path / "other_vocab")
+
+
+def test_vit_patches_raw_to_the_aggregator_normalised_to_the_qformer(tiny):
+    """Upstream's qformer_ln (HF's post_layernorm, eps 1e-5, trained) sits only between the ViT and
+    the Q-Former's cross-attention; the aggregator's keys, values and residual read the raw patches."""
+    b = batch(tiny, [sample(4)])
+    seen = {}
+    hooks = [tiny.qformer.register_forward_pre_hook(lambda mod, a, kw: seen.update(q=kw["encoder_hidden_states"]),
+                                                    with_kwargs=True),
+             tiny.aggregator.register_forward_pre_hook(lambda mod, a: seen.update(agg=a[1]))]
+    try:
+        with torch.no_grad():
+            tiny.encode_video(b["frames"], b["frame_mask"], b["qformer_ids"], b["qformer_mask"])
+            raw = tiny.vision(pixel_values=b["frames"][0], output_hidden_states=True).hidden_states[-1][:, 1:]
+    finally:
+        for h in hooks:
+            h.remove()
+    ln = tiny.vision.post_layernorm
+    assert ln.eps == CFG.qformer_ln_eps == 1e-5
+    torch.testing.assert_close(seen["agg"], raw)
+    ref = (raw - raw.mean(-1, keepdim=True)) / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(seen["q"], ref * ln.weight + ln.bias, atol=1e-5, rtol=1e-5)
+    trained = {n for n, p in tiny.named_parameters() if p.requires_grad and n.startswith("vision.")}
+    assert trained == {"vision.post_layernorm.weight", "vision.post_layernorm.bias"}
+
+
+def test_evidence_tokens_take_phi3s_next_ids():
+    """On a tokenizer laid out as Phi-3-mini's (32000 SentencePiece pieces, then its 11 added tokens,
+    <|end|> = 32007), <evi> and </evi> get 32011 and 32012, as in the released D2VLM weights."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    added = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+             "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+    core = Tokenizer(models.WordLevel({f"piece{i}": i for i in range(32000)}, unk_token="piece0"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": added})
+    assert tok.convert_tokens_to_ids("<|end|>") == 32007 and len(tok) == 32011
+    model.add_special_tokens(tok)
+    assert [tok.convert_tokens_to_ids(t) for t in (EVI, EVI_END, data.VIDEO)] == [32011, 32012, 32013]
