@@ -38,7 +38,11 @@ import video
 from config import PRESETS
 from evidence import EVI, EVI_END
 
-ETINSTRUCT = {"samples": 164_000, "video_s": 146.0}  # E.T.Instruct-164K: samples, mean video length
+# E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included, DESIGN
+# §8), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
+ETINSTRUCT = {"samples": 164_000, "video_s": 146.0, "llm_tokens": 300, "fps": 3, "width": 398, "height": 224}
+QFORMER_TEXT = 64   # BERT tokens of a question, about (a small share of the Q-Former's work)
+LOADER = {"mfu": 0.5, "ahead": 2.0}  # the GPU's assumed MFU; how far ahead of it the loader must be
 TARGETS = {"evi_overhead": ("<=", 1.15), "fpo_over_sft": ("<=", 1.6), "etinstruct_hours": ("<=", 6.0),
            "learn_s": ("<=", 600.0), "tvg_f1": (">=", 80.0), "dvc_f1": (">=", 60.0), "fpo_gnd_change": (">=", -1.0)}
 
@@ -142,6 +146,29 @@ def decode_figures(clip_dir, size=224, repeat=2):
     if not readers:
         rows.append(("frame sampling", "decord: not installed (pip install decord to compare)", math.nan, "", None))
     return rows
+
+
+def loader_figures(clip_dir, preset="d2vlm-3.8b", gpu="H100", repeat=2):
+    """Will the data loader keep up at real size? Decode + sample one E.T.Instruct-like clip on one
+    worker (this process), against the projected training step per sample of one GPU at
+    LOADER["mfu"] (train.train_flops of `preset`, built on the meta device); the DataLoader workers
+    per GPU that keep the loader LOADER["ahead"] times ahead of it."""
+    cfg = PRESETS[preset]
+    e = ETINSTRUCT
+    clip = make_clip(Path(clip_dir) / "etinstruct_like.mp4", int(e["video_s"]), e["width"], e["height"], e["fps"])
+    t_decode = _time(lambda: video.sample_frames(clip, cfg.fps, cfg.image_size), repeat)
+    with torch.device("meta"):
+        m = model.build_model(cfg)
+    frames = int(e["video_s"] * cfg.fps)
+    flops = train.train_flops(m, e["llm_tokens"], frames, frames * (cfg.num_query_tokens + QFORMER_TEXT))
+    t_step = flops / (LOADER["mfu"] * train.PEAK_TFLOPS[gpu] * 1e12)
+    g = (f"data loading at real size: {int(e['video_s'])}-s clip, {e['fps']} fps, {e['width']}x{e['height']} "
+         f"-> {frames} frames of {cfg.image_size} px")
+    return [(g, "decode + sample one clip, one worker", t_decode, "s", None),
+            (g, f"projected training step per sample, one {gpu} at {LOADER['mfu']:.0%} MFU "
+                f"({flops / 1e12:.0f} TFLOP)", t_step, "s", None),
+            (g, f"DataLoader workers per GPU to stay {LOADER['ahead']:g}x ahead",
+             math.ceil(LOADER["ahead"] * t_decode / t_step), "workers", None)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +405,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step")
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
     ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,steps,generate,realsize")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,steps,generate,realsize")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t = time.perf_counter()
@@ -390,6 +417,8 @@ def main(argv=None):
         rows = []
         if "decode" not in skip:
             rows += decode_figures(args.clips)
+        if "loader" not in skip:
+            rows += loader_figures(args.clips)
         if "steps" not in skip:
             rows += step_figures("tiny", 32, args.repeat) + step_figures("mid", 16, args.repeat)
         if "generate" not in skip:

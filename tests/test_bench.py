@@ -1,5 +1,7 @@
 """bench.py's comparisons are only fair if the alternatives do the same work: the seek-per-sample
 sampler must pick exactly the frames of video.sample_frames."""
+import re
+
 import pytest
 import torch
 
@@ -42,3 +44,18 @@ def test_realsize_rows_on_a_small_preset():
     hours = {n: rows[f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)"] for n in (1, 4, 8)}
     assert hours[1] == pytest.approx(bench.projected_hours(bench.ETINSTRUCT["samples"], sft, fpo, 4, 1))
     assert hours[1] == pytest.approx(4 * hours[4]) == pytest.approx(8 * hours[8])
+
+
+def test_loader_row_at_real_size(tmp_path, monkeypatch):
+    """The loader row on a small 146-s clip: the projected step of d2vlm-3.8b per sample is the
+    FLOP count DESIGN §8 gives (≈ 93 TFLOP, 82 % of it the frozen ViT) at 50 % of an H100."""
+    monkeypatch.setitem(bench.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
+    monkeypatch.setitem(bench.ETINSTRUCT, "width", 64)
+    monkeypatch.setitem(bench.ETINSTRUCT, "height", 36)
+    rows = {what: value for _, what, value, *_ in bench.loader_figures(tmp_path, repeat=1)}
+    step = next(k for k in rows if k.startswith("projected training step"))
+    tflop = float(re.search(r"\((\d+) TFLOP\)", step).group(1))
+    assert 85 <= tflop <= 100
+    assert rows[step] == pytest.approx(tflop * 1e12 / (0.5 * 989e12), rel=0.01)
+    workers = rows["DataLoader workers per GPU to stay 2x ahead"]
+    assert isinstance(workers, int) and workers >= 1 and rows["decode + sample one clip, one worker"] > 0
