@@ -148,6 +148,28 @@ def decode_figures(clip_dir, size=224, repeat=2):
     return rows
 
 
+def memory_figures(preset="d2vlm-3.8b"):
+    """Parameter, gradient and AdamW-state bytes of `preset` (built on the meta device) with every
+    weight in fp32, then with the frozen ones held in bf16 as train.py does on CUDA (model.hold_frozen_in)."""
+    with torch.device("meta"):
+        m = model.build_model(PRESETS[preset])
+    n_all = sum(p.numel() for p in m.parameters())
+    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    before = sum(p.numel() * p.element_size() for p in m.parameters())
+    model.hold_frozen_in(m, torch.bfloat16)
+    after = sum(p.numel() * p.element_size() for p in m.parameters())
+    fp32 = torch.finfo(torch.float32).bits // 8
+    grads, adam = fp32 * trained, 2 * fp32 * trained  # AdamW keeps two fp32 moments per trained weight
+    g = f"memory at real size: {preset}, {n_all / 1e9:.2f} B parameters, {trained / 1e6:.0f} M trained"
+    gib = 2 ** 30
+    return [(g, "parameters, all fp32", before / gib, "GiB", None),
+            (g, "parameters, frozen in bf16, trained in fp32", after / gib, "GiB", None),
+            (g, "gradients (fp32, trained only)", grads / gib, "GiB", None),
+            (g, "AdamW state (2 x fp32 per trained weight)", adam / gib, "GiB", None),
+            (g, "parameters + gradients + AdamW: all fp32 -> frozen in bf16",
+             (after + grads + adam) / gib, "GiB", None, (before + grads + adam) / gib)]
+
+
 def loader_figures(clip_dir, preset="d2vlm-3.8b", gpu="H100", repeat=2):
     """Will the data loader keep up at real size? Decode + sample one E.T.Instruct-like clip on one
     worker (this process), against the projected training step per sample of one GPU at
@@ -295,6 +317,8 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     cuda = device == "cuda"
     torch.manual_seed(0)
     m = model.build_model(cfg).to(device)
+    if cuda:
+        model.hold_frozen_in(m, torch.bfloat16)  # as train.py
     m.train()
     opt = train.make_optimizer(m, cfg, fused=cuda)
     sft_b, pair_b, _ = dvc_batches(m, frames, cfg.batch_size, device)
@@ -405,7 +429,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step")
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
     ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,steps,generate,realsize")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,memory,steps,generate,realsize")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t = time.perf_counter()
@@ -419,6 +443,8 @@ def main(argv=None):
             rows += decode_figures(args.clips)
         if "loader" not in skip:
             rows += loader_figures(args.clips)
+        if "memory" not in skip:
+            rows += memory_figures()
         if "steps" not in skip:
             rows += step_figures("tiny", 32, args.repeat) + step_figures("mid", 16, args.repeat)
         if "generate" not in skip:

@@ -387,3 +387,13 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
                            or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
                            or n.endswith(("embed_tokens.weight", "lm_head.weight")))
     return model
+
+
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the frozen parameters (the ViT, the LLM's base weights under LoRA, ...) to `dtype` in
+    place; the trained ones keep theirs (fp32 master weights for AdamW). Run the model under
+    autocast of that dtype afterwards. Returns the model."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model

@@ -44,6 +44,7 @@ import data
 import event_videos
 import fpo
 import losses
+import model as modeling
 import synth
 from config import PRESETS
 
@@ -273,6 +274,8 @@ def main(argv=None):
     else:
         model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights,
                                   tokenizer_dir=resume / ckpt.TOKENIZER if resume else None).to(device)
+    if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
+        modeling.hold_frozen_in(model, torch.bfloat16)
     full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)

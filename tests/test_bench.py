@@ -59,3 +59,14 @@ def test_loader_row_at_real_size(tmp_path, monkeypatch):
     assert rows[step] == pytest.approx(tflop * 1e12 / (0.5 * 989e12), rel=0.01)
     workers = rows["DataLoader workers per GPU to stay 2x ahead"]
     assert isinstance(workers, int) and workers >= 1 and rows["decode + sample one clip, one worker"] > 0
+
+
+def test_memory_rows_at_real_size():
+    """Frozen weights in bf16 halve their bytes: with the ViT (985,952,256) and Phi-3's base
+    weights (3,821,079,552) frozen, the parameters fall from over 19 GB to a bit over half that."""
+    rows = {what: value for _, what, value, *_ in bench.memory_figures()}
+    gib, frozen_known = 2 ** 30, 985_952_256 + 3_821_079_552
+    before, after = rows["parameters, all fp32"] * gib, rows["parameters, frozen in bf16, trained in fp32"] * gib
+    assert before >= 4 * (frozen_known + 185_660_160)
+    assert 2 * frozen_known <= after <= before / 2 + 2 * rows["gradients (fp32, trained only)"] * gib
+    assert rows["AdamW state (2 x fp32 per trained weight)"] == pytest.approx(2 * rows["gradients (fp32, trained only)"])

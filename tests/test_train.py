@@ -77,6 +77,27 @@ def test_one_step_changes_only_trained_tensors(synthetic):
         assert any(part in n for n in changed), part
 
 
+def test_frozen_weights_in_bf16_train_under_autocast(synthetic):
+    """What train.py does on CUDA, here with the CPU's bf16 autocast: frozen weights held in bf16,
+    trained ones in fp32; a step moves only the trained ones and keeps their dtype."""
+    cfg = config.PRESETS["tiny"]
+    torch.manual_seed(0)
+    m = model.hold_frozen_in(model.build_model(cfg), torch.bfloat16)
+    assert {p.dtype for p in m.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
+    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
+    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    opt = train.make_optimizer(m, cfg)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = losses.sft_objective(m(batch), batch, cfg)["loss"]
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+    assert torch.isfinite(loss) and changed and changed <= {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_train_base_trains_the_frozen_parts_too(synthetic):
     cfg = dataclasses.replace(config.PRESETS["tiny"], train_base=True)
     torch.manual_seed(0)
