@@ -7,6 +7,8 @@ this machine, between things that do the same work.
     python bench.py learn [--json FILE]   the embedded default end to end: SFT -> evaluate -> FPO ->
                                           evaluate on the synthetic test split, per-task metrics and
                                           the wall time of each stage
+    python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
+                                          (bf16): SFT step, FPO step, save, reload, generation
 
 The `<evi>` overhead compares a D2VLM SFT step (video encoder, prefix pass, <evi> injection, suffix
 pass, heads, the three losses) with a plain video-LLM step on the same tokens: the same video encoder,
@@ -15,6 +17,7 @@ then Phi-3 (same LoRA) once over [text, video tokens] with the token loss only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -37,6 +40,7 @@ import train
 import video
 from config import PRESETS
 from evidence import EVI, EVI_END
+from files import atomic_path
 
 # E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included, DESIGN
 # §8), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
@@ -365,6 +369,55 @@ def projected_hours(samples: int, sft_step_s: float, fpo_step_s: float, batch: f
     return samples * (sft_step_s + fpo_step_s) / batch / gpus / 3600
 
 
+def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out_dir="data/bench/realwidth"):
+    """The real widths (`d2vlm-3.8b`) with `layers` layers in each of ViT, Q-Former and LLM, random
+    weights, on the CPU as train.py runs a GPU: frozen weights held in bf16, bf16 autocast. One SFT
+    step, one FPO step (packed pair), save, checkpoint.from_checkpoint (the trained weights must
+    come back bit for bit), greedy generation. Seconds for each, and generated tokens/s."""
+    base = PRESETS["d2vlm-3.8b"]
+    cfg = dataclasses.replace(base, vision_layers=layers, qformer_layers=layers, llm_layers=layers,
+                              inject_layer=min(base.inject_layer, layers))
+    torch.manual_seed(0)
+    m = model.hold_frozen_in(model.build_model(cfg), torch.bfloat16).train()
+    opt = train.make_optimizer(m, cfg)
+    sft_b, pair_b, _ = dvc_batches(m, frames)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    times = {}
+    for name, objective, b in (("SFT step", losses.sft_objective, sft_b), ("FPO step (packed pair)", fpo.objective, pair_b)):
+        t = time.perf_counter()
+        with autocast:
+            loss = objective(m(b), b, cfg)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times[name] = time.perf_counter() - t
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"realwidth: the {name} loss is {loss.item()}")
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        t = time.perf_counter()
+        tmp.mkdir(parents=True)
+        checkpoint.save_weights(m, tmp, full=True)
+        times["save (every tensor)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    back = checkpoint.from_checkpoint(out).eval()
+    times["checkpoint.from_checkpoint"] = time.perf_counter() - t
+    same = train.param_digest(back) == train.param_digest(m)
+    ev = {"prompt": "When does the red square appear?", "question_frames": [], "response": "", "frames": []}
+    prompt = data.collate([{"evidence": ev, "frames": torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size),
+                                                                    dtype=torch.uint8)}],
+                          back.tokenizer, back.qformer_tokenizer, cfg, with_response=False)
+    t = time.perf_counter()
+    with torch.no_grad(), autocast:
+        gen = decoding.generate(back, prompt, new_tokens)
+    dt = time.perf_counter() - t
+    g = f"real widths on the CPU: {layers} layer(s) each, bf16 autocast, frozen weights in bf16, {frames} frames"
+    rows = [(g, k, v, "s", None) for k, v in times.items()]
+    rows.append((g, "trained weights after from_checkpoint: bit-identical (1 = yes)", float(same), "", None))
+    rows.append((g, f"greedy generation, {new_tokens} new tokens", len(gen[0]["tokens"]) / dt, "tokens/s", None))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Learnability: the embedded default end to end
 
@@ -424,7 +477,9 @@ def show(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn"])
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth"])
+    ap.add_argument("--layers", type=int, default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
+    ap.add_argument("--frames", type=int, default=8, help="realwidth: frames of the test clip")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step")
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
@@ -433,7 +488,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t = time.perf_counter()
-    if args.what == "learn":
+    if args.what == "realwidth":
+        rows = realwidth_figures(args.layers, args.frames, out_dir=Path(args.clips) / "realwidth")
+    elif args.what == "learn":
         name, times, metrics = learn(args.name)
         rows = learn_rows(times, metrics)
         print(f"\nrun: {Path(checkpoint.RUNS) / name}")

@@ -70,3 +70,14 @@ def test_memory_rows_at_real_size():
     assert before >= 4 * (frozen_known + 185_660_160)
     assert 2 * frozen_known <= after <= before / 2 + 2 * rows["gradients (fp32, trained only)"] * gib
     assert rows["AdamW state (2 x fp32 per trained weight)"] == pytest.approx(2 * rows["gradients (fp32, trained only)"])
+
+
+def test_realwidth_one_layer_on_the_cpu(tmp_path):
+    """The real widths with one layer each under bf16 autocast: both steps run with finite losses,
+    the saved checkpoint reloads bit for bit, and generation produces tokens."""
+    rows = {what: value for _, what, value, *_ in bench.realwidth_figures(layers=1, frames=4, new_tokens=2,
+                                                                          out_dir=tmp_path / "ckpt")}
+    assert rows["SFT step"] > 0 and rows["FPO step (packed pair)"] > 0
+    assert rows["trained weights after from_checkpoint: bit-identical (1 = yes)"] == 1.0
+    assert rows["greedy generation, 2 new tokens"] > 0
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and not list(tmp_path.glob(".*tmp*"))
