@@ -12,7 +12,8 @@ this machine, between things that do the same work.
 
 The `<evi>` overhead compares a D2VLM SFT step (video encoder, prefix pass, <evi> injection, suffix
 pass, heads, the three losses) with a plain video-LLM step on the same tokens: the same video encoder,
-then Phi-3 (same LoRA) once over [text, video tokens] with the token loss only.
+then Phi-3 (same LoRA) once over [text, video tokens] with the token loss only. The decoding
+figures (frame sampling, the data loader at real size) are measured by bench_decode.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -37,164 +37,13 @@ import losses
 import model
 import synth
 import train
-import video
+from bench_decode import ETINSTRUCT, decode_figures, loader_figures, timed
 from config import PRESETS
 from evidence import EVI, EVI_END
 from files import atomic_path
 
-# E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included, DESIGN
-# §8), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
-ETINSTRUCT = {"samples": 164_000, "video_s": 146.0, "llm_tokens": 300, "fps": 3, "width": 398, "height": 224}
-QFORMER_TEXT = 64   # BERT tokens of a question, about (a small share of the Q-Former's work)
-LOADER = {"mfu": 0.5, "ahead": 2.0}  # the GPU's assumed MFU; how far ahead of it the loader must be
 TARGETS = {"evi_overhead": ("<=", 1.15), "fpo_over_sft": ("<=", 1.6), "etinstruct_hours": ("<=", 6.0),
            "learn_s": ("<=", 600.0), "tvg_f1": (">=", 80.0), "dvc_f1": (">=", 60.0), "fpo_gnd_change": (">=", -1.0)}
-
-
-def _time(fn, repeat, sync=lambda: None):
-    """Mean seconds of fn() over `repeat` calls after one warm-up call."""
-    fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / repeat
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame sampling
-
-def sample_frames_seek(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
-    """The usual alternative to video.sample_frames: one seek per sampled time k/fps (to the keyframe
-    before it), then decode forward to the frame nearest to k/fps. The same frames, other cost."""
-    out = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        t0 = float((stream.start_time or 0) * stream.time_base)
-        k = 0
-        while True:
-            target = k / fps
-            container.seek(int((target + t0) / stream.time_base), stream=stream)
-            prev, prev_t, pick = None, 0.0, None
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                t = frame.time - t0
-                if t >= target:
-                    pick = prev if prev is not None and target - prev_t <= t - target else frame
-                    break
-                prev, prev_t = frame, t
-            if pick is None:  # past the last frame
-                break
-            out.append(video.resize_crop(pick, size))
-            k += 1
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-
-def sample_frames_decord(path, fps: float = 1.0, size: int = 224) -> torch.Tensor:
-    """decord's reader (resizing inside the decoder), the frame nearest to each k/fps, centre crop."""
-    import decord
-    probe = decord.VideoReader(str(path))
-    h, w = probe[0].shape[:2]
-    scale = size / min(w, h)
-    vr = decord.VideoReader(str(path), width=max(size, round(w * scale)), height=max(size, round(h * scale)))
-    times = vr.get_frame_timestamp(range(len(vr)))[:, 0]
-    idx = [int(np.argmin(np.abs(times - k / fps))) for k in range(int(times[-1] * fps + 1e-9) + 1)]
-    img = vr.get_batch(idx).asnumpy()
-    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
-    return torch.from_numpy(img[:, top:top + size, left:left + size]).permute(0, 3, 1, 2).contiguous()
-
-
-def make_clip(path, seconds: int, width: int, height: int, fps: int) -> Path:
-    """A moving-pattern test clip (x264, the encoder's default keyframe interval), written once."""
-    path = Path(path)
-    if not path.is_file():
-        yy, xx = np.mgrid[0:height, 0:width]
-        def frames():
-            for i in range(seconds * fps):
-                img = np.empty((height, width, 3), np.uint8)
-                img[..., 0] = (xx + 3 * i) % 256
-                img[..., 1] = (yy + 2 * i) % 256
-                img[..., 2] = ((xx + yy) // 4 + i) % 256
-                yield img
-        path.parent.mkdir(parents=True, exist_ok=True)
-        video.write_video(path, frames(), fps)
-    return path
-
-
-def decode_figures(clip_dir, size=224, repeat=2):
-    """Frames/s of the sequential sampler (ours), seek-per-sample and decord on the same clips."""
-    clips = {"short clip (20 s, 320x240, 25 fps)": make_clip(Path(clip_dir) / "short.mp4", 20, 320, 240, 25),
-             "long clip (120 s, 640x360, 30 fps)": make_clip(Path(clip_dir) / "long.mp4", 120, 640, 360, 30)}
-    try:
-        import decord  # noqa: F401
-        readers = {"decord": sample_frames_decord}
-    except ImportError:
-        readers = {}
-    rows = []
-    for name, clip in clips.items():
-        ref = video.sample_frames(clip, 1.0, size)
-        t_seq = _time(lambda: video.sample_frames(clip, 1.0, size), repeat)
-        rows.append(("frame sampling", f"{name}: PyAV sequential (ours)", len(ref) / t_seq, "frames/s", None))
-        same = torch.equal(sample_frames_seek(clip, 1.0, size), ref)
-        t_seek = _time(lambda: sample_frames_seek(clip, 1.0, size), repeat)
-        rows.append(("frame sampling", f"{name}: PyAV seek per sample ({'same' if same else 'OTHER'} frames)",
-                     len(ref) / t_seek, "frames/s", None))
-        rows.append(("frame sampling", f"{name}: sequential / seek", t_seek / t_seq, "x", None))
-        for rname, fn in readers.items():
-            t = _time(lambda: fn(clip, 1.0, size), repeat)
-            rows.append(("frame sampling", f"{name}: {rname}", len(ref) / t, "frames/s", None))
-            rows.append(("frame sampling", f"{name}: sequential / {rname}", t / t_seq, "x", None))
-    if not readers:
-        rows.append(("frame sampling", "decord: not installed (pip install decord to compare)", math.nan, "", None))
-    return rows
-
-
-def memory_figures(preset="d2vlm-3.8b"):
-    """Parameter, gradient and AdamW-state bytes of `preset` (built on the meta device) with every
-    weight in fp32, then with the frozen ones held in bf16 as train.py does on CUDA (model.hold_frozen_in)."""
-    with torch.device("meta"):
-        m = model.build_model(PRESETS[preset])
-    n_all = sum(p.numel() for p in m.parameters())
-    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    before = sum(p.numel() * p.element_size() for p in m.parameters())
-    model.hold_frozen_in(m, torch.bfloat16)
-    after = sum(p.numel() * p.element_size() for p in m.parameters())
-    fp32 = torch.finfo(torch.float32).bits // 8
-    grads, adam = fp32 * trained, 2 * fp32 * trained  # AdamW keeps two fp32 moments per trained weight
-    g = f"memory at real size: {preset}, {n_all / 1e9:.2f} B parameters, {trained / 1e6:.0f} M trained"
-    gib = 2 ** 30
-    return [(g, "parameters, all fp32", before / gib, "GiB", None),
-            (g, "parameters, frozen in bf16, trained in fp32", after / gib, "GiB", None),
-            (g, "gradients (fp32, trained only)", grads / gib, "GiB", None),
-            (g, "AdamW state (2 x fp32 per trained weight)", adam / gib, "GiB", None),
-            (g, "parameters + gradients + AdamW: all fp32 -> frozen in bf16",
-             (after + grads + adam) / gib, "GiB", None, (before + grads + adam) / gib)]
-
-
-def loader_figures(clip_dir, preset="d2vlm-3.8b", gpu="H100", repeat=2):
-    """Will the data loader keep up at real size? Decode + sample one E.T.Instruct-like clip on one
-    worker (this process), against the projected training step per sample of one GPU at
-    LOADER["mfu"] (train.train_flops of `preset`, built on the meta device); the DataLoader workers
-    per GPU that keep the loader LOADER["ahead"] times ahead of it."""
-    cfg = PRESETS[preset]
-    e = ETINSTRUCT
-    clip = make_clip(Path(clip_dir) / "etinstruct_like.mp4", int(e["video_s"]), e["width"], e["height"], e["fps"])
-    t_decode = _time(lambda: video.sample_frames(clip, cfg.fps, cfg.image_size), repeat)
-    with torch.device("meta"):
-        m = model.build_model(cfg)
-    frames = int(e["video_s"] * cfg.fps)
-    flops = train.train_flops(m, e["llm_tokens"], frames, frames * (cfg.num_query_tokens + QFORMER_TEXT))
-    t_step = flops / (LOADER["mfu"] * train.PEAK_TFLOPS[gpu] * 1e12)
-    g = (f"data loading at real size: {int(e['video_s'])}-s clip, {e['fps']} fps, {e['width']}x{e['height']} "
-         f"-> {frames} frames of {cfg.image_size} px")
-    return [(g, "decode + sample one clip, one worker", t_decode, "s", None),
-            (g, f"projected training step per sample, one {gpu} at {LOADER['mfu']:.0%} MFU "
-                f"({flops / 1e12:.0f} TFLOP)", t_step, "s", None),
-            (g, f"DataLoader workers per GPU to stay {LOADER['ahead']:g}x ahead",
-             math.ceil(LOADER["ahead"] * t_decode / t_step), "workers", None)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +121,7 @@ def step_figures(preset, frames, repeat):
 
     plain_step = plain_step_fn(m, sft_b)
     t_sft, t_plain, t_sft_llm, t_plain_llm, t_fpo, t_two = (
-        _time(f, repeat) for f in (sft_step, plain_step, llm_only(sft_step), llm_only(plain_step), fpo_step, two_forwards))
+        timed(f, repeat) for f in (sft_step, plain_step, llm_only(sft_step), llm_only(plain_step), fpo_step, two_forwards))
     g = f"{preset}, {frames} frames, {n_tokens} LLM tokens"
     return [(g, "D2VLM SFT step", t_sft * 1e3, "ms", None),
             (g, "plain video-LLM step (same encoder, one LLM pass, token loss)", t_plain * 1e3, "ms", None),
@@ -307,7 +156,40 @@ def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32):
 
 
 # ---------------------------------------------------------------------------------------------
-# The real-size model (CUDA)
+# The real size: memory, GPU steps (CUDA), real widths on the CPU
+
+def train_step(m, opt, objective, b, autocast):
+    """One optimizer step as train.py takes it (autocast, backward, gradient clipping, AdamW); the loss."""
+    with autocast:
+        loss = objective(m(b), b, m.cfg)["loss"]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), m.cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def memory_figures(preset="d2vlm-3.8b"):
+    """Parameter, gradient and AdamW-state bytes of `preset` (built on the meta device) with every
+    weight in fp32, then with the frozen ones held in bf16 as train.py does on CUDA (model.hold_frozen_in)."""
+    with torch.device("meta"):
+        m = model.build_model(PRESETS[preset])
+    n_all = sum(p.numel() for p in m.parameters())
+    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    before = sum(p.numel() * p.element_size() for p in m.parameters())
+    model.hold_frozen_in(m, torch.bfloat16)
+    after = sum(p.numel() * p.element_size() for p in m.parameters())
+    fp32 = torch.finfo(torch.float32).bits // 8
+    grads, adam = fp32 * trained, 2 * fp32 * trained  # AdamW keeps two fp32 moments per trained weight
+    g = f"memory at real size: {preset}, {n_all / 1e9:.2f} B parameters, {trained / 1e6:.0f} M trained"
+    gib = 2 ** 30
+    return [(g, "parameters, all fp32", before / gib, "GiB", None),
+            (g, "parameters, frozen in bf16, trained in fp32", after / gib, "GiB", None),
+            (g, "gradients (fp32, trained only)", grads / gib, "GiB", None),
+            (g, "AdamW state (2 x fp32 per trained weight)", adam / gib, "GiB", None),
+            (g, "parameters + gradients + AdamW: all fp32 -> frozen in bf16",
+             (after + grads + adam) / gib, "GiB", None, (before + grads + adam) / gib)]
+
 
 def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), device="cuda"):
     """SFT and FPO step of `preset` with random weights under bf16 autocast, as train.py runs it
@@ -330,20 +212,13 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(objective, b):
-        def run():
-            with autocast:
-                loss = objective(m(b), b, cfg)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
+        return lambda: train_step(m, opt, objective, b, autocast)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t_sft = _time(step(losses.sft_objective, sft_b), steps, sync)
+    t_sft = timed(step(losses.sft_objective, sft_b), steps, sync)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else math.nan
-    t_fpo = _time(step(fpo.objective, pair_b), steps, sync)
+    t_fpo = timed(step(fpo.objective, pair_b), steps, sync)
     work = train.batch_work(sft_b, cfg).tolist()
     flops = train.train_flops(m, *work[1:])
     name = torch.cuda.get_device_name() if cuda else "CPU"
@@ -385,11 +260,7 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
     times = {}
     for name, objective, b in (("SFT step", losses.sft_objective, sft_b), ("FPO step (packed pair)", fpo.objective, pair_b)):
         t = time.perf_counter()
-        with autocast:
-            loss = objective(m(b), b, cfg)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(m, opt, objective, b, autocast)
         times[name] = time.perf_counter() - t
         if not torch.isfinite(loss):
             raise RuntimeError(f"realwidth: the {name} loss is {loss.item()}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import bench_decode
 import video
 from test_video import index_clip, read_index
 
@@ -14,17 +15,17 @@ from test_video import index_clip, read_index
 def test_seek_sampler_takes_the_frames_of_the_sequential_one(tmp_path, video_fps, fps, n):
     index_clip(tmp_path / "c.mp4", n, video_fps)
     ref = video.sample_frames(tmp_path / "c.mp4", fps=fps, size=48)
-    seek = bench.sample_frames_seek(tmp_path / "c.mp4", fps=fps, size=48)
+    seek = bench_decode.sample_frames_seek(tmp_path / "c.mp4", fps=fps, size=48)
     assert [read_index(f) for f in seek] == [read_index(f) for f in ref]
     assert torch.equal(seek, ref)
 
 
 def test_make_clip_streams_frames_and_is_reused(tmp_path):
-    clip = bench.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10)
+    clip = bench_decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10)
     frames = video.sample_frames(clip, fps=1.0, size=48)
     assert frames.shape == (3, 3, 48, 48)  # t = 0, 1, 2 s of a 3-s clip
     mtime = clip.stat().st_mtime_ns
-    assert bench.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10).stat().st_mtime_ns == mtime
+    assert bench_decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10).stat().st_mtime_ns == mtime
 
 
 def test_projected_hours_by_hand():
@@ -42,17 +43,17 @@ def test_realsize_rows_on_a_small_preset():
     assert sft > 0 and fpo > 0 and rows["samples/s"] == pytest.approx(4 / sft)  # tiny: batch 4
     assert rows["LLM tokens/s"] > rows["samples/s"]
     hours = {n: rows[f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)"] for n in (1, 4, 8)}
-    assert hours[1] == pytest.approx(bench.projected_hours(bench.ETINSTRUCT["samples"], sft, fpo, 4, 1))
+    assert hours[1] == pytest.approx(bench.projected_hours(bench_decode.ETINSTRUCT["samples"], sft, fpo, 4, 1))
     assert hours[1] == pytest.approx(4 * hours[4]) == pytest.approx(8 * hours[8])
 
 
 def test_loader_row_at_real_size(tmp_path, monkeypatch):
     """The loader row on a small 146-s clip: the projected step of d2vlm-3.8b per sample is the
     FLOP count DESIGN §8 gives (≈ 93 TFLOP, 82 % of it the frozen ViT) at 50 % of an H100."""
-    monkeypatch.setitem(bench.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
-    monkeypatch.setitem(bench.ETINSTRUCT, "width", 64)
-    monkeypatch.setitem(bench.ETINSTRUCT, "height", 36)
-    rows = {what: value for _, what, value, *_ in bench.loader_figures(tmp_path, repeat=1)}
+    monkeypatch.setitem(bench_decode.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
+    monkeypatch.setitem(bench_decode.ETINSTRUCT, "width", 64)
+    monkeypatch.setitem(bench_decode.ETINSTRUCT, "height", 36)
+    rows = {what: value for _, what, value, *_ in bench_decode.loader_figures(tmp_path, repeat=1)}
     step = next(k for k in rows if k.startswith("projected training step"))
     tflop = float(re.search(r"\((\d+) TFLOP\)", step).group(1))
     assert 85 <= tflop <= 100
