@@ -132,23 +132,13 @@ def load_weights(model: D2VLM, directory) -> None:
     """Load what save_weights wrote into a model built with the same config (and the same weight
     directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
     from peft import set_peft_model_state_dict
-    from safetensors import safe_open
     from safetensors.torch import load_file
     d = Path(directory)
     for f in (d / WEIGHTS, d / ADAPTER / "adapter_model.safetensors"):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: checkpoint file not found")
-    params = dict(model.named_parameters())
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        with torch.no_grad():
-            for k in f.keys():
-                if k not in params:
-                    raise ValueError(f"{d / WEIGHTS}: tensor {k} does not exist in this model")
-                t = f.get_tensor(k)
-                if t.shape != params[k].shape:
-                    raise ValueError(f"{d / WEIGHTS}: tensor {k} has shape {tuple(t.shape)}, "
-                                     f"the model expects {tuple(params[k].shape)}")
-                params[k].copy_(t)
+    tensors = load_file(str(d / WEIGHTS))  # a subset of the model's tensors (the trained ones unless full)
+    load_exactly(model, tensors, d / WEIGHTS, "", only=set(tensors))
     res = set_peft_model_state_dict(model.llm, load_file(str(d / ADAPTER / "adapter_model.safetensors")))
     if res.unexpected_keys:
         raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
