@@ -8,7 +8,8 @@ this machine, between things that do the same work.
                                           evaluate on the synthetic test split, per-task metrics and
                                           the wall time of each stage
     python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
-                                          (bf16): SFT step, FPO step, save, reload, generation
+                                          (bf16), from an E.T.Chat stage-2 directory: load, SFT step,
+                                          FPO step, save, reload, generation, export
 
 The `<evi>` overhead compares a D2VLM SFT step (video encoder, prefix pass, <evi> injection, suffix
 pass, heads, the three losses) with a plain video-LLM step on the same tokens: the same video encoder,
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ import etbench
 import fpo
 import losses
 import model
+import released
 import synth
 import train
 from bench_decode import ETINSTRUCT, decode_figures, loader_figures, timed
@@ -245,33 +248,47 @@ def projected_hours(samples: int, sft_step_s: float, fpo_step_s: float, batch: f
 
 
 def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out_dir="data/bench/realwidth"):
-    """The real widths (`d2vlm-3.8b`) with `layers` layers in each of ViT, Q-Former and LLM, random
-    weights, on the CPU as train.py runs a GPU: frozen weights held in bf16, bf16 autocast. One SFT
-    step, one FPO step (packed pair), save, checkpoint.from_checkpoint (the trained weights must
-    come back bit for bit), greedy generation. Seconds for each, and generated tokens/s."""
-    base = PRESETS["d2vlm-3.8b"]
-    cfg = dataclasses.replace(base, vision_layers=layers, qformer_layers=layers, llm_layers=layers,
-                              inject_layer=min(base.inject_layer, layers))
+    """The real model at `layers` layers in each of ViT, Q-Former and LLM, as the paper starts it: an
+    E.T.Chat stage-2 directory in the released layout (tests/layouts.py writes one at real widths,
+    random weights, fp16, with Phi-3's tokenizer), read by released.load; on the CPU as train.py runs
+    a GPU: frozen weights held in bf16, bf16 autocast. One SFT step, one FPO step (packed pair),
+    save, checkpoint.from_checkpoint (the trained weights must come back bit for bit), greedy
+    generation, export in the released layout. Seconds for each, and generated tokens/s."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+    import layouts
+    out = Path(out_dir)
+    times = {}
+    t = time.perf_counter()
+    etchat, bert = out / "ETChat-Phi3-Mini-Stage-2", out / "bert-base-uncased"
+    if not etchat.is_dir() or released.config_from(etchat).llm_layers != layers:
+        shutil.rmtree(etchat, ignore_errors=True)
+        layouts.etchat_phi3_mini_stage_2(etchat, vision_layers=layers, qformer_layers=layers, llm_layers=layers)
+        layouts.bert_base_uncased_tokenizer().save_pretrained(bert)
+        times["write the E.T.Chat stage-2 directory (fp16)"] = time.perf_counter() - t
+    base = released.config_from(etchat)
+    cfg = dataclasses.replace(base, inject_layer=min(base.inject_layer, layers))
+    t = time.perf_counter()
     torch.manual_seed(0)
-    m = model.hold_frozen_in(model.build_model(cfg), torch.bfloat16).train()
+    m = model.hold_frozen_in(released.load(etchat, cfg, bert)[0], torch.bfloat16).train()
+    times["released.load (E.T.Chat stage 2)"] = time.perf_counter() - t
     opt = train.make_optimizer(m, cfg)
     sft_b, pair_b, _ = dvc_batches(m, frames)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    times = {}
     for name, objective, b in (("SFT step", losses.sft_objective, sft_b), ("FPO step (packed pair)", fpo.objective, pair_b)):
         t = time.perf_counter()
         loss = train_step(m, opt, objective, b, autocast)
         times[name] = time.perf_counter() - t
         if not torch.isfinite(loss):
             raise RuntimeError(f"realwidth: the {name} loss is {loss.item()}")
-    out = Path(out_dir)
-    with atomic_path(out) as tmp:
+    ckpt = out / "step"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    with atomic_path(ckpt) as tmp:
         t = time.perf_counter()
         tmp.mkdir(parents=True)
         checkpoint.save_weights(m, tmp, full=True)
         times["save (every tensor)"] = time.perf_counter() - t
     t = time.perf_counter()
-    back = checkpoint.from_checkpoint(out).eval()
+    back = checkpoint.from_checkpoint(ckpt).eval()
     times["checkpoint.from_checkpoint"] = time.perf_counter() - t
     same = train.param_digest(back) == train.param_digest(m)
     ev = {"prompt": "When does the red square appear?", "question_frames": [], "response": "", "frames": []}
@@ -282,6 +299,10 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
     with torch.no_grad(), autocast:
         gen = decoding.generate(back, prompt, new_tokens)
     dt = time.perf_counter() - t
+    shutil.rmtree(out / "export", ignore_errors=True)
+    t = time.perf_counter()
+    released.export(back, out / "export")
+    times["export (released layout, LoRA merged, bf16)"] = time.perf_counter() - t
     g = f"real widths on the CPU: {layers} layer(s) each, bf16 autocast, frozen weights in bf16, {frames} frames"
     rows = [(g, k, v, "s", None) for k, v in times.items()]
     rows.append((g, "trained weights after from_checkpoint: bit-identical (1 = yes)", float(same), "", None))

@@ -2,14 +2,15 @@
 
     from_weights(cfg, vision_weights, llm_weights)   D2VLM with InstructBLIP's ViT + Q-Former and Phi-3 read
                                                      from local directories (random parts where none is given)
-    save_weights / load_weights / from_checkpoint    our checkpoint directory (below)
+    save_weights / load_weights / from_checkpoint    our checkpoint directory (below); from_checkpoint and
+                                                     read_config also take a released one (released.py)
     save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
     checkpoints(run_dir), latest_checkpoint(root)    finding them again
 
 A checkpoint directory holds adapter/ (the LoRA adapter, a peft directory), model.safetensors (the
 other trained tensors; every non-LoRA tensor when "full": a model built without weight directories
-has random frozen parts that must travel with it), config.json (D2VLMConfig), tokenizer/ and, in a
-training run, trainer_state.pt (step, data position, RNG states, optimizer; torch.load with
+has random frozen parts that must travel with it), config.json (D2VLMConfig), tokenizer/,
+qformer_tokenizer/ when the Q-Former has its own and, in a training run, trainer_state.pt (step, data position, RNG states, optimizer; torch.load with
 weights_only=True).
 """
 from __future__ import annotations
@@ -29,19 +30,22 @@ WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
+QFORMER_TOKENIZER = "qformer_tokenizer"  # when it is not the LLM's (InstructBLIP's bert-base-uncased + [DEC])
 STATE = "trainer_state.pt"     # a training run's state (train.py)
 STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
 RUNS, DEFAULT_NAME = "runs", "default"  # train.py's --out and --name defaults: runs/<name>/<stage>/
 DEFAULT_RUN = Path(RUNS) / DEFAULT_NAME
 
 
-def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokenizer_dir=None) -> D2VLM:
+def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokenizer_dir=None,
+                 qformer_tokenizer_dir=None) -> D2VLM:
     """The D2VLM of `cfg`. vision_weights: a local InstructBLIP checkpoint directory (only its
     vision_model.*, qformer.* and query_tokens tensors are read, shard by shard; the language model
     in it is never loaded) with its qformer_tokenizer/. llm_weights: a local Phi-3 directory (model
-    and tokenizer). Without them the weights are random and the tokenizer is the in-code BPE (or the
-    one saved in tokenizer_dir). Nothing is fetched from the network."""
-    for p in (vision_weights, llm_weights, tokenizer_dir):
+    and tokenizer). Without them the weights are random and the tokenizers are the ones saved in
+    tokenizer_dir / qformer_tokenizer_dir, else the in-code BPE for both. Nothing is fetched from
+    the network."""
+    for p in (vision_weights, llm_weights, tokenizer_dir, qformer_tokenizer_dir):
         if p is not None and not Path(p).is_dir():
             raise FileNotFoundError(f"{p}: weights directory not found")
     tok = None
@@ -51,7 +55,9 @@ def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeni
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     qtok = None
     if vision_weights is not None:
-        qtok = AutoTokenizer.from_pretrained(Path(vision_weights) / "qformer_tokenizer", local_files_only=True)
+        qformer_tokenizer_dir = Path(vision_weights) / QFORMER_TOKENIZER
+    if qformer_tokenizer_dir is not None:
+        qtok = AutoTokenizer.from_pretrained(qformer_tokenizer_dir, local_files_only=True)
     llm = None
     if llm_weights is not None:
         llm = Phi3ForCausalLM.from_pretrained(llm_weights, local_files_only=True, dtype=torch.float32)
@@ -97,18 +103,25 @@ def load_exactly(module, tensors: dict, source, prefix: str, only=None) -> None:
     mismatch is one error naming `source`, the tensor as the file names it (`prefix` + name) and
     both shapes. Values are cast to the module's dtype."""
     own = {k: v for k, v in module.state_dict().items() if only is None or k in only}
-    for k, t in tensors.items():
-        if k not in own:
-            raise ValueError(f"{source}: tensor {prefix}{k} has no place in this model")
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: tensor {prefix}{k} has shape {tuple(t.shape)}, this model "
-                             f"expects {tuple(own[k].shape)} (check the config's widths and vocabularies)")
-    missing = sorted(set(own) - set(tensors))
-    if missing:
-        raise ValueError(f"{source}: tensor {prefix}{missing[0]} is missing ({len(missing)} in all)")
+    check_exactly({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(t.shape) for k, t in tensors.items()},
+                  source, lambda k: prefix + k)
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
+
+
+def check_exactly(expected: dict, given: dict, source, shown) -> None:
+    """expected / given: {name: shape}. Raises one error naming `source` and the first tensor (as
+    shown(name) names it) that is unknown, of another shape, or missing."""
+    for k, shape in given.items():
+        if k not in expected:
+            raise ValueError(f"{source}: tensor {shown(k)} has no place in this model")
+        if tuple(shape) != tuple(expected[k]):
+            raise ValueError(f"{source}: tensor {shown(k)} has shape {tuple(shape)}, this model "
+                             f"expects {tuple(expected[k])} (check the config's widths and vocabularies)")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(f"{source}: tensor {shown(missing[0])} is missing ({len(missing)} in all)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +139,8 @@ def save_weights(model: D2VLM, directory, full: bool) -> None:
     save_file(tensors, str(d / WEIGHTS), metadata={"full": str(full)})
     (d / CONFIG).write_text(model.cfg.to_json())
     model.tokenizer.save_pretrained(d / TOKENIZER)
+    if model.qformer_tokenizer is not model.tokenizer:
+        model.qformer_tokenizer.save_pretrained(d / QFORMER_TOKENIZER)
 
 
 def load_weights(model: D2VLM, directory) -> None:
@@ -145,25 +160,38 @@ def load_weights(model: D2VLM, directory) -> None:
 
 
 def read_config(directory) -> D2VLMConfig:
-    """The D2VLMConfig a checkpoint directory was saved with."""
+    """The D2VLMConfig a checkpoint directory was saved with; for a released directory, the one its
+    weights determine (released.config_from)."""
+    import released
     d = Path(directory)
+    if released.is_released(d):
+        return released.config_from(d)
     if not (d / CONFIG).is_file():
         raise FileNotFoundError(f"{d}: not a checkpoint directory (no {CONFIG})")
     return D2VLMConfig.from_json((d / CONFIG).read_text())
 
 
-def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None) -> D2VLM:
-    """The model saved in a checkpoint directory (config.json, tokenizer/, weights). A checkpoint
-    that is not full also needs the weight directories the run was built from. `cfg` replaces the
-    saved config (same architecture, other training settings: FPO after SFT)."""
+def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None,
+                    qformer_tokenizer=None) -> D2VLM:
+    """The model saved in a checkpoint directory (config.json, tokenizer/, weights), or in a released
+    directory (released.py: E.T.Chat, D2VLM, our exports; qformer_tokenizer is the Q-Former
+    tokenizer directory when it holds none). A checkpoint that is not full also needs the weight
+    directories the run was built from. `cfg` replaces the saved config (same architecture, other
+    training settings: FPO after SFT)."""
     from safetensors import safe_open
+
+    import released
     d = Path(directory)
+    if released.is_released(d):
+        return released.load(d, cfg, qformer_tokenizer)[0]
     saved = read_config(d)
     with safe_open(str(d / WEIGHTS), framework="pt") as f:
         full = f.metadata().get("full") == "True"
     if not full and (vision_weights is None or llm_weights is None):
         raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
-    m = from_weights(cfg or saved, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER)
+    qdir = d / QFORMER_TOKENIZER
+    m = from_weights(cfg or saved, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER,
+                     qformer_tokenizer_dir=qdir if qdir.is_dir() and vision_weights is None else None)
     load_weights(m, d)
     return m
 

@@ -6,10 +6,11 @@
     PRESETS                "d2vlm-3.8b" (the paper's model), "tiny" (the embedded default, trains on a
                            CPU in minutes), "mid" (between the two, for CPU speed figures)
 
-train.py's `--set FIELD=VALUE` reaches every field.
+    configure(cfg, ["FIELD=VALUE", ...])   what `--set` does (train.py, evaluate.py): every field is reachable
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,29 @@ class D2VLMConfig:
         d = json.loads(text)
         d["lora_targets"] = tuple(d["lora_targets"])
         return cls(**d)
+
+
+def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
+    """cfg with FIELD=VALUE overrides, each parsed as its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD one of D2VLMConfig's fields")
+        kind = type(getattr(cfg, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--set {item}: {key} takes true or false")
+            changes[key] = value.lower() in ("true", "1")
+        elif kind in (int, float, str):
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise SystemExit(f"--set {item}: {key} must be of type {kind.__name__}") from None
+        else:
+            raise SystemExit(f"--set {item}: {key} cannot be set from the command line")
+    return dataclasses.replace(cfg, **changes)
 
 
 PRESETS = {

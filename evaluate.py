@@ -6,6 +6,8 @@
     python evaluate.py --score PRED.json [--protocol etchat|strict|d2vlm] [--out metrics.json]
     python evaluate.py --benchmark charades|youcook2 --data TIMECHAT_FILE --videos DIR  (or --score PRED)
     python evaluate.py --video clip.mp4 --question "..." [--plot sim.png]
+    python evaluate.py --ckpt RELEASED_DIR --qformer-tokenizer BERT_DIR ...   the released D2VLM weights as
+                                                they are (released.py; our exports need no tokenizer flag)
 
 The scorers live in their own modules (docs/scoring.md): etbench.py (E.T.Bench, protocols etchat
 and strict; --protocol d2vlm through etbench_d2vlm.py), captions.py (dense captioning),
@@ -27,6 +29,7 @@ import data
 import decoding
 import event_videos
 from charades_youcook2 import charades_records, score_charades, score_youcook2, youcook2_records
+from config import configure
 from etbench import PROTOCOLS, load_predictions, score_etbench, table
 from files import atomic_path
 from video import sample_frames
@@ -105,6 +108,13 @@ def _video_duration(path):
         return float(c.duration / av.time_base)
 
 
+def load_model(ckpt, args):
+    """The model of a checkpoint directory (ours or released), --set applied, in eval mode."""
+    cfg = configure(checkpoint.read_config(ckpt), args.set) if args.set else None
+    return checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights, cfg=cfg,
+                                      qformer_tokenizer=args.qformer_tokenizer).eval()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
@@ -118,6 +128,10 @@ def main(argv=None):
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
     ap.add_argument("--vision-weights")
     ap.add_argument("--llm-weights")
+    ap.add_argument("--qformer-tokenizer", help="with a released --ckpt: bert-base-uncased's tokenizer directory (or "
+                                                "InstructBLIP's qformer_tokenizer/)")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                    help="override the checkpoint's D2VLMConfig fields, e.g. --set select_ratio=0.5")
     ap.add_argument("--data", help="E.T.Bench-format annotation file (default: the synthetic test split)")
     ap.add_argument("--videos")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -131,7 +145,7 @@ def main(argv=None):
         if not args.question:
             raise SystemExit("--video needs --question")
         ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
-        m = checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights).eval()
+        m = load_model(ckpt, args)
         answer = answer_video(m, args.video, args.question, args.max_new_tokens, args.temperature)
         print(answer["text"])
         for k, (s, e) in enumerate(answer["spans"]):
@@ -150,7 +164,7 @@ def main(argv=None):
             args.data, args.videos = str(test), args.videos or str(test.parent / "videos")
         if args.videos is None:
             raise SystemExit("--videos is required with --data")
-        m = checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights).eval()
+        m = load_model(ckpt, args)
         if args.benchmark == "charades":
             raw = charades_records(args.data)
             for r in raw:  # the duration the converter leaves out: read it from the video

@@ -363,6 +363,10 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
     tokenizer: the LLM's (default: the in-code BPE, build_tiny_tokenizer); <video>, <evi>, </evi>
     are added to it. qformer_tokenizer: the Q-Former's (default: the LLM's). Loading weights from
     directories is checkpoint.py's job (checkpoint.from_weights, checkpoint.from_checkpoint)."""
+    for field in ("inject_layer", "match_layer"):  # indices into hidden_states: embeddings, then each layer
+        if not -(cfg.llm_layers + 1) <= getattr(cfg, field) <= cfg.llm_layers:
+            raise ValueError(f"{field}={getattr(cfg, field)} is not a hidden state of a {cfg.llm_layers}-layer LLM "
+                             f"(0 to {cfg.llm_layers}, or negative from the end)")
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer(cfg.tiny_vocab)
     qtok = qformer_tokenizer if qformer_tokenizer is not None else tok
     if len(qtok) > cfg.qformer_vocab:

@@ -13,6 +13,11 @@ in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the o
     torchrun --nproc_per_node 4 train.py --stage fpo --preset d2vlm-3.8b --vision-weights DIR --llm-weights DIR \
         --data et_instruct_164k_txt.json --videos DIR --set batch_size=8
 
+or, as the paper starts, from E.T.Chat stage 2 (a released directory; released.py):
+
+    torchrun --nproc_per_node 4 train.py --stage sft --init ETChat-Phi3-Mini-Stage-2 --qformer-tokenizer DIR \
+        --data et_instruct_164k_txt.json --videos DIR
+
 DDP comes from torchrun's environment (gloo on CPU, NCCL on CUDA; multi-node through torchrun's own
 flags). Checkpoints go to runs/<name>/<stage>/step_NNNNNN/ (written under a temporary name, then
 renamed; the last --keep are kept; what they hold: checkpoint.py). --resume picks up the newest one
@@ -45,8 +50,9 @@ import event_videos
 import fpo
 import losses
 import model as modeling
+import released
 import synth
-from config import PRESETS
+from config import PRESETS, configure
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
@@ -54,7 +60,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GP
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
     ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the config (default: tiny; d2vlm-3.8b with a released --init, whose widths it reads)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="override D2VLMConfig fields, e.g. --set w_cons=0 lr_lora=1e-4 batch_size=8")
     ap.add_argument("--data", help="annotation file (E.T.Instruct-164K txt/vid or the synthetic train.json); "
@@ -62,7 +69,11 @@ def get_args(argv=None):
     ap.add_argument("--videos", help="folder the records' `video` paths are relative to")
     ap.add_argument("--vision-weights", help="local InstructBLIP checkpoint directory (vision + Q-Former)")
     ap.add_argument("--llm-weights", help="local Phi-3-mini-4k-instruct directory (model + tokenizer)")
-    ap.add_argument("--init", help="fpo: the SFT checkpoint to start from (default: the newest in runs/<name>/sft)")
+    ap.add_argument("--init", help="start from this directory: a released one (E.T.Chat stage 2 as the paper does, "
+                                   "or D2VLM; released.py), or for fpo our SFT checkpoint (default: the newest in "
+                                   "runs/<name>/sft)")
+    ap.add_argument("--qformer-tokenizer", help="with a released --init: bert-base-uncased's tokenizer directory "
+                                                "(or InstructBLIP's qformer_tokenizer/); upstream's holds none")
     ap.add_argument("--pairs", help="fpo: preference pairs from synth.py (default: made from --data, seeded)")
     ap.add_argument("--ref", choices=["none", "sft"], default="none",
                     help="fpo reference: none (as released) or the SFT model (log-probs computed once, before step 1)")
@@ -80,29 +91,6 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"], help="accelerator peak for MFU (H100 bf16 dense)")
     return ap.parse_args(argv)
-
-
-def configure(cfg, overrides):
-    """cfg with FIELD=VALUE overrides, each parsed as its field's type."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD one of D2VLMConfig's fields")
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--set {item}: {key} takes true or false")
-            changes[key] = value.lower() in ("true", "1")
-        elif kind in (int, float, str):
-            try:
-                changes[key] = kind(value)
-            except ValueError:
-                raise SystemExit(f"--set {item}: {key} must be of type {kind.__name__}") from None
-        else:
-            raise SystemExit(f"--set {item}: {key} cannot be set from the command line")
-    return dataclasses.replace(cfg, **changes)
 
 
 def make_optimizer(model, cfg, fused=False, scale=1.0):
@@ -194,19 +182,26 @@ def setup_distributed():
 
 
 def starting_point(args, run_dir):
-    """(cfg, init, resume): the config this run trains with (the preset, or for FPO the SFT
-    checkpoint's, with --set on top); the SFT checkpoint FPO starts from (None for SFT); the
-    checkpoint --resume continues (None for a fresh run), which must have run with the same config."""
+    """(cfg, init, resume): the config this run trains with (the preset; with a released --init the
+    preset with the directory's widths; for FPO from our SFT checkpoint, its config; --set on top);
+    the directory the model starts from (None: SFT from --vision-weights / --llm-weights, or random);
+    the checkpoint --resume continues (None for a fresh run), which must have run with the same config."""
     init = None
-    if args.stage == "fpo":
+    if args.init and released.is_released(args.init):
+        init = Path(args.init)
+        base = released.config_from(init, PRESETS[args.preset or "d2vlm-3.8b"])
+    elif args.stage == "fpo":
         found = [Path(args.init)] if args.init else ckpt.checkpoints(Path(args.out) / args.name / "sft")
         if not found or not (found[-1] / ckpt.CONFIG).is_file():
             raise SystemExit(f"fpo starts from an SFT checkpoint: none in {args.init or Path(args.out) / args.name / 'sft'} "
                              "(run `torchrun train.py --stage sft` first, or give --init DIR)")
         init = found[-1]
         base = ckpt.read_config(init)
+    elif args.init:
+        raise SystemExit(f"--init {args.init}: sft starts from a released directory (config.json of model_type "
+                         f"{released.MODEL_TYPE}); to continue one of our runs use --resume")
     else:
-        base = PRESETS[args.preset]
+        base = PRESETS[args.preset or "tiny"]
     cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
     if not args.resume:
         if ckpt.checkpoints(run_dir):  # never write over another run's checkpoints
@@ -222,6 +217,12 @@ def starting_point(args, run_dir):
     if differ:
         raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
     return cfg, init, resume
+
+
+def _qformer_tokenizer(resume):
+    """The Q-Former tokenizer a resumed run saved, if it has its own."""
+    d = resume / ckpt.QFORMER_TOKENIZER if resume else None
+    return d if d is not None and d.is_dir() else None
 
 
 def resolve_data(args, master, ddp):
@@ -269,11 +270,18 @@ def main(argv=None):
 
     # ---- model, optimizer, data, schedule
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if init is not None:
+    if init is not None and released.is_released(init):
+        model, fresh = released.load(init, cfg, args.qformer_tokenizer)
+        if master:
+            print(f"{args.stage}: starting from {init} (released layout); fresh: {', '.join(fresh + ['LoRA'])}",
+                  file=sys.stderr)
+        model = model.to(device)
+    elif init is not None:
         model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg).to(device)
     else:
         model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights,
-                                  tokenizer_dir=resume / ckpt.TOKENIZER if resume else None).to(device)
+                                  tokenizer_dir=resume / ckpt.TOKENIZER if resume else None,
+                                  qformer_tokenizer_dir=_qformer_tokenizer(resume)).to(device)
     if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
         modeling.hold_frozen_in(model, torch.bfloat16)
     full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import released
 import bench_decode
 import video
 from test_video import index_clip, read_index
@@ -74,11 +75,14 @@ def test_memory_rows_at_real_size():
 
 
 def test_realwidth_one_layer_on_the_cpu(tmp_path):
-    """The real widths with one layer each under bf16 autocast: both steps run with finite losses,
-    the saved checkpoint reloads bit for bit, and generation produces tokens."""
+    """The real widths with one layer each, started from an E.T.Chat stage-2 directory, under bf16
+    autocast: both steps run with finite losses, the saved checkpoint reloads bit for bit,
+    generation produces tokens, and the export is a released-layout directory of the same depth."""
     rows = {what: value for _, what, value, *_ in bench.realwidth_figures(layers=1, frames=4, new_tokens=2,
-                                                                          out_dir=tmp_path / "ckpt")}
+                                                                          out_dir=tmp_path / "rw")}
     assert rows["SFT step"] > 0 and rows["FPO step (packed pair)"] > 0
     assert rows["trained weights after from_checkpoint: bit-identical (1 = yes)"] == 1.0
     assert rows["greedy generation, 2 new tokens"] > 0
-    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and not list(tmp_path.glob(".*tmp*"))
+    assert (tmp_path / "rw" / "step" / "model.safetensors").is_file() and not list(tmp_path.rglob(".*tmp*"))
+    exported = released.config_from(tmp_path / "rw" / "export")
+    assert (exported.llm_layers, exported.vision_layers, exported.llm_width) == (1, 1, 3072)

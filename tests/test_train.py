@@ -44,12 +44,12 @@ def test_lr_schedule():
 
 def test_set_overrides_accumulate_and_are_typed():
     args = train.get_args(["--stage", "sft", "--set", "w_cons=0", "epochs=2", "--set", "train_base=true"])
-    cfg = train.configure(config.PRESETS["tiny"], args.set)
+    cfg = config.configure(config.PRESETS["tiny"], args.set)
     assert (cfg.w_cons, cfg.epochs, cfg.train_base) == (0.0, 2, True) and isinstance(cfg.epochs, int)
     with pytest.raises(SystemExit, match="train_base takes true or false"):
-        train.configure(cfg, ["train_base=yes"])
+        config.configure(cfg, ["train_base=yes"])
     with pytest.raises(SystemExit, match="epochs must be of type int"):
-        train.configure(cfg, ["epochs=1.5"])
+        config.configure(cfg, ["epochs=1.5"])
 
 
 def test_one_step_changes_only_trained_tensors(synthetic):
