@@ -7,6 +7,8 @@ this machine, between things that do the same work.
     python bench.py learn [--json FILE]   the embedded default end to end: SFT -> evaluate -> FPO ->
                                           evaluate on the synthetic test split, per-task metrics and
                                           the wall time of each stage
+    python bench.py kills [--kills 10]    train.py killed (kill -9) at random moments and resumed: how
+                                          many end with the uninterrupted run's weights, bit for bit
     python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
                                           (bf16), from an E.T.Chat stage-2 directory: load, SFT step,
                                           FPO step, save, reload, generation, export
@@ -34,6 +36,7 @@ import checkpoint
 import data
 import decoding
 import etbench
+import event_videos
 import fpo
 import losses
 import model
@@ -311,6 +314,51 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
 
 
 # ---------------------------------------------------------------------------------------------
+# Kills: a run killed at a random moment (kill -9), then resumed, ends with the weights of an
+# uninterrupted run
+
+def kill_figures(n: int = 10, seed: int = 0, out_dir="data/bench/kills", steps: int = 12):
+    """`n` times: start `train.py` (tiny, 2 records a step over 24 synthetic records, a checkpoint
+    every 2 steps), kill -9 it after a random fraction of an uninterrupted run's wall time, then
+    `--resume` it to the end. Counts the kills that landed during a save (a temporary checkpoint
+    directory present) and the resumes whose final weight digest equals the uninterrupted run's."""
+    import random
+    import signal
+    import subprocess
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    event_videos.ensure_synthetic(event_videos.SYNTHETIC)
+    records = json.loads((event_videos.SYNTHETIC / "train.json").read_text())[:24]
+    (out / "records.json").write_text(json.dumps(records))
+    base = [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--data", str(out / "records.json"),
+            "--videos", str(event_videos.SYNTHETIC / "videos"), "--out", str(out), "--workers", "0",
+            "--max-steps", str(steps), "--save-every", "2", "--set", "batch_size=2"]
+
+    def digest(name):
+        rows = [json.loads(x) for x in (out / name / "sft" / "log.jsonl").read_text().splitlines()]
+        return rows[-1]["rank_digests"][0]
+    t = time.perf_counter()
+    subprocess.run([*base, "--name", "whole"], check=True, capture_output=True)
+    wall, want = time.perf_counter() - t, digest("whole")
+    rng, during_save, same = random.Random(seed), 0, 0
+    for i in range(n):
+        name = f"kill{i}"
+        p = subprocess.Popen([*base, "--name", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 0.95) * wall)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        during_save += any((out / name / "sft").glob(".step_*"))
+        resume = ["--resume"] if checkpoint.checkpoints(out / name / "sft") else []
+        subprocess.run([*base, "--name", name, *resume], check=True, capture_output=True)
+        same += digest(name) == want
+    g = f"kill -9 at a random moment, then --resume (tiny, {steps} steps, a checkpoint every 2)"
+    return [(g, "runs killed", float(n), "", None), (g, "kills that landed during a save", float(during_save), "", None),
+            (g, "resumed runs ending bit-identical to the uninterrupted run", float(same), "", None),
+            (g, "uninterrupted run", wall, "s", None)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Learnability: the embedded default end to end
 
 def learn(name=None):
@@ -369,7 +417,8 @@ def show(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth"])
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills"])
+    ap.add_argument("--kills", type=int, default=10, help="kills: how many runs to kill and resume")
     ap.add_argument("--layers", type=int, default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
     ap.add_argument("--frames", type=int, default=8, help="realwidth: frames of the test clip")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -382,6 +431,8 @@ def main(argv=None):
     t = time.perf_counter()
     if args.what == "realwidth":
         rows = realwidth_figures(args.layers, args.frames, out_dir=Path(args.clips) / "realwidth")
+    elif args.what == "kills":
+        rows = kill_figures(args.kills, out_dir=Path(args.clips) / "kills")
     elif args.what == "learn":
         name, times, metrics = learn(args.name)
         rows = learn_rows(times, metrics)

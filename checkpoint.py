@@ -5,16 +5,19 @@
     save_weights / load_weights / from_checkpoint    our checkpoint directory (below); from_checkpoint and
                                                      read_config also take a released one (released.py)
     save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
-    checkpoints(run_dir), latest_checkpoint(root)    finding them again
+    checkpoints(run_dir), latest_checkpoint(root)    finding them again; damaged(dir): checked against its manifest
+    lock_run(run_dir)                                one writer per run directory
 
 A checkpoint directory holds adapter/ (the LoRA adapter, a peft directory), model.safetensors (the
 other trained tensors; every non-LoRA tensor when "full": a model built without weight directories
 has random frozen parts that must travel with it), config.json (D2VLMConfig), tokenizer/,
-qformer_tokenizer/ when the Q-Former has its own and, in a training run, trainer_state.pt (step, data position, RNG states, optimizer; torch.load with
-weights_only=True).
+qformer_tokenizer/ when the Q-Former has its own and, in a training run, trainer_state.pt (step,
+data position, RNG states, optimizer; torch.load with weights_only=True) and manifest.json (the
+sha256 of every other file).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +36,8 @@ TOKENIZER = "tokenizer"
 QFORMER_TOKENIZER = "qformer_tokenizer"  # when it is not the LLM's (InstructBLIP's bert-base-uncased + [DEC])
 STATE = "trainer_state.pt"     # a training run's state (train.py)
 STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
+MANIFEST = "manifest.json"     # sha256 of every other file of a checkpoint, written last
+LOCK = ".lock"                 # held by the one run writing a run directory
 RUNS, DEFAULT_NAME = "runs", "default"  # train.py's --out and --name defaults: runs/<name>/<stage>/
 DEFAULT_RUN = Path(RUNS) / DEFAULT_NAME
 
@@ -215,12 +220,72 @@ def latest_checkpoint(root) -> Path:
 
 def save_checkpoint(run_dir, step: int, model: D2VLM, state: dict, full: bool, keep: int) -> Path:
     """runs/<name>/<stage>/step_NNNNNN (written under a temporary name, then renamed; a re-run of the
-    same step replaces it) with the weights and `state` (trainer_state.pt); keeps the last `keep`."""
+    same step replaces it) with the weights, `state` (trainer_state.pt) and MANIFEST (the sha256 of
+    every file, written last); keeps the last `keep`. A failed write removes the temporary and
+    raises one error naming the checkpoint; the earlier ones are untouched."""
     final = Path(run_dir) / f"step_{step:06d}"
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        save_weights(model, tmp, full)
-        torch.save(state, tmp / STATE)
+    try:
+        with atomic_path(final) as tmp:
+            tmp.mkdir(parents=True)
+            save_weights(model, tmp, full)
+            torch.save(state, tmp / STATE)
+            (tmp / MANIFEST).write_text(json.dumps(_digests(tmp), indent=1))
+    except Exception as e:  # disk full, quota, a dead mount: say where, keep nothing half-written
+        raise OSError(f"{final}: saving the checkpoint failed ({e}); nothing was left there, the earlier "
+                      "checkpoints are intact") from e
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _digests(directory: Path) -> dict:
+    """{relative path: sha256} of every file under `directory` but MANIFEST."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[str(f.relative_to(directory))] = h.hexdigest()
+    return out
+
+
+def damaged(directory) -> str | None:
+    """Why a checkpoint directory cannot be trusted (a file missing, changed or added since it was
+    written, by MANIFEST), or None when it is intact."""
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        return f"no {MANIFEST}"
+    try:
+        want = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    have = _digests(d)
+    for f in sorted(set(want) | set(have)):
+        if want.get(f) != have.get(f):
+            return f"{f} {'missing' if f not in have else 'changed since it was written'}"
+    return None
+
+
+def lock_run(run_dir):
+    """Hold `run_dir`/LOCK (an exclusive flock: the system lets go of it when the process ends, even
+    by kill -9) for as long as the returned file stays open. A second writer gets one error naming
+    the holder."""
+    import fcntl
+    import os
+    import socket
+    import time
+    f = open(Path(run_dir) / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{run_dir} is in use by {holder}: one run writes a run directory at a time "
+                         "(wait for it, or pick another --name)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f

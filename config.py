@@ -6,12 +6,14 @@
     PRESETS                "d2vlm-3.8b" (the paper's model), "tiny" (the embedded default, trains on a
                            CPU in minutes), "mid" (between the two, for CPU speed figures)
 
-    configure(cfg, ["FIELD=VALUE", ...])   what `--set` does (train.py, evaluate.py): every field is reachable
+    configure(cfg, ["FIELD=VALUE", ...])   what `--set` does (train.py, evaluate.py): every field is reachable,
+                                          and the result is checked (check: finite, in RANGES) before anything starts
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -111,7 +113,48 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
                 raise SystemExit(f"--set {item}: {key} must be of type {kind.__name__}") from None
         else:
             raise SystemExit(f"--set {item}: {key} cannot be set from the command line")
-    return dataclasses.replace(cfg, **changes)
+    out = dataclasses.replace(cfg, **changes)
+    problem = check(out)
+    if problem:
+        raise SystemExit(f"--set: {problem}" if any(problem.startswith(k + "=") for k in changes) else problem)
+    return out
+
+
+# the allowed range of each numeric field: (low, high, low included, high included); None = unbounded
+_POSITIVE, _NON_NEGATIVE, _FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
+RANGES = {
+    **dict.fromkeys(("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp",
+                     "qformer_width", "qformer_layers", "qformer_heads", "qformer_mlp", "qformer_cross_every",
+                     "qformer_vocab", "qformer_max_text", "num_query_tokens", "llm_width", "llm_layers", "llm_heads",
+                     "llm_mlp", "llm_vocab", "llm_max_positions", "lora_r", "lora_alpha", "batch_size", "grad_accum",
+                     "epochs", "max_len", "tiny_vocab", "init_range", "qformer_ln_eps", "rope_theta", "beta",
+                     "grad_clip", "fpo_epochs", "fps"), _POSITIVE),
+    **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale"),
+                    _NON_NEGATIVE),
+    **dict.fromkeys(("qformer_dropout", "lora_dropout", "warmup"), _FRACTION),
+    "select_ratio": (0, 1, False, True),
+    "alpha": (1, None, False, False),  # soft targets alpha^-distance must fall with the distance
+}
+
+
+def check(cfg: D2VLMConfig) -> str | None:
+    """The first problem with cfg's values, as one line naming the field, or None: every number
+    finite and in its RANGES, the image a whole number of patches, each width a multiple of its heads."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name not in RANGES:
+            continue
+        lo, hi, lo_in, hi_in = RANGES[f.name]
+        if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
+                or (hi is not None and (v > hi or (v == hi and not hi_in))):
+            span = f"{'[' if lo_in else '('}{lo}, {'∞)' if hi is None else f'{hi}' + (']' if hi_in else ')')}"
+            return f"{f.name}={v!r} is outside {span}"
+    if cfg.image_size % cfg.patch_size:
+        return f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}"
+    for width, heads in (("vision_width", "vision_heads"), ("qformer_width", "qformer_heads"), ("llm_width", "llm_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            return f"{width}={getattr(cfg, width)} is not a multiple of {heads}={getattr(cfg, heads)}"
+    return None
 
 
 PRESETS = {

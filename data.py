@@ -16,12 +16,12 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from evidence import EVI, EVI_END
-from video import normalize, sample_frames
+from video import normalize, probe_all, sample_frames
 
 VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
 DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
@@ -30,6 +30,9 @@ DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (roundin
 SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]
 CAPTION_TASKS = ("dvc", "slc")                   # g, one caption per tgt span
 BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
+# E.T.Instruct-164K's nine: the grounding and dense-captioning tasks above, and two more captioning
+# tasks the release's FPO builder names (tvc, rvc); records in its format may also use E.T.Bench's
+INSTRUCT_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tvc", "rvc")
 LETTERS = "ABCDE"  # multiple-choice options, in order
 
 # Phi-3's chat format, with one video placeholder in the user turn (model.py turns it into T video tokens)
@@ -68,7 +71,10 @@ def load_records(path, on_error: str = "raise") -> Records:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix == ".jsonl":
         raw = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -84,6 +90,8 @@ def load_records(path, on_error: str = "raise") -> Records:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if not isinstance(raw, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
+    if not raw:
+        raise ValueError(f"{path}: holds no records")
     good, skipped = [], []
     for i, rec in enumerate(raw):
         try:
@@ -137,6 +145,11 @@ _PAIR = rf"{_NUM}{_UNIT}?\s*(?:-|–|\s+to\s+)\s*{_NUM}"
 # a single time: a number followed by a unit, directly or through a list ("at 3, 5 and 8 seconds")
 _POINT = rf"{_NUM}(?=(?:\s*(?:,|and|or|, and)\s*\d+(?:\.\d+)?)*{_UNIT})"
 _TXT_TIME = re.compile(rf"(?<![\w.]){_PAIR}|(?<![\w.]){_POINT}")
+# what the patterns above would misread: a minus sign before a time ("-3.0 - 5.0" is not [3, 5]) and
+# nan / inf next to a time ("nan - 5.0 seconds" is not a point at 5)
+# a minus directly before a time (a number then a unit, or a range), not inside a word or number
+_SIGN = re.compile(rf"(?<![\w.])[-–](?=\d+(?:\.\d+)?(?:{_UNIT}|\s*(?:-|–|\bto\b)\s*\d))")
+_NOT_A_NUMBER = re.compile(r"(?i)(?<![\w.])(?:nan|inf(?:inity)?)\s*(?:-|–|\bto\b)\s*\d|\d\s*(?:-|–|\bto\b)\s*(?:nan|inf(?:inity)?)\b")
 _VID_TIME = re.compile(rf"{re.escape(VID)}\s*(?:-|–|\s+to\s+)\s*{re.escape(VID)}|{re.escape(VID)}")
 
 
@@ -144,9 +157,16 @@ def extract_times(text: str, values=None):
     """Replace each timestamp expression of `text` by one <evi> and return (template, spans).
     With `values` (vid variant) the placeholders are <vid> tokens filled in order from `values`
     (a flat list); otherwise the numbers are read from the text (txt variant). A pair gives a span
-    [a, b], a single time a point [a, a]. Raises BadRecord on a count mismatch or a reversed pair."""
+    [a, b], a single time a point [a, a]. Raises BadRecord on a count mismatch, a negative time or
+    nan / inf where a time stands."""
     spans, out, last = [], [], 0
     if values is None:
+        bad = _NOT_A_NUMBER.search(text)
+        if bad:
+            raise BadRecord("text", f"a timestamp that is not a number: {text[max(0, bad.start() - 10):bad.end() + 10]!r}")
+        for bad in _SIGN.finditer(text):
+            if not text[:bad.start()].rstrip()[-1:].isdigit():  # "3 -5" is a range, "at -5" a negative time
+                raise BadRecord("text", f"a negative timestamp: {text[max(0, bad.start() - 10):bad.end() + 10]!r}")
         for m in _TXT_TIME.finditer(text):
             a = m.group(1) if m.group(1) is not None else m.group(3)
             b = m.group(2) if m.group(1) is not None else a
@@ -232,6 +252,9 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
     for f in ("video", "source"):
         if not isinstance(record.get(f), str) or not record[f]:
             raise BadRecord(f, "missing or not a non-empty string")
+    video = PurePosixPath(record["video"].replace("\\", "/"))
+    if video.is_absolute() or ".." in video.parts or re.match(r"[A-Za-z]:", record["video"]):
+        raise BadRecord("video", f"{record['video']!r} must be a relative path inside the video folder")
     duration = _number(record.get("duration"), "duration")
     if duration <= 0:
         raise BadRecord("duration", f"must be positive, got {duration:g}")
@@ -241,6 +264,9 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
             raise BadRecord("src", f"expected a flat list of seconds, got {src!r}")
         src = [_number(v, "src") for v in src]
     if "conversations" in record:
+        if task not in INSTRUCT_TASKS + BENCH_TASKS:
+            raise BadRecord("task", f"unknown task {task!r} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
+                                    f"E.T.Bench: {', '.join(BENCH_TASKS)})")
         question, answer = _instruct_turns(record)
         tgt = record.get("tgt")
         if tgt is not None:
@@ -335,10 +361,12 @@ class VideoDataset(torch.utils.data.Dataset):
     """Training/eval samples from an annotation file and its video folder: {"evidence", "frames"}.
 
     Every record is validated and converted up front (load_records / to_evidence), every video file
-    must exist, and the chat-formatted length (prompt + response tokens, the video placeholder
+    must exist and pass the pre-flight check (video.probe_all: opens, decodes, not truncated; spans
+    past its last frame are counted in `.past_end` and reported), and the chat-formatted length (prompt + response tokens, the video placeholder
     replaced by one token per frame, frames estimated from `duration`) must fit `cfg.max_len`.
     A record that is too long is skipped, never cut through the response; the count is in
-    `.skipped["too_long"]` (and bad records, with on_error="skip", in `.skipped["invalid"]`)."""
+    `.skipped["too_long"]` (and with on_error="skip": bad records in `.skipped["invalid"]`, records
+    without a video file or with an unreadable one in `["missing_video"]` / `["bad_video"]`)."""
 
     def __init__(self, records, videos, tokenizer, cfg, on_error: str = "raise", with_response: bool = True):
         # records: an annotation file, or a list of raw records / evidence-format records (e.g. pairs)
@@ -349,12 +377,16 @@ class VideoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{videos}: video folder not found")
         self.videos, self.cfg, self.with_response = videos, cfg, with_response
         evs = [r if "response" in r else to_evidence(r, cfg.fps) for r in recs]
+        if not evs:
+            raise ValueError(f"{where}: no records to make samples of")
         missing = [(i, ev["video"]) for i, ev in enumerate(evs) if not (videos / ev["video"]).is_file()]
         if missing and on_error == "raise":
             i, v = missing[0]
             raise FileNotFoundError(f"{where}: record {i}: field 'video': {videos / v} not found "
                                     f"({len(missing)} records have no video file)")
         gone = {i for i, _ in missing}
+        bad, past_end = self._check_videos(evs, gone, where, on_error)
+        gone |= {i for i, _ in bad}
         prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
         n_text = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         if with_response:
@@ -373,17 +405,51 @@ class VideoDataset(torch.utils.data.Dataset):
             self.items.append(ev)
             self.kept.append(i)  # the record's position in `records`
             self.budget.append(cfg.max_len - n + 1)  # frames that still fit
-        self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing), "too_long": too_long}
-        if missing or too_long:
-            print(f"{where}: skipped {too_long} records longer than max_len={cfg.max_len} and "
-                  f"{len(missing)} without a video file; {len(self.items)} left", file=sys.stderr)
+        self.where = where
+        self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing),
+                        "bad_video": len(bad), "too_long": too_long}
+        self.past_end = past_end  # records with a span past their video's last frame (kept: clamped to it)
+        if missing or bad or too_long:
+            print(f"{where}: skipped {too_long} records longer than max_len={cfg.max_len}, {len(missing)} without a "
+                  f"video file and {len(bad)} whose video cannot be read (first: {(bad or [(0, '-')])[0][1]}); "
+                  f"{len(self.items)} left", file=sys.stderr)
+        if past_end:
+            i, msg = past_end[0]
+            print(f"{where}: {len(past_end)} records have a span past the last frame of their video, clamped to it "
+                  f"(first: record {i}: {msg})", file=sys.stderr)
+
+    def _check_videos(self, evs, gone, where, on_error):
+        """The pre-flight check (video.probe_all) of every record's video. Returns (bad, past_end):
+        (record, message) pairs of unreadable videos (an error unless on_error="skip") and of records
+        whose spans run past their video's last frame by more than DURATION_TOLERANCE."""
+        paths = {i: self.videos / ev["video"] for i, ev in enumerate(evs) if i not in gone}
+        probes = probe_all(paths.values())
+        bad = [(i, probes[p]) for i, p in paths.items() if isinstance(probes[p], str)]
+        if bad and on_error == "raise":
+            raise ValueError(f"{where}: record {bad[0][0]}: field 'video': {bad[0][1]} ({len(bad)} records have "
+                             "videos that cannot be read; --on-error skip leaves them out)")
+        past_end = []
+        for i, p in paths.items():
+            if isinstance(probes[p], str):
+                continue
+            ev, end = evs[i], probes[p]["end"]
+            spans = ev["spans"] + ev["question_spans"] + ev.get("rejected", {}).get("evi_spans", [])
+            last = max([e for _, e in spans], default=0.0)
+            if last > end + DURATION_TOLERANCE:
+                past_end.append((i, f"span end {last:g} s, the video's frames end at {end:.1f} s"))
+        return bad, past_end
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
+        """{"evidence", "frames", "index"}; a video that fails now (changed since the pre-flight check)
+        gives {"failed": message, "index"} instead, which collate leaves out and reports."""
         ev = self.items[i]
-        frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
+        try:
+            frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
+        except (ValueError, OSError) as e:
+            return {"failed": f"{self.where}: record {self.kept[i]}: {e}", "index": i}
         return {"evidence": ev, "frames": frames, "index": i}
 
 
@@ -399,7 +465,14 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     rejected response in one row, labels on both responses, and two more tensors: branch (B, L)
     (0 prompt, 1 chosen, 2 rejected) and prev (B, L) (the position each token follows: the rejected
     response follows the prompt, not the chosen response). answer_spans then holds the chosen
-    <evi> spans followed by the rejected ones (`evi_spans` of the rejected response)."""
+    <evi> spans followed by the rejected ones (`evi_spans` of the rejected response).
+
+    Samples that failed to load ({"failed": message}) are left out; their messages are in
+    out["failed"] (only when there are any), and a batch of nothing but failures is {"failed": [...]}."""
+    failed = [s["failed"] for s in samples if "failed" in s]
+    samples = [s for s in samples if "failed" not in s]
+    if not samples:
+        return {"failed": failed}
     pairs = ["rejected" in s["evidence"] for s in samples]
     if any(pairs) and not all(pairs):
         raise ValueError("collate: a batch mixes preference pairs and plain samples")
@@ -442,6 +515,8 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
         out["branch"], out["prev"] = _pad(branches, 0)[0], _pad(prevs, 0)[0]
     if all("index" in s for s in samples):  # dataset positions (FPO looks up reference log-probs by them)
         out["index"] = torch.tensor([s["index"] for s in samples])
+    if failed:
+        out["failed"] = failed
     return out
 
 

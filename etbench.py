@@ -9,8 +9,11 @@ the per-task summary with the merged rows of the official table, and the predict
     score_etbench(records, protocol, embed, scorers)        -> {task: {source: {metric: value}}}
     summary(metrics) -> (per-task means, merged rows); table(metrics) -> str
 
+    load_predictions(path) -> records      one ValueError line for a bad file, record or field
+
 samples: one (task, source) group of records, each an E.T.Bench dict with the response in "a".
-Where the official script crashes on a response ("10..." as a number), the record is Failed.
+Where the official script crashes on a response ("10..." as a number, a NaN IoU in TAL, a lone
+surrogate for MiniLM, a sixth option) or turns a mean NaN (a NaN IoU), the record is Failed.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from pathlib import Path
 
 from captions import CaptionScorers, score_dvc
 from etbench_d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
-from scoring import (THRESHOLDS, Embedder, Unparsable, at_thresholds, closest_option, evs_f1, letter_choice,
-                     letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format)
+from scoring import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
+                     check_spans, check_text, closest_option, evs_f1, is_number, letter_choice, letter_map,
+                     lone_letter, show, strip_best_option, temporal_iou, tvg_format)
 
 HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
             "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
@@ -35,12 +39,27 @@ MERGED = (("Acc (ref)", ("rar", "eca", "rvq"), True), ("F1 (gnd)", ("tvg", "epm"
           ("F1 (cap)", ("dvc", "slc"), False), ("Sim (cap)", ("dvc_sim", "slc_sim"), False),
           ("Rec (com)", ("tem", "gvq"), False))
 COLUMNS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq")
+# what each task's scorer reads besides "a" (load_predictions checks them)
+SPAN_TASKS = ("tvg", "epm", "gvq")  # tgt: one span [s, e]
+MCQ_TASKS = ("rar", "eca", "rvq", "gvq")  # o: the options, p: the answer's index
+CHOICE_ONLY = ("rar", "eca", "rvq")  # no tgt read
+CAPTION_TASKS = ("dvc", "slc")  # g: one caption per tgt span; video: the key of a parsed sample
 
 
 def _safe_spans(a):
     try:
         return tvg_format(a)
     except Unparsable:
+        return None
+
+
+def _first_iou(a, gt):
+    """The official IoU of a response's first span against the gt spans (N, 2) (the best over them),
+    or None when the sample is Failed: no span, or one the official script crashes on or turns NaN."""
+    try:
+        spans = tvg_format(a)
+        return None if spans is None else best_iou(gt, [spans[0]])
+    except Unscorable:
         return None
 
 
@@ -52,11 +71,10 @@ def _first_span(samples, gt_is_list):
     spans): (failed, sum of IoU, hits per threshold)."""
     failed, sum_iou, hits = 0, 0.0, [0] * len(THRESHOLDS)
     for s in samples:
-        pred = _safe_spans(s["a"])
-        if pred is None:
+        iou = _first_iou(s["a"], s["tgt"] if gt_is_list else [s["tgt"]])
+        if iou is None:
             failed += 1
             continue
-        iou = temporal_iou(s["tgt"] if gt_is_list else [s["tgt"]], [pred[0]]).max().item()
         sum_iou += iou
         for i, t in enumerate(THRESHOLDS):
             hits[i] += iou >= t
@@ -74,21 +92,36 @@ def score_tvg(samples, tem=False):
     return {"Total": total, "Failed": failed, "mIoU": sum_iou / total, **rates, mean_key: mean}
 
 
+def _tal_f1(iou) -> list[float]:
+    """One TAL sample's F1 at each threshold from its G x P IoU matrix (0 where no IoU reaches t).
+    A NaN in the matrix makes its max NaN, so no threshold is skipped, and hides the matches of its
+    row and column; where that leaves none, the official divides 0 by 0: raises Unscorable."""
+    out = []
+    for t in THRESHOLDS:
+        if iou.max() < t:
+            out.append(0.0)
+            continue
+        rec = (iou.max(1).values >= t).float().mean().item()
+        prc = (iou.max(0).values >= t).float().mean().item()
+        if prc + rec == 0:
+            raise Unscorable("TAL: no match at a threshold a NaN IoU let through")
+        out.append(2 * prc * rec / (prc + rec))
+    return out
+
+
 def score_tal(samples):
     """TAL (spec §1.6): per-sample F1 at each threshold from the G x P IoU matrix; failed = 0."""
     total, failed, f1 = len(samples), 0, [0.0] * len(THRESHOLDS)
     for s in samples:
-        pred = _safe_spans(s["a"])
-        if pred is None:
+        try:
+            pred = tvg_format(s["a"])
+            sample_f1 = None if pred is None else _tal_f1(temporal_iou(s["tgt"], pred))
+        except Unscorable:
+            sample_f1 = None
+        if sample_f1 is None:
             failed += 1
             continue
-        iou = temporal_iou(s["tgt"], pred)
-        for i, t in enumerate(THRESHOLDS):
-            if iou.max() < t:
-                continue
-            rec = (iou.max(1).values >= t).float().mean().item()
-            prc = (iou.max(0).values >= t).float().mean().item()
-            f1[i] += 2 * prc * rec / (prc + rec)
+        f1 = [acc + x for acc, x in zip(f1, sample_f1)]
     rates, mean = at_thresholds("F1", f1, total)
     return {"Total": total, "Failed": failed, **rates, "F1": mean}
 
@@ -165,9 +198,13 @@ def score_mcq(samples, embed, strict=False):
             if hit is not None:
                 hits += hit
                 continue
-        if not ever:
+        try:
+            choice = closest_option(pred, s["o"], embed)
+        except Unscorable:  # official: a crash
             failed += 1
-        hits += closest_option(pred, s["o"], embed) == gt
+            continue
+        failed += not ever
+        hits += choice == gt
     return {"Total": total, "Failed": failed, "Acc": hits / total}
 
 
@@ -181,15 +218,19 @@ def score_gvq(samples, embed):
             acc_cnt += 1
             continue
         choice = letter_choice(pred, len(s["o"]))
-        correct = (choice if choice is not None else closest_option(pred, s["o"], embed)) == s["p"]
-        if not correct:
+        if choice is None:
+            try:
+                choice = closest_option(pred, s["o"], embed)
+            except Unscorable:  # official: a crash
+                acc_cnt += 1
+                continue
+        if choice != s["p"]:
             continue
         correct_n += 1
-        spans = _safe_spans(s["a"])
-        if spans is None:
+        iou = _first_iou(s["a"], [s["tgt"]])
+        if iou is None:
             rec_cnt += 1
             continue
-        iou = temporal_iou([s["tgt"]], [spans[0]]).item()
         sum_iou += iou
         for i, t in enumerate(THRESHOLDS):
             hits[i] += iou >= t
@@ -272,26 +313,137 @@ def table(metrics) -> str:
     return "\n".join(lines)
 
 
-def load_predictions(path):
+# ---------------------------------------------------------------------------------------------
+# The predictions reader
+
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
+def _check_shared(r) -> None:
+    """Raise BadField unless the record (a dict) has "task" (an E.T.Bench task), "source" and "a"
+    strings."""
+    for field in ("task", "source", "a"):
+        if field not in r:
+            raise BadField(field, "missing")
+        if not isinstance(r[field], str):
+            raise BadField(field, f"is not a string: {show(r[field])}")
+    if r["task"] not in HEADLINE:
+        raise BadField("task", f"is not an E.T.Bench task ({', '.join(HEADLINE)}): {show(r['task'])}")
+
+
+def _check_vhd(tgt) -> None:
+    """VHD's tgt: [[s, e], ...], or one such list per annotator (told apart by tgt[0][0], as officially)."""
+    per_annotator = isinstance(tgt, list) and tgt and isinstance(tgt[0], list) and tgt[0] \
+        and isinstance(tgt[0][0], list)
+    for spans in tgt if per_annotator else [tgt]:
+        check_spans(spans, "tgt")
+
+
+def _check_options(o, p) -> None:
+    if not isinstance(o, list) or not o:
+        raise BadField("o", f"is not a non-empty list of options: {show(o)}")
+    for opt in o:
+        if isinstance(opt, (list, tuple)):  # an option that is a span, written "s - e"
+            if len(opt) != 2 or not all(is_number(x) for x in opt):
+                raise BadField("o", f"has an option that is neither text nor [start, end]: {show(opt)}")
+        else:
+            check_text(opt, "o")
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(o):
+        raise BadField("p", f"is not the index of one of the {len(o)} options: {show(p)}")
+
+
+def _check_task_fields(r, require=()) -> None:
+    """Raise BadField unless r (past _check_shared) has what its task's scorer reads: "tgt" (tvg,
+    epm, gvq: [s, e]; vhd: see _check_vhd; rar, eca, rvq: none; the others: [[s, e], ...]; finite,
+    s <= e), "o" and "p"
+    for multiple choice, "g" (one caption per span) and "video" for dvc / slc, and each field of
+    `require` (only "idx": an int)."""
+    task = r["task"]
+    needed = (*(() if task in CHOICE_ONLY else ("tgt",)), *(("o", "p") if task in MCQ_TASKS else ()),
+              *(("g", "video") if task in CAPTION_TASKS else ()), *require)
+    for field in needed:
+        if field not in r:
+            raise BadField(field, "missing")
+    if task in SPAN_TASKS:
+        check_span(r["tgt"], "tgt")
+    elif task == "vhd":
+        _check_vhd(r["tgt"])
+    elif task not in CHOICE_ONLY:
+        check_spans(r["tgt"], "tgt")
+    if task in MCQ_TASKS:
+        _check_options(r["o"], r["p"])
+    if task in CAPTION_TASKS:
+        if not isinstance(r["g"], list) or len(r["g"]) != len(r["tgt"]):
+            raise BadField("g", f"is not a list of one caption per tgt span ({len(r['tgt'])}): {show(r['g'])}")
+        for caption in r["g"]:
+            check_text(caption, "g")
+        check_text(r["video"], "video")
+    if "idx" in require and (not isinstance(r["idx"], int) or isinstance(r["idx"], bool)):
+        raise BadField("idx", f"is not an integer: {show(r['idx'])}")
+
+
+def _where(r) -> str:
+    """ " (task 'tvg', source 's', video 'v.mp4', idx 3)": whichever of these the record has."""
+    parts = [f"{k} {show(r[k])}" for k in ("task", "source", "video", "idx") if k in r]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _parse(text: str, f: Path, line=None):
+    """json.loads(text), or ValueError naming the file (and the line of a .jsonl)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: line {line or e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{f}: line {line or 1}: not valid JSON (nested too deeply)") from None
+
+
+def _read_json(f: Path) -> list:
+    """The records of one .json (a list) or .jsonl (one a line) file; ValueError naming the file."""
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"{f}: holds no records (empty file)")
+    if f.suffix == ".jsonl":  # split on "\n" only: a JSON string may hold a raw U+2028
+        return [_parse(line, f, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    docs = _parse(text, f)
+    if not isinstance(docs, list):
+        raise ValueError(f"{f}: expected a JSON list of records, got {JSON_TYPES[type(docs)]}")
+    if not docs:
+        raise ValueError(f"{f}: holds no records")
+    return docs
+
+
+def load_predictions(path, require=()):
     """A JSON list, or a folder of *.json / *.jsonl (paths containing "metrics" skipped), of
-    E.T.Bench records with the response in "a" -> the records (list of dicts)."""
+    E.T.Bench records with the response in "a" -> the records (list of dicts). Every record is
+    checked for what its task's scorer reads (_check_shared, _check_task_fields; `require`: extra
+    fields, only "idx"). Raises FileNotFoundError, or ValueError with one line naming the file, the
+    record (its index in the file, and its task, source, video, idx) and the field: a file that is
+    not UTF-8 JSON, not a list or empty; a record with a field missing, of the wrong type or shape,
+    a ground truth that is empty, not finite or reversed. A file's shared fields are checked before
+    any task field, so a file of annotations without "a" is named as such first."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: prediction file not found")
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
         if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"{path}: prediction file not found")
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.json or *.jsonl prediction files")
     records = []
     for f in files:
-        text = f.read_text(encoding="utf-8")
-        try:
-            recs = [json.loads(x) for x in text.splitlines() if x.strip()] if f.suffix == ".jsonl" else json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        recs = _read_json(f)
         for i, r in enumerate(recs):
-            for field in ("task", "source", "a"):
-                if not isinstance(r, dict) or field not in r:
-                    raise ValueError(f"{f}: record {i}: field '{field}' missing")
-            if not isinstance(r["a"], str):
-                raise ValueError(f"{f}: record {i}: field 'a' must be a string")
+            if not isinstance(r, dict):
+                raise ValueError(f"{f}: record {i}: not a JSON object but {JSON_TYPES[type(r)]}: {show(r)}")
+        for check in (_check_shared, lambda r: _check_task_fields(r, require)):
+            for i, r in enumerate(recs):
+                try:
+                    check(r)
+                except BadField as e:
+                    raise ValueError(f"{f}: record {i}: {e}{_where(r)}") from None
         records += recs
     return records

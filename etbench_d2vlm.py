@@ -7,15 +7,17 @@ protocol would, and the evidence before it adds *_evi metrics. The release's bug
     tvg_format_d2vlm(a)                 -> (answer spans | None, evidence spans | None)
     d2vlm_tvg, d2vlm_tal, d2vlm_evs, d2vlm_vhd, d2vlm_mcq, d2vlm_gvq    samples -> {metric: value}
 
-samples: one (task, source) group of E.T.Bench records with the response in "a".
+samples: one (task, source) group of E.T.Bench records with the response in "a". A sample whose
+answer or evidence IoU is NaN, or that the release would crash on, is Failed (scoring.Unscorable).
 """
 from __future__ import annotations
 
 import math
 
 from evidence import EVI_END
-from scoring import (THRESHOLDS, Unparsable, at_thresholds, closest_option, evs_f1, letter_choice, letter_map,
-                     lone_letter, strip_best_option, temporal_iou, tvg_format, written_pairs)
+from scoring import (THRESHOLDS, Unparsable, Unscorable, at_thresholds, best_iou, closest_option, evs_f1,
+                     letter_choice, letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format,
+                     written_pairs)
 
 EPS = 1e-7  # the release's guard in "correct ratio within matched"
 
@@ -38,6 +40,15 @@ def tvg_format_d2vlm(a: str):
     return answer, evidence
 
 
+def _ious(gt, answer, evidence):
+    """[answer IoU, evidence IoU] (best_iou of each span list against gt), or None when the sample
+    is Failed: no answer span, or a NaN IoU (official: a NaN mIoU / mIoU_evi)."""
+    try:
+        return [best_iou(gt, spans) for spans in (answer, evidence)] if answer else None
+    except Unscorable:
+        return None
+
+
 def d2vlm_tvg(samples, tem=False):
     """TVG/EPM: the best IoU over all answer spans (and over all evidence spans; no evidence: the
     answer's). tem=True: TEM, the first answer / evidence span's best IoU over the gt spans."""
@@ -45,13 +56,14 @@ def d2vlm_tvg(samples, tem=False):
     sums, hits = [0.0, 0.0], [[0] * len(THRESHOLDS), [0] * len(THRESHOLDS)]
     for s in samples:
         ans, evi = tvg_format_d2vlm(s["a"])
-        if not ans:
+        evi = evi or ans
+        if tem and ans:  # the first span of each, against every gt span
+            ans, evi = ans[:1], evi[:1]
+        ious = _ious(s["tgt"] if tem else [s["tgt"]], ans, evi)
+        if ious is None:
             failed += 1
             continue
-        evi = evi or ans
-        gt = s["tgt"] if tem else [s["tgt"]]
-        for k, spans in enumerate((ans[:1], evi[:1]) if tem else (ans, evi)):
-            iou = temporal_iou(gt, spans).max().item()
+        for k, iou in enumerate(ious):
             sums[k] += iou
             for i, t in enumerate(THRESHOLDS):
                 hits[k][i] += iou >= t
@@ -168,8 +180,11 @@ def d2vlm_mcq(samples, embed):
             hits += ok
             weak_correct += ok
             continue
-        failed += 1
-        hits += closest_option(pred, s["o"], embed) == s["p"]
+        failed += 1  # the fallback is Failed whatever it picks
+        try:
+            hits += closest_option(pred, s["o"], embed) == s["p"]
+        except Unscorable:  # official: a crash; a miss here
+            continue
     return {"Total": total, "Failed": failed, "Acc": hits / total, "Matched_count": weak,
             "matched_ratio": weak / total, "correct_ratio_within_matched": weak_correct / (weak + EPS)}
 
@@ -191,16 +206,20 @@ def d2vlm_gvq(samples, embed):
             correct = choice == s["p"]
             weak_correct += correct
         else:
-            correct = closest_option(pred, s["o"], embed) == s["p"]
+            try:
+                correct = closest_option(pred, s["o"], embed) == s["p"]
+            except Unscorable:  # official: a crash
+                acc_cnt += 1
+                continue
         if not correct:
             continue
         correct_n += 1
         ans, evi = tvg_format_d2vlm(s["a"])
-        if not ans:
+        ious = _ious([s["tgt"]], ans[:1], evi[:1] if evi else [[0.0, 0.0]]) if ans else None
+        if ious is None:
             rec_cnt += 1
             continue
-        for k, span in enumerate((ans[0], evi[0] if evi else [0.0, 0.0])):
-            iou = temporal_iou([s["tgt"]], [span]).item()
+        for k, iou in enumerate(ious):
             sums[k] += iou
             for i, t in enumerate(THRESHOLDS):
                 hits[k][i] += iou >= t

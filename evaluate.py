@@ -20,39 +20,49 @@ import json
 import sys
 from pathlib import Path
 
-import av
 import torch
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import decoding
 import event_videos
-from charades_youcook2 import charades_records, score_charades, score_youcook2, youcook2_records
+from charades_youcook2 import charades_records, score_timechat, youcook2_records
 from config import configure
 from etbench import PROTOCOLS, load_predictions, score_etbench, table
 from files import atomic_path
-from video import sample_frames
+from video import probe, sample_frames
 
 
 # ---------------------------------------------------------------------------------------------
 # Inference
 
-def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=256, progress=True):
+def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=256, progress=True, on_error="raise"):
     """Run batched generation on E.T.Bench-format records; returns copies with the response in "a".
-    A record too long for the model's max_len (text + one token per frame) gets an empty response,
-    so the scorer counts it as Failed (the count is reported)."""
-    ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, with_response=False)
+    Every video is checked first (data.VideoDataset): an unreadable one stops the run, or with
+    on_error="skip" its records are left out. A record left out (too long for the model's max_len,
+    text + one token per frame; a bad video; a video that fails during the run) gets an empty
+    response, so the scorer counts it as Failed; the counts are reported."""
+    ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
     gen = torch.Generator().manual_seed(0)
+    failed = []
     for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
         samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-        batch = data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
-        for j, g in zip(ds.kept[i:i + batch_size], decoding.generate(m, batch, max_new_tokens, temperature, generator=gen)):
-            answers[j] = g["text"]
-    if len(ds) < len(records):
-        print(f"{len(records) - len(ds)} records too long for max_len={m.cfg.max_len}: empty responses (Failed)",
-              file=sys.stderr)
+        failed += [s["failed"] for s in samples if "failed" in s]
+        ok = [s for s in samples if "failed" not in s]
+        if not ok:
+            continue
+        batch = data.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
+        for s, g in zip(ok, decoding.generate(m, batch, max_new_tokens, temperature, generator=gen)):
+            answers[ds.kept[s["index"]]] = g["text"]
+    for message in failed:
+        print(f"skipped: {message}", file=sys.stderr)
+    if len(ds) < len(records) or failed:
+        print(f"{len(records) - len(ds) + len(failed)} of {len(records)} records have an empty response (Failed): "
+              f"{ds.skipped['too_long']} too long for max_len={m.cfg.max_len}, {ds.skipped['bad_video']} with an "
+              f"unreadable video, {len(failed)} whose video failed during the run", file=sys.stderr)
     return [{**r, "a": a} for r, a in zip(records, answers)]
 
 
@@ -98,16 +108,6 @@ def plot_evidence(answer, fps, path):
     plt.close(fig)
 
 
-def _video_duration(path):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: video file not found")
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        if s.duration is not None:
-            return float(s.duration * s.time_base)
-        return float(c.duration / av.time_base)
-
-
 def load_model(ckpt, args):
     """The model of a checkpoint directory (ours or released), --set applied, in eval mode."""
     cfg = configure(checkpoint.read_config(ckpt), args.set) if args.set else None
@@ -123,7 +123,8 @@ def main(argv=None):
                          "d2vlm: the </evi>-aware rules of the D2VLM release, with *_evi evidence metrics")
     ap.add_argument("--benchmark", choices=["etbench", "charades", "youcook2"], default="etbench",
                     help="charades / youcook2: --data is TimeChat's test / val .caption_coco_format.json "
-                         "(inference), or --score reads tvg/charades_sta or dvc/youcook2 predictions")
+                         "(inference, and the ground truth of the scoring); --score reads tvg/charades_sta or "
+                         "dvc/youcook2 predictions and needs --data")
     ap.add_argument("--out", help="metrics JSON (default: next to the predictions)")
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
     ap.add_argument("--vision-weights")
@@ -134,6 +135,8 @@ def main(argv=None):
                     help="override the checkpoint's D2VLMConfig fields, e.g. --set select_ratio=0.5")
     ap.add_argument("--data", help="E.T.Bench-format annotation file (default: the synthetic test split)")
     ap.add_argument("--videos")
+    ap.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                    help="an unreadable video: stop, or leave its records out (empty responses, counted Failed)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -155,7 +158,14 @@ def main(argv=None):
             print(f"plot: {args.plot}", file=sys.stderr)
         return
     if args.score:
-        records = load_predictions(args.score)
+        if args.benchmark == "etbench" and args.data:
+            raise SystemExit("--data is the ground truth of --benchmark charades / youcook2; E.T.Bench predictions "
+                             "carry their own, drop --data")
+        if args.benchmark != "etbench" and not args.data:
+            raise SystemExit(f"--benchmark {args.benchmark} --score needs --data, TimeChat's ground-truth "
+                             ".caption_coco_format.json: the release scores every video it names, those without a "
+                             "prediction included")
+        records = load_predictions(args.score, require=("idx",) if args.benchmark == "charades" else ())
         pred_path = Path(args.score)
     else:
         ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
@@ -167,26 +177,29 @@ def main(argv=None):
         m = load_model(ckpt, args)
         if args.benchmark == "charades":
             raw = charades_records(args.data)
-            for r in raw:  # the duration the converter leaves out: read it from the video
-                r["duration"] = _video_duration(Path(args.videos) / r["video"])
+            for r in raw:  # the duration the converter leaves out: read it from the video (checked on the way)
+                info = probe(Path(args.videos) / r["video"])
+                r["duration"] = info["declared"] or info["end"]
         elif args.benchmark == "youcook2":
             raw = youcook2_records(args.data)
         else:
-            raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
             data.load_records(args.data)  # validates every record (one-line error naming it)
-        records = predict(m, raw, args.videos, args.batch_size, args.temperature, args.max_new_tokens)
+            raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
+        records = predict(m, raw, args.videos, args.batch_size, args.temperature, args.max_new_tokens,
+                          on_error=args.on_error)
         pred_path = ckpt / f"predictions_{Path(args.data).stem}.json"
         with atomic_path(pred_path) as tmp:
             tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
         print(f"predictions: {pred_path}", file=sys.stderr)
     out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / "metrics.json"
-    if args.benchmark == "charades":
-        metrics = score_charades(records)
-        text = "\n".join(f"{k} = {metrics[k]}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")) \
-            + f"\n({metrics['num']} of {metrics['Total']} responses with a span; {metrics['Failed']} Failed)"
-    elif args.benchmark == "youcook2":
-        metrics = score_youcook2(records)
-        text = "\n".join(f"{k}: {v}" for k, v in metrics.items())
+    if args.benchmark != "etbench":
+        metrics, note = score_timechat(args.benchmark, records, args.data)
+        print(note, file=sys.stderr)
+        if args.benchmark == "charades":
+            text = "\n".join(f"{k} = {metrics[k]}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")) \
+                + f"\n({metrics['num']} of {metrics['Total']} responses with a span; {metrics['Failed']} Failed)"
+        else:
+            text = "\n".join(f"{k}: {v}" for k, v in metrics.items())
     else:
         metrics = score_etbench(records, args.protocol)
         text = table(metrics)
@@ -198,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 from data import fmt_time, load_records, span_text
 from files import atomic_path
 from video import write_video
@@ -231,4 +232,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import cli
 from config import PRESETS, D2VLMConfig
 from evidence import EVI, EVI_END
 from files import atomic_path
@@ -381,4 +382,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

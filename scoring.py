@@ -1,11 +1,13 @@
 """The rules every scorer shares (scoring-spec.md §0, §1.2, §1.3, §1.7, §1.9, §1.11).
 
-The IoU thresholds and the per-threshold means; the official timestamp parser `tvg_format` and the
-number parse behind it (Unparsable where the official script would crash); the two IoUs (float32
-temporal, float64 dense); EVS's one-second bin map; the multiple-choice helpers (letter map, lone
-leading letter, MiniLM similarity fallback with the `Embedder`); the random caption paired with
-predictions that match no ground truth. The family scorers build on these: etbench.py and
-etbench_d2vlm.py (E.T.Bench), captions.py (dense captioning), charades_youcook2.py.
+The IoU thresholds and the per-threshold means; the official timestamp parser `tvg_format` (linear
+regexes) and the number parse behind it; the two IoUs (float32 temporal, float64 dense) and
+`best_iou`; EVS's one-second bin map; the multiple-choice helpers (letter map, lone leading letter,
+MiniLM similarity fallback with the `Embedder`); the random caption paired with predictions that
+match no ground truth; the field checks of the input readers (`BadField`, `check_span`,
+`check_spans`, `check_text`). Unscorable (and its Unparsable) marks an answer the official script
+would crash on or turn NaN: every scorer counts it as Failed. The family scorers build on these:
+etbench.py and etbench_d2vlm.py (E.T.Bench), captions.py (dense captioning), charades_youcook2.py.
 
 Spans are [start, end] lists of seconds (floats); a record is an E.T.Bench dict with the
 response in "a".
@@ -23,18 +25,85 @@ from data import LETTERS
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
-PAIR = re.compile(r"(\d+\.*\d*)\s*-\s*(\d+\.*\d*)")  # "\.*": "10..." matches, and float() then fails
-_TO = re.compile(r"(\d+\.*\d*)\s* to \s*(\d+\.*\d*)")
-_NUM = re.compile(r"\b(\d+\.\d+\b|\b\d+)\b")
+# The official number is r"\d+\.*\d*" ("\.*": "10..." matches, and float() then fails). Its patterns
+# backtrack into their numbers: on a run of n digits with no "-" a search takes O(n^3) steps (2,000
+# digits: about a minute). We write the number with possessive quantifiers and let a match start
+# only where no digit precedes. Both keep exactly the official matches: whatever a number could give
+# back is a digit or a dot, which nothing after a number in these patterns can take, and a match
+# starting right after a digit would already have matched one digit earlier. A search is then linear.
+NUMBER = r"\d++\.*+\d*+"
+PAIR = re.compile(rf"(?<!\d)({NUMBER})\s*+-\s*+({NUMBER})")  # official: (\d+\.*\d*)\s*-\s*(\d+\.*\d*)
+# official: (\d+\.*\d*)\s* to \s*(\d+\.*\d*); the space before "to" is the last of the whitespace run
+_TO = re.compile(rf"(?<!\d)({NUMBER})\s*+(?<= )to \s*+({NUMBER})")
+_NUM = re.compile(r"\b(\d+\.\d+\b|\b\d+)\b")  # linear as it is: "\b" stops a search inside a digit run
 _HMS = re.compile(r"\b((\d{1,2}:\d{2}:\d{2}))\b")
 LETTER_MAP_SIZES = (4, 5)  # the official multiple-choice letter map knows 4 and 5 options only
 LONE_LETTER_END = "., )"  # what may follow a leading letter for it to count as the answer
 EVS_BINS = 1000  # EVS: one bin per second, the first 1000 s
 RANDOM_CAPTION_LEN = (10, 20)  # letters of the random caption for an unmatched prediction
+SHOWN = 60  # characters of a bad value quoted in an error message
 
 
-class Unparsable(Exception):
-    """A response the official script would crash on; ours counts it as Failed."""
+class Unscorable(Exception):
+    """An answer the official script would crash on, or whose IoU would come out NaN (and make a
+    mean NaN); ours counts it as Failed."""
+
+
+class Unparsable(Unscorable):
+    """A number float() rejects ("10..."): the official script stops there."""
+
+
+class BadField(ValueError):
+    """A field of a record or annotation the scorers cannot read. str(): "field 'x' <problem>"."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field '{field}' {problem}")
+        self.field = field
+
+
+def show(x) -> str:
+    """repr(x) on one line, cut to SHOWN characters."""
+    r = repr(x)
+    return r if len(r) <= SHOWN else r[:SHOWN] + "..."
+
+
+def is_text(x) -> bool:
+    """x is a str that UTF-8 can encode. JSON lets a lone surrogate ("\\ud800") through; the MiniLM
+    tokenizer and the Java tools reject it."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_number(x) -> bool:
+    """x is a finite int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_span(x, field: str) -> None:
+    """Raise BadField unless x is [start, end], two finite numbers with start <= end."""
+    if not (isinstance(x, (list, tuple)) and len(x) == 2 and all(is_number(v) for v in x)):
+        raise BadField(field, f"is not a span [start, end] of finite numbers: {show(x)}")
+    if x[0] > x[1]:
+        raise BadField(field, f"has a span that ends before it starts: {show(x)}")
+
+
+def check_spans(x, field: str) -> None:
+    """Raise BadField unless x is a non-empty list of spans (check_span)."""
+    if not isinstance(x, list) or not x or not all(isinstance(span, (list, tuple)) for span in x):
+        raise BadField(field, f"is not a non-empty list of spans [[start, end], ...]: {show(x)}")
+    for span in x:
+        check_span(span, field)
+
+
+def check_text(x, field: str) -> None:
+    """Raise BadField unless x is text UTF-8 can encode (is_text)."""
+    if not is_text(x):
+        raise BadField(field, f"is not text (a string without lone surrogates): {show(x)}")
 
 
 def parse_float(x: str) -> float:
@@ -87,6 +156,16 @@ def temporal_iou(a, b) -> torch.Tensor:
     a, b = torch.tensor(a, dtype=torch.float32).reshape(-1, 2), torch.tensor(b, dtype=torch.float32).reshape(-1, 2)
     inter = (torch.min(a[:, None, 1], b[:, 1]) - torch.max(a[:, None, 0], b[:, 0])).clamp(min=0)
     return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0]) - inter)
+
+
+def best_iou(gt, spans) -> float:
+    """The largest float32 IoU of spans (M, 2) against gt (N, 2), taken as the official .max() takes
+    it (a NaN wins). Raises Unscorable when that is NaN (two zero-length spans, an infinite span):
+    officially the NaN makes the source's mIoU NaN (and TAL divide 0 by 0)."""
+    iou = temporal_iou(gt, spans).max().item()
+    if math.isnan(iou):
+        raise Unscorable("the IoU is NaN")
+    return iou
 
 
 def dense_iou(a, b) -> float:
@@ -145,6 +224,9 @@ class Embedder:
         return self._model
 
     def __call__(self, text: str) -> np.ndarray:
+        """Raises Unscorable on text the tokenizer rejects (a lone surrogate: the official crashes)."""
+        if not is_text(text):
+            raise Unscorable(f"the MiniLM tokenizer cannot encode {show(text)}")
         if text not in self._cache:
             self._cache[text] = self.model().encode([text], show_progress_bar=False)[0]
         return self._cache[text]
@@ -192,7 +274,10 @@ def _option_text(o):
 
 def closest_option(pred: str, options, embed: Embedder) -> int:
     """Index of the option whose "(X) text" is most similar to pred (dot product of MiniLM vectors;
-    the first maximum). options: strings, or [s, e] spans written "s - e"."""
+    the first maximum). options: strings, or [s, e] spans written "s - e". Raises Unscorable for
+    more options than LETTERS names (official: IndexError) or a pred embed cannot encode."""
+    if len(options) > len(LETTERS):
+        raise Unscorable(f"{len(options)} options: the official fallback names {len(LETTERS)} at most")
     e = embed(pred)
     best, best_sim = 0, -math.inf
     for i, o in enumerate(options):

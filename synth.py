@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import data
 from data import EVI, EVI_END
 
@@ -310,4 +311,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import cli
 import data
 import event_videos
 import fpo
@@ -53,6 +54,7 @@ import model as modeling
 import released
 import synth
 from config import PRESETS, configure
+from files import atomic_path
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
@@ -182,10 +184,11 @@ def setup_distributed():
 
 
 def starting_point(args, run_dir):
-    """(cfg, init, resume): the config this run trains with (the preset; with a released --init the
+    """(cfg, init, resume, passed): the config this run trains with (the preset; with a released --init the
     preset with the directory's widths; for FPO from our SFT checkpoint, its config; --set on top);
     the directory the model starts from (None: SFT from --vision-weights / --llm-weights, or random);
-    the checkpoint --resume continues (None for a fresh run), which must have run with the same config."""
+    the checkpoint --resume continues (None for a fresh run; the newest intact one, checked against
+    its manifest), which must have run with the same config; the damaged ones passed over, with why."""
     init = None
     if args.init and released.is_released(args.init):
         init = Path(args.init)
@@ -206,17 +209,61 @@ def starting_point(args, run_dir):
     if not args.resume:
         if ckpt.checkpoints(run_dir):  # never write over another run's checkpoints
             raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
-        return cfg, init, None
+        return cfg, init, None, []
     found = ckpt.checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
-    if not found or not (found[-1] / ckpt.STATE).is_file():
-        raise SystemExit(f"--resume: no checkpoint in {run_dir if args.resume == 'latest' else args.resume}")
-    resume = found[-1]
+    passed = []  # damaged checkpoints skipped on the way to the newest intact one
+    for d in reversed(found):
+        why = ckpt.damaged(d) if (d / ckpt.STATE).is_file() else f"no {ckpt.STATE}"
+        if why is None:
+            break
+        passed.append((d, why))
+    else:
+        where = run_dir if args.resume == "latest" else args.resume
+        raise SystemExit(f"--resume: no intact checkpoint in {where}"
+                         + (f" ({passed[0][0].name}: {passed[0][1]})" if passed else ""))
+    resume = d
     saved = ckpt.read_config(resume)
     differ = [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
               if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)]
     if differ:
         raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
-    return cfg, init, resume
+    return cfg, init, resume, passed
+
+
+def claim(run_dir, master, ddp):
+    """Rank 0 creates the run directory and takes its lock (checkpoint.lock_run); every rank stops
+    with the same message when it cannot. Returns the lock (rank 0) or None."""
+    lock, problem = None, None
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = ckpt.lock_run(run_dir)
+        except SystemExit as e:
+            problem = str(e.code)
+    if ddp:
+        box = [problem]
+        dist.broadcast_object_list(box, 0)
+        problem = box[0]
+    if problem:
+        raise SystemExit(problem)
+    return lock
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep the rows of log.jsonl up to `step`: a resumed run logs the steps after it again. A line
+    torn by a kill is dropped."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("steps", row.get("step", 0)) <= step:
+            keep.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(keep), encoding="utf-8")
 
 
 def _qformer_tokenizer(resume):
@@ -251,6 +298,8 @@ def training_data(args, cfg, tokenizer, run_dir, master):
             print(f"fpo: {len(records)} pairs from {len(raw)} records ("
                   + ", ".join(f"{k} {records.counts.get(k, 0)}" for k in synth.KINDS)
                   + f"), no kind applies to {records.unusable}; written to {run_dir / 'pairs.json'}", file=sys.stderr)
+    if isinstance(records, list) and not records:
+        raise SystemExit(f"{args.pairs or args.data}: no preference pairs to train on")
     ds = data.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
         raise SystemExit(f"{args.data}: no usable records")
@@ -263,9 +312,13 @@ def main(argv=None):
     cuda, master = device.type == "cuda", rank == 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     run_dir = Path(args.out) / args.name / args.stage
-    cfg, init, resume = starting_point(args, run_dir)
+    lock = claim(run_dir, master, ddp)  # held until the run ends
+    cfg, init, resume, passed = starting_point(args, run_dir)
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for d, why in passed:
+            print(f"--resume: skipped {d} ({why})", file=sys.stderr)
+        if resume:
+            cut_log(run_dir / "log.jsonl", int(resume.name.split("_")[-1]))
     resolve_data(args, master, ddp)
 
     # ---- model, optimizer, data, schedule
@@ -313,14 +366,15 @@ def main(argv=None):
     if master:
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {len(ds)} samples ({ds.skipped['too_long']} too long, {ds.skipped['invalid']} invalid, "
-              f"{ds.skipped['missing_video']} without video skipped), {world} process(es) x batch {cfg.batch_size} x "
+              f"{ds.skipped['missing_video']} without video, {ds.skipped['bad_video']} with an unreadable video skipped; "
+              f"{len(ds.past_end)} with a span past their video's end), {world} process(es) x batch {cfg.batch_size} x "
               f"accumulation {cfg.grad_accum}, {total} steps, {n_train:,} trained parameters, device {device.type}",
               file=sys.stderr)
         log = open(run_dir / "log.jsonl", "a" if resume else "w")
     bar = tqdm(total=total, initial=step, disable=not master, desc=args.stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     t_start = t_log = time.time()
-    first_step, n_acc, saved_to, last = step, 0, resume, None
+    first_step, n_acc, saved_to, last, last_good, skipped = step, 0, resume, None, None, 0
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
     model.train(args.stage == "sft")  # no dropout in FPO (as TRL's DPO): policy and reference see the same net
@@ -329,14 +383,35 @@ def main(argv=None):
         k = min(cfg.grad_accum, micro_per_epoch - micro)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(k):
-            batch = {n: t.to(device, non_blocking=True) for n, t in next(stream).items()}
+            batch = next(stream)
+            for message in batch.pop("failed", []):  # a video that broke after the pre-flight check
+                skipped += 1
+                print(f"skipped: {message}", file=sys.stderr)
+            weight = 1.0
+            if "input_ids" in batch:
+                batch = last_good = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
+            elif last_good is not None:  # nothing left of this micro-batch: a zero-weight pass keeps DDP in step
+                batch, weight = last_good, 0.0
+            else:
+                raise SystemExit("the run's first micro-batch could not be read (see the skipped lines above)")
             with model.no_sync() if ddp and i < k - 1 else nullcontext(), autocast:
                 terms = objective(model(batch), batch)
-            (terms["loss"] / k).backward()
-            stats += torch.stack([terms[t].detach().double() for t in keys]) / k
-            work += batch_work(batch, cfg)
+            (terms["loss"] * weight / k).backward()
+            stats += torch.stack([terms[t].detach().double() for t in keys]) * weight / k
+            step_loss += terms["loss"].detach().double() * weight
+            if weight:
+                work += batch_work(batch, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double()
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():  # stop before the update: the weights, and the last checkpoint, stay good
+            raise SystemExit(f"step {step + 1}: the loss is {step_loss.item():g} and the gradient norm "
+                             f"{grad_norm.item():g} on rank {rank}; stopped before updating the weights. The last "
+                             f"good checkpoint is {saved_to or 'none (no step was saved)'}; check the data and --set "
+                             "values (learning rates, loss weights) of this run")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, micro, n_acc = step + 1, micro + k, n_acc + 1
@@ -353,6 +428,9 @@ def main(argv=None):
             dt = time.time() - t_log
             mfu = train_flops(raw, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world) if cuda else None
             last = log_row(step, epoch, keys, stats / (n_acc * world), work, dt, n_acc, grad_norm, opt, mfu)
+            total_skipped = sum(gather(skipped, world))
+            if total_skipped:
+                last["skipped_samples"] = total_skipped  # since the run (or its resume) started
             if master:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
@@ -384,6 +462,8 @@ def main(argv=None):
     if ddp:
         dist.barrier()  # let every rank finish its part before the group goes away
         dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
     if len(set(digests)) > 1:
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
 
@@ -443,4 +523,4 @@ def summarize(log, stage, step, total, done, wall, last, saved_to, digests):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -3,12 +3,15 @@
 Paper: "Experiments / implementation details" (frames sampled at 1 fps, 224 px). DESIGN.md §2.
 
     sample_frames(path, fps, size)   one sequential decode; frame k = the decoded frame nearest to t = k / fps
+    probe(path), probe_all(paths)    the pre-flight check: opens, decodes first and last frame, not truncated
     normalize(frames)                uint8 -> float32 with CLIP's mean and std
     write_video(path, frames, fps)   RGB frames -> H.264 mp4 (temporary name, then renamed)
 """
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from pathlib import Path
 
 import av
@@ -19,6 +22,23 @@ from files import atomic_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TAIL = 3.0              # seconds before the declared end where probe() starts decoding
+TRUNCATION_SLACK = 1.0  # seconds of declared duration a video may lack before it counts as truncated
+CACHE_ENV = "D2VLM_CACHE"  # the folder of probe_all's cache (default ~/.cache/d2vlm)
+
+def _open(path: Path):
+    """(the open container, its first video stream), or one error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot open as a video ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
+    return container, container.streams.video[0]
+
 
 def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
     """Decode `path` once, front to back, and keep for every k with k/fps <= (time of the last frame)
@@ -27,17 +47,9 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
     `max_frames`, decoding stops after that many frames (the first max_frames/fps seconds).
     Missing, unreadable, audio-only or frameless files raise an error naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: video file not found")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot open as a video ({e})") from None
+    container, stream = _open(path)
     out = []
     with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         t0 = float((stream.start_time or 0) * stream.time_base)
         k, prev, prev_t, picked, decoded = 0, None, 0.0, {}, 0
@@ -64,6 +76,78 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
     if max_frames is None and declared and declared - decoded > max(rate, 1):  # > 1 s of frames missing
         raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def probe(path) -> dict:
+    """Check that `path` is a whole, decodable video without decoding all of it: open it, find its
+    video stream, decode the first frame, seek near the end and decode to the last frame. Returns
+    {"end": time of the last decodable frame (s, from the first), "declared": the duration its
+    header declares (s, or None)}. Raises ValueError naming the file when it cannot be opened, has
+    no video stream or no frame, fails to decode, or decodes to more than TRUNCATION_SLACK seconds
+    short of its declared duration (a truncated file)."""
+    path = Path(path)
+    container, stream = _open(path)
+    with container:
+        tb = stream.time_base
+        declared = (float(stream.duration * tb) if stream.duration else
+                    float(container.duration / av.time_base) if container.duration else None)
+        try:
+            first = next((f for f in container.decode(stream) if f.pts is not None), None)
+            if first is None:
+                raise ValueError(f"{path}: no decodable video frames")
+            t0, end = first.time, first.time
+            if declared is not None and declared > TAIL:
+                container.seek(int((float(first.time) + declared - TAIL) / tb), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts is not None:
+                    end = max(end, frame.time)
+        except av.FFmpegError as e:
+            raise ValueError(f"{path}: corrupt video, decoding failed ({e})") from None
+    end -= t0
+    rate = float(stream.average_rate or 0)
+    if declared is not None and declared - end > TRUNCATION_SLACK + (1 / rate if rate else 0):
+        raise ValueError(f"{path}: truncated video, its frames end at {end:.1f} s of the {declared:.1f} s its header declares")
+    return {"end": end, "declared": declared}
+
+
+def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
+    """probe() every file, in parallel threads (decoding releases the GIL), cached by path + size +
+    modification time in CACHE_ENV's folder (default ~/.cache/d2vlm) so that a second run is instant.
+    Returns {path: probe's dict, or the error message (str) for a file that fails}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+    cache_file = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "d2vlm") / "probe.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+
+    def key(p):
+        st = Path(p).stat()
+        return f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def one(p):
+        try:
+            k = key(p)
+            if k not in cache:
+                cache[k] = probe(p)
+            return p, cache[k]
+        except (ValueError, OSError) as e:
+            return p, str(e)
+    paths = list(dict.fromkeys(paths))
+    todo = sum(1 for p in paths if Path(p).is_file() and key(p) not in cache)
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        out = dict(tqdm(pool.map(one, paths), total=len(paths), desc="check videos", disable=not progress or todo < 2,
+                        mininterval=1))
+    if todo:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache))
+        except OSError:  # a read-only home: no cache, the check itself still ran
+            pass
+    return out
 
 
 def resize_crop(frame, size: int):

@@ -1,10 +1,16 @@
 """Fixtures shared by the test modules."""
 import json
+import os
+import tempfile
 
 import pytest
 
 import data
 import event_videos
+import video
+
+# the video pre-flight cache of this test session, not the user's (~/.cache/d2vlm)
+os.environ[video.CACHE_ENV] = tempfile.mkdtemp(prefix="d2vlm-cache-")
 
 
 @pytest.fixture(scope="session")
