@@ -39,6 +39,7 @@ LETTERS = "ABCDE"  # multiple-choice options, in order
 VIDEO, END = "<video>", "<|end|>"
 CHAT = (f"<|system|>\n{{system}}{END}\n<|user|>\n{VIDEO}\n{{prompt}}{END}\n<|assistant|>\n", f"{{response}}{END}")
 IGNORE = -100  # the label of tokens that are not trained on (the prompt, padding)
+SPAN_STYLES = ("seconds", "release")  # how render writes a span (see render)
 
 
 class BadRecord(ValueError):
@@ -213,15 +214,22 @@ def to_frames(spans, fps: float = 1.0):
     return [[int(math.floor(s * fps + 0.5)), int(math.floor(e * fps + 0.5))] for s, e in spans]
 
 
-def render(response: str, spans) -> str:
-    """Replace the i-th <evi> of `response` by spans[i] as "s - e" (seconds). Adjacent <evi>
-    (stage 1) are joined by ", " so that the evidence part stays parseable."""
+def render(response: str, spans, style: str = "seconds", fps: float = 1.0) -> str:
+    """Replace the i-th <evi> of `response` by spans[i] (seconds). style "seconds": "s - e" as
+    E.T.Instruct writes times, adjacent <evi> (stage 1) joined by ", " so the evidence part stays
+    parseable; style "release": as the D2VLM release writes them, "{s} - {e} " with the inclusive
+    integer frame indices at `fps` (seconds at 1 fps), nothing joined."""
     if response.count(EVI) != len(spans):
         raise ValueError(f"{response.count(EVI)} {EVI} tokens but {len(spans)} spans")
+    if style not in SPAN_STYLES:
+        raise ValueError(f"span style {style!r}: expected one of {', '.join(SPAN_STYLES)}")
     out, k, prev = [], 0, None
     for piece in re.split(f"({re.escape(EVI)})", response):
         if piece == EVI:
-            out.append((", " if prev == EVI else "") + span_text(spans[k]))
+            if style == "release":
+                out.append("{} - {} ".format(*to_frames([spans[k]], fps)[0]))
+            else:
+                out.append((", " if prev == EVI else "") + span_text(spans[k]))
             k += 1
         elif piece:
             out.append(piece)

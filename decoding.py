@@ -1,29 +1,56 @@
 """Decoding: batched generation with a KV cache and evidence injection. Paper: "Evidence Token"
 (inference: each generated <evi> picks its span and takes in its frames).
 
-    generate(model, batch, max_new_tokens, temperature, top_p)   one dict per sample: text, tokens, spans, probs
+    generate(model, batch, max_new_tokens, temperature, ...)   one dict per sample: text, tokens, spans, probs
+    DECODINGS                 the named protocols: "greedy" (ours) and "release" (the D2VLM release's,
+                              shared/upstream-facts.md §3: sampling at 0.2, repetition penalty 1.2 on
+                              multiple choice, 2048 new tokens, its span text)
+    repetition_penalty(...)   the release's penalty, as a pure function
 """
 from __future__ import annotations
 
 import torch
 
 import evidence
-from data import END, render
+from data import END, VIDEO, render
 from evidence import EVI
+
+DECODINGS = {
+    "greedy": {"temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": 256, "span_style": "seconds"},
+    "release": {"temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 2048, "span_style": "release"},
+}
+PENALIZED_TASKS = ("rar", "eca", "rvq")  # the release penalizes repetition on multiple choice only
+
+
+def repetition_penalty(logits, seen, penalty: float):
+    """The release's penalty (as transformers' RepetitionPenaltyLogitsProcessor, once per distinct
+    token): logits (B, V) of the tokens marked in seen (B, V) bool are divided by `penalty` when
+    positive, multiplied when negative. Returns new logits (B, V)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 @torch.no_grad()
 def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             generator=None, use_cache: bool = True):
+             seeds=None, penalty: float = 1.0, penalize=None, span_style: str = "seconds", use_cache: bool = True):
     """Batched decoding from prompts (a collated batch without responses). Greedy at temperature 0,
-    else sampling (temperature, top_p). Each emitted <evi> gets the span chosen from its similarity
-    over the frames (evidence.select_interval), and its next input embedding is raised by the mean
-    layer-`inject_layer` video state over that span. Stops a sample at <|end|>.
-    use_cache=False recomputes the whole sequence at every step (a reference for tests).
-    Returns one dict per sample: text (each <evi> as "s - e" seconds), tokens, spans (seconds), and
-    probs: for each <evi>, sigmoid(similarity) over the sample's frames (what its span was chosen from)."""
+    else sampling (temperature, top_p) with one generator per sample seeded from `seeds` (B ints,
+    default 0..B-1): a sample draws the same tokens in any batch. Each emitted <evi> gets the span
+    chosen from its similarity over the frames (evidence.select_interval), and its next input
+    embedding is raised by the mean layer-`inject_layer` video state over that span. Stops a sample
+    at <|end|>. penalty / penalize (B bools): the release's repetition penalty on those samples, over
+    every token of the prompt and of the answer so far but the video placeholder and <evi>, applied
+    before the temperature. use_cache=False recomputes the whole sequence at every step (a reference
+    for tests). Returns one dict per sample: text (each <evi> written by data.render in
+    `span_style`), tokens, spans (seconds), and probs: for each <evi>, sigmoid(similarity) over the
+    sample's frames (what its span was chosen from)."""
     cfg, tid = model.cfg, model.token_id
     B = batch["input_ids"].shape[0]
+    gens = [torch.Generator().manual_seed(int(x)) for x in (range(B) if seeds is None else seeds)]
+    penalized = torch.tensor([False] * B if penalize is None else list(penalize), device=batch["input_ids"].device)
+    ids = batch["input_ids"]
+    seen = torch.zeros(B, model.lm_head.weight.shape[0], dtype=torch.bool, device=ids.device)
+    keep = batch["attention_mask"].bool() & (ids != tid[VIDEO]) & (ids != tid[EVI])
+    seen[torch.arange(B, device=ids.device)[:, None].expand_as(ids)[keep], ids[keep]] = True
     pr = model.encode_prompt(batch)
     suffix, suf_mask = pr.suffix, pr.suf_mask
     hs = model.run(suffix, suf_mask, pr.cache, pr.pre_mask)
@@ -37,8 +64,11 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     pad = model.tokenizer.pad_token_id
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
-        tok = _choose(logits, temperature, top_p, generator)
+        if penalty != 1.0 and penalized.any():
+            logits = torch.where(penalized[:, None], repetition_penalty(logits, seen, penalty), logits)
+        tok = _choose(logits, temperature, top_p, gens)
         tok = torch.where(done, pad, tok)
+        seen[torch.arange(B, device=tok.device), tok] |= (tok != tid[EVI]) & ~done
         emb = model.decoder.embed_tokens(tok)
         is_evi = (tok == tid[EVI]) & ~done
         if is_evi.any():
@@ -70,11 +100,16 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     for i in range(B):
         toks = tokens[i][:-1] if tokens[i] and tokens[i][-1] == tid[END] else tokens[i]
         raw = model.tokenizer.decode(toks, skip_special_tokens=False)
-        out.append({"text": render(raw, spans[i]), "tokens": tokens[i], "spans": spans[i], "probs": probs[i]})
+        if span_style == "release":  # the release strips the decoded text before writing the spans in
+            raw = raw.strip()
+        out.append({"text": render(raw, spans[i], span_style, cfg.fps), "tokens": tokens[i], "spans": spans[i],
+                    "probs": probs[i]})
     return out
 
 
-def _choose(logits, temperature, top_p, generator):
+def _choose(logits, temperature, top_p, gens):
+    """The next token of each row of logits (B, V): argmax at temperature 0, else a draw from row
+    i's own generator gens[i] (on the CPU, so a seed means the same on any device)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
@@ -82,4 +117,5 @@ def _choose(logits, temperature, top_p, generator):
         sp, si = probs.sort(-1, descending=True)
         keep = sp.cumsum(-1) - sp < top_p
         probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    rows = probs.float().cpu()
+    return torch.stack([torch.multinomial(rows[i], 1, generator=g)[0] for i, g in enumerate(gens)]).to(logits.device)

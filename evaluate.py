@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import checkpoint
@@ -38,15 +37,21 @@ from video import probe, sample_frames
 # ---------------------------------------------------------------------------------------------
 # Inference
 
-def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=256, progress=True, on_error="raise"):
+def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperature=None, max_new_tokens=None, seed=0,
+            progress=True, on_error="raise"):
     """Run batched generation on E.T.Bench-format records; returns copies with the response in "a".
+    decoding_name: a protocol of decoding.DECODINGS ("greedy", or "release": sampling at 0.2 with
+    the repetition penalty on multiple choice, the release's span text); temperature and
+    max_new_tokens override its values. Sampling draws from one generator per record, seeded by
+    (seed, the record's index): the same answers in any batch size, another set per seed.
     Every video is checked first (data.VideoDataset): an unreadable one stops the run, or with
     on_error="skip" its records are left out. A record left out (too long for the model's max_len,
     text + one token per frame; a bad video; a video that fails during the run) gets an empty
     response, so the scorer counts it as Failed; the counts are reported."""
+    proto = {**decoding.DECODINGS[decoding_name]}
+    proto.update({k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None})
     ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
-    gen = torch.Generator().manual_seed(0)
     failed = []
     for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
         samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
@@ -55,8 +60,13 @@ def predict(m, records, videos, batch_size=8, temperature=0.0, max_new_tokens=25
         if not ok:
             continue
         batch = data.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
-        for s, g in zip(ok, decoding.generate(m, batch, max_new_tokens, temperature, generator=gen)):
-            answers[ds.kept[s["index"]]] = g["text"]
+        rec = [ds.kept[x["index"]] for x in ok]
+        outs = decoding.generate(m, batch, proto["max_new_tokens"], proto["temperature"],
+                                 seeds=[seed * len(records) + j for j in rec], penalty=proto["repetition_penalty"],
+                                 penalize=[records[j].get("task") in decoding.PENALIZED_TASKS for j in rec],
+                                 span_style=proto["span_style"])
+        for j, g in zip(rec, outs):
+            answers[j] = g["text"]
     for message in failed:
         print(f"skipped: {message}", file=sys.stderr)
     if len(ds) < len(records) or failed:
@@ -79,7 +89,7 @@ def answer_video(m, video, question, max_new_tokens=256, temperature=0.0):
     evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, m.cfg.fps), "response": "", "frames": []}
     batch = data.collate([{"evidence": evidence, "frames": frames}], m.tokenizer, m.qformer_tokenizer, m.cfg,
                          with_response=False)
-    out = decoding.generate(m, batch, max_new_tokens, temperature, generator=torch.Generator().manual_seed(0))[0]
+    out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
     return {**out, "frames": len(frames)}
 
 
@@ -138,8 +148,13 @@ def main(argv=None):
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                     help="an unreadable video: stop, or leave its records out (empty responses, counted Failed)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--decoding", choices=list(decoding.DECODINGS), default="greedy",
+                    help="greedy (default: deterministic, short answers) or release: the D2VLM release's protocol, "
+                         "sampling at 0.2, repetition penalty 1.2 on rar/eca/rvq, 2048 new tokens, its span text "
+                         "'s - e ' in frames (README: the protocol table)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling: the seed of this run's draws")
+    ap.add_argument("--temperature", type=float, help="overrides the protocol's (0 = greedy)")
+    ap.add_argument("--max-new-tokens", type=int, help="overrides the protocol's")
     ap.add_argument("--video", help="answer --question about this one video file")
     ap.add_argument("--question")
     ap.add_argument("--plot", metavar="PNG", help="with --video: plot each <evi>'s similarity over time")
@@ -149,7 +164,9 @@ def main(argv=None):
             raise SystemExit("--video needs --question")
         ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
         m = load_model(ckpt, args)
-        answer = answer_video(m, args.video, args.question, args.max_new_tokens, args.temperature)
+        proto = decoding.DECODINGS[args.decoding]
+        answer = answer_video(m, args.video, args.question, args.max_new_tokens or proto["max_new_tokens"],
+                              proto["temperature"] if args.temperature is None else args.temperature)
         print(answer["text"])
         for k, (s, e) in enumerate(answer["spans"]):
             print(f"  <evi> {k + 1}: {s:.1f} - {e:.1f} s (peak probability {max(answer['probs'][k]):.2f})")
@@ -185,8 +202,8 @@ def main(argv=None):
         else:
             data.load_records(args.data)  # validates every record (one-line error naming it)
             raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
-        records = predict(m, raw, args.videos, args.batch_size, args.temperature, args.max_new_tokens,
-                          on_error=args.on_error)
+        records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,
+                          args.seed, on_error=args.on_error)
         pred_path = ckpt / f"predictions_{Path(args.data).stem}.json"
         with atomic_path(pred_path) as tmp:
             tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")

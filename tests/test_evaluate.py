@@ -46,6 +46,11 @@ def test_inference_writes_a_scorable_predictions_file(tiny_ckpt, capsys):
     one = ev.predict(checkpoint.from_checkpoint(ckpt).eval(), truth[:2], videos, batch_size=1,
                      max_new_tokens=12, progress=False)
     assert [p["a"] for p in one] == [p["a"] for p in preds[:2]]
+    # the release's protocol: seeded sampling gives the same answers at any batch size
+    m = checkpoint.from_checkpoint(ckpt).eval()
+    rel = [ev.predict(m, truth[:3], videos, batch_size=bs, decoding_name="release", max_new_tokens=12, seed=1,
+                      progress=False) for bs in (1, 3)]
+    assert [p["a"] for p in rel[0]] == [p["a"] for p in rel[1]]
     # records too long for max_len get an empty answer (Failed when scored), reported, never dropped
     short = checkpoint.from_checkpoint(ckpt).eval()
     short.cfg = dataclasses.replace(short.cfg, max_len=40)

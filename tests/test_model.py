@@ -249,3 +249,56 @@ def test_evidence_tokens_take_phi3s_next_ids():
     assert tok.convert_tokens_to_ids("<|end|>") == 32007 and len(tok) == 32011
     model.add_special_tokens(tok)
     assert [tok.convert_tokens_to_ids(t) for t in (EVI, EVI_END, data.VIDEO)] == [32011, 32012, 32013]
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's decoding protocol (decoding.DECODINGS["release"])
+
+def test_repetition_penalty_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    want = torch.tensor([[2.0 / 1.2, -1.0 * 1.2, 0.5, 3.0], [2.0, -1.0, 0.5 / 1.2, 3.0 / 1.2]])
+    torch.testing.assert_close(decoding.repetition_penalty(logits, seen, 1.2), want, rtol=0, atol=0)
+
+
+def test_the_penalty_covers_prompt_and_answer_but_not_the_video_and_evi(evi_happy, monkeypatch):
+    m = evi_happy
+    b = batch(m, [sample(6, seed=0), sample(9, seed=1)], with_response=False)
+    calls = []
+    real = decoding.repetition_penalty
+    monkeypatch.setattr(decoding, "repetition_penalty", lambda lg, seen, p: calls.append(seen.clone()) or real(lg, seen, p))
+    out = decoding.generate(m, b, max_new_tokens=6, penalty=1.2, penalize=[True, False])
+    ids, mask = b["input_ids"][0], b["attention_mask"][0].bool()
+    prompt = set(ids[mask].tolist()) - {m.token_id[data.VIDEO], m.token_id[EVI]}
+    assert set(calls[0][0].nonzero()[:, 0].tolist()) == prompt  # the first step: the prompt only
+    assert not calls[0][0, m.token_id[data.VIDEO]] and not calls[0][0, m.token_id[EVI]]
+    first = out[0]["tokens"][0]
+    assert calls[1][0, first] == (first != m.token_id[EVI])  # then each generated token but <evi>
+    plain = decoding.generate(m, b, max_new_tokens=6)
+    assert out[1]["tokens"] == plain[1]["tokens"]  # the unpenalized sample decodes as without the penalty
+
+
+def test_seeded_sampling_is_repeatable_and_batch_invariant(evi_happy):
+    m = evi_happy
+    samples = [sample(n, seed=s) for n, s in ((6, 0), (9, 1), (7, 2))]
+    b = batch(m, samples, with_response=False)
+    one = decoding.generate(m, b, max_new_tokens=8, temperature=1.0, seeds=[10, 11, 12])
+    assert [g["tokens"] for g in decoding.generate(m, b, max_new_tokens=8, temperature=1.0, seeds=[10, 11, 12])] \
+        == [g["tokens"] for g in one]
+    for s, seed, g in zip(samples, (10, 11, 12), one):
+        alone = decoding.generate(m, batch(m, [s], with_response=False), max_new_tokens=8, temperature=1.0, seeds=[seed])
+        assert alone[0]["tokens"] == g["tokens"]
+    other = decoding.generate(m, b, max_new_tokens=8, temperature=1.0, seeds=[20, 21, 22])
+    assert [g["tokens"] for g in other] != [g["tokens"] for g in one]
+
+
+def test_release_span_text_reads_back_through_the_scorers():
+    import etbench
+    text = data.render(f"{EVI}{EVI_END}The event happens in {EVI}.", [[12.0, 18.0]] * 2, "release")
+    assert text == "12 - 18 </evi>The event happens in 12 - 18 ."
+    rec = {"task": "tvg", "source": "s", "video": "v.mp4", "q": "q", "tgt": [12.0, 18.0], "a": text}
+    for protocol in ("etchat", "strict", "d2vlm"):
+        assert etbench.score_etbench([rec], protocol)["tvg"]["s"]["mIoU"] == pytest.approx(1.0)
+    tal = {**rec, "task": "tal", "tgt": [[3.0, 5.0], [12.0, 18.0]],
+           "a": data.render(f"{EVI}{EVI}{EVI_END}At {EVI}, {EVI}.", [[3, 5], [12, 18]] * 2, "release")}
+    assert etbench.score_etbench([tal], "etchat")["tal"]["s"]["F1@0.7"] == pytest.approx(1.0)
