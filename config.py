@@ -36,6 +36,7 @@ class D2VLMConfig:
     qformer_vocab: int = 30523  # BERT's 30522 + InstructBLIP's [DEC]
     qformer_ln_eps: float = 1e-5  # the LayerNorm between the ViT and the Q-Former (LAVIS's ln_vision)
     qformer_max_text: int = 256  # instruction tokens (left-truncated)
+    qformer_special_tokens: bool = False  # [CLS] ... [SEP] around the instruction, as the release tokenizes it
     qformer_dropout: float = 0.1  # BERT's hidden and attention dropout, as InstructBLIP trains it
     num_query_tokens: int = 32
     # LLM: Phi-3-mini-4k-instruct
@@ -77,9 +78,16 @@ class D2VLMConfig:
     epochs: int = 1
     fpo_epochs: float = 1.0    # the FPO stage's length in passes over the pairs (a fraction: a seeded subset)
     fpo_lr_scale: float = 1.0  # the FPO stage's learning rates are lr_lora and lr_other times this
+    fpo_start: str = "continue"  # "continue": train the SFT LoRA on; "merged": as released, the SFT LoRA
+                                 # merged into the LLM and a fresh LoRA (lora_r, lora_alpha, lora_dropout) trained
+    fpo_dropout: bool = False    # dropout during FPO: off as TRL's DPO (policy = reference net); on as released
     # data
     fps: float = 1.0
     max_len: int = 2048
+    # training-data filters, 0 = none (ours); the release: 5, 350 and 200 (data.filter_records)
+    min_duration: float = 0.0    # seconds of video at least
+    max_duration: float = 0.0    # seconds of video at most
+    max_answer_words: int = 0    # words of the answer at most, split on spaces as the release splits them
     system_prompt: str = "You are a helpful AI assistant."
     tiny_vocab: int = 1000  # size of the in-code BPE tokenizer used when no LLM weights are given
 
@@ -120,6 +128,7 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
     return out
 
 
+FPO_STARTS = ("continue", "merged")
 # the allowed range of each numeric field: (low, high, low included, high included); None = unbounded
 _POSITIVE, _NON_NEGATIVE, _FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
 RANGES = {
@@ -129,8 +138,8 @@ RANGES = {
                      "llm_mlp", "llm_vocab", "llm_max_positions", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                      "epochs", "max_len", "tiny_vocab", "init_range", "qformer_ln_eps", "rope_theta", "beta",
                      "grad_clip", "fpo_epochs", "fps"), _POSITIVE),
-    **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale"),
-                    _NON_NEGATIVE),
+    **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale",
+                     "min_duration", "max_duration", "max_answer_words"), _NON_NEGATIVE),
     **dict.fromkeys(("qformer_dropout", "lora_dropout", "warmup"), _FRACTION),
     "select_ratio": (0, 1, False, True),
     "alpha": (1, None, False, False),  # soft targets alpha^-distance must fall with the distance
@@ -149,6 +158,8 @@ def check(cfg: D2VLMConfig) -> str | None:
                 or (hi is not None and (v > hi or (v == hi and not hi_in))):
             span = f"{'[' if lo_in else '('}{lo}, {'∞)' if hi is None else f'{hi}' + (']' if hi_in else ')')}"
             return f"{f.name}={v!r} is outside {span}"
+    if cfg.fpo_start not in FPO_STARTS:
+        return f"fpo_start={cfg.fpo_start!r} is not one of {', '.join(FPO_STARTS)}"
     if cfg.image_size % cfg.patch_size:
         return f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}"
     for width, heads in (("vision_width", "vision_heads"), ("qformer_width", "qformer_heads"), ("llm_width", "llm_heads")):
@@ -158,7 +169,7 @@ def check(cfg: D2VLMConfig) -> str | None:
 
 
 PRESETS = {
-    "d2vlm-3.8b": D2VLMConfig(),
+    "d2vlm-3.8b": D2VLMConfig(qformer_special_tokens=True),  # the real weights were trained with them
     "tiny": D2VLMConfig(image_size=112, patch_size=16, vision_width=96, vision_layers=2, vision_heads=4,
                         vision_mlp=192, qformer_width=64, qformer_layers=2, qformer_heads=4, qformer_mlp=128,
                         qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,

@@ -109,6 +109,25 @@ def load_records(path, on_error: str = "raise") -> Records:
     return Records(good, path, skipped)
 
 
+def filter_records(records: Records, cfg) -> tuple:
+    """The release's training-data filters (cfg.min_duration / max_duration in seconds, of the
+    record's `duration`; cfg.max_answer_words, the answer split on spaces; 0 switches one off).
+    Returns (the records kept, as Records of the same file; counts {"short", "long", "wordy"})."""
+    counts, kept = {"short": 0, "long": 0, "wordy": 0}, []
+    for r in records:
+        conv = r.get("conversations")
+        answer = conv[1]["value"] if conv else r.get("a", "")
+        if cfg.min_duration and r["duration"] < cfg.min_duration:
+            counts["short"] += 1
+        elif cfg.max_duration and r["duration"] > cfg.max_duration:
+            counts["long"] += 1
+        elif cfg.max_answer_words and len(answer.split(" ")) > cfg.max_answer_words:
+            counts["wordy"] += 1
+        else:
+            kept.append(r)
+    return Records(kept, records.path, records.skipped), counts
+
+
 def _number(x, field):
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         raise BadRecord(field, f"expected a finite number, got {x!r}")
@@ -465,7 +484,8 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     """samples: dicts with "evidence" (to_evidence output) and "frames" (uint8 (T, 3, S, S)).
     Returns right-padded tensors: frames (B, T, 3, S, S) CLIP-normalised, frame_mask (B, T),
     input_ids / attention_mask / labels (B, L) in Phi-3's chat format (labels on the response only),
-    qformer_ids / qformer_mask (B, Lq) (the question, left-truncated), question_spans (B, Nq, 2) and
+    qformer_ids / qformer_mask (B, Lq) (the question, left-truncated; within [CLS] ... [SEP] when
+    cfg.qformer_special_tokens), question_spans (B, Nq, 2) and
     answer_spans (B, Na, 2) in frames, one per <evi> in order (stage 1 and stage 2 share the event
     spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation.
 
@@ -505,6 +525,10 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
         labels.append([IGNORE] * len(p) + r)
         branches.append(branch)
         q = qformer_tokenizer(ev["prompt"].replace(EVI, ""), add_special_tokens=False)["input_ids"]
+        if cfg.qformer_special_tokens:  # as the release: [CLS] + the last tokens that fit + [SEP]
+            front, back = _specials(qformer_tokenizer)
+            room = cfg.qformer_max_text - len(front) - len(back)
+            q = front + (q[-room:] if room > 0 else []) + back
         qids.append(q[-cfg.qformer_max_text:] or [qformer_tokenizer.pad_token_id])
         qspans.append(clamp(ev["question_frames"]))
         aspans.append(spans)
@@ -526,6 +550,14 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     if failed:
         out["failed"] = failed
     return out
+
+
+def _specials(tokenizer):
+    """(the ids a tokenizer puts before a text, those it puts after), e.g. ([CLS], [SEP]) for BERT."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    i = next(k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain)
+    return full[:i], full[i + len(plain):]
 
 
 def _pad(rows, value):

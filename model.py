@@ -379,17 +379,34 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
     add_special_tokens(tok)
     if len(tok) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tok), mean_resizing=False)
+    model = D2VLM(cfg, vision, qformer, _with_lora(llm, cfg), tok, qtok)
+    _set_trainable(model)
+    return model
+
+
+def _with_lora(llm, cfg):
+    """A fresh LoRA (B = 0: the same function) on cfg.lora_targets of a Phi3ForCausalLM."""
     from peft import LoraConfig, get_peft_model
-    llm = get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                         target_modules=list(cfg.lora_targets)))
-    model = D2VLM(cfg, vision, qformer, llm, tok, qtok)
-    # what trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention, the
-    # LayerNorm before it, query tokens, aggregator. The ViT is frozen. cfg.train_base: everything trains.
+    return get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                          target_modules=list(cfg.lora_targets)))
+
+
+def _set_trainable(model) -> None:
+    """What trains: LoRA, embeddings + LM head (the new <evi> rows), heads, Q-Former attention, the
+    LayerNorm before it, query tokens, aggregator. The ViT is frozen. cfg.train_base: everything."""
     for n, p in model.named_parameters():
-        p.requires_grad = cfg.train_base or (n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head.",
-                                                           "vision.post_layernorm."))
-                           or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
-                           or n.endswith(("embed_tokens.weight", "lm_head.weight")))
+        p.requires_grad = model.cfg.train_base or (
+            n.startswith(("query_tokens", "aggregator.", "frm_head.", "evi_head.", "vision.post_layernorm."))
+            or "lora_" in n or (n.startswith("qformer.") and "attention" in n)
+            or n.endswith(("embed_tokens.weight", "lm_head.weight")))
+
+
+def merge_and_fresh_lora(model: D2VLM) -> D2VLM:
+    """The release's FPO start: the trained LoRA merged into the LLM's weights, then a fresh LoRA
+    (model.cfg's r, alpha, dropout; B = 0, so the model computes what it computed). In place;
+    returns the model."""
+    model.llm = _with_lora(model.llm.merge_and_unload(), model.cfg)
+    _set_trainable(model)
     return model
 
 

@@ -230,6 +230,18 @@ def starting_point(args, run_dir):
     return cfg, init, resume, passed
 
 
+def filtered(records, cfg, master):
+    """The records that pass cfg's training-data filters (data.filter_records), what they left out reported."""
+    if not (cfg.min_duration or cfg.max_duration or cfg.max_answer_words):
+        return records
+    kept, n = data.filter_records(records, cfg)
+    if master:
+        print(f"{records.path}: kept {len(kept)} of {len(records)} records; filtered out {n['short']} with videos "
+              f"shorter than {cfg.min_duration:g} s, {n['long']} longer than {cfg.max_duration:g} s, {n['wordy']} "
+              f"with answers over {cfg.max_answer_words} words", file=sys.stderr)
+    return kept
+
+
 def claim(run_dir, master, ddp):
     """Rank 0 creates the run directory and takes its lock (checkpoint.lock_run); every rank stops
     with the same message when it cannot. Returns the lock (rank 0) or None."""
@@ -285,21 +297,22 @@ def resolve_data(args, master, ddp):
 
 
 def training_data(args, cfg, tokenizer, run_dir, master):
-    """The stage's dataset: the records of --data (SFT), or preference pairs (FPO), read from --pairs
-    or made from --data with the run's seed (the same on every rank; written to run_dir/pairs.json)."""
-    records = args.data
+    """The stage's dataset: the records of --data (SFT) that pass cfg's training-data filters, or
+    preference pairs (FPO), read from --pairs or made from those records with the run's seed (the
+    same on every rank; written to run_dir/pairs.json)."""
     if args.stage == "fpo" and args.pairs:
         records = synth.load_pairs(args.pairs, cfg.fps)
-    elif args.stage == "fpo":
-        raw = data.load_records(args.data, args.on_error)
+    else:
+        records = raw = filtered(data.load_records(args.data, args.on_error), cfg, master)
+    if args.stage == "fpo" and not args.pairs:
         records = synth.make_pairs([data.to_evidence(r, cfg.fps) for r in raw], args.seed)
         if master:
             synth.save_pairs(records, run_dir / "pairs.json")
             print(f"fpo: {len(records)} pairs from {len(raw)} records ("
                   + ", ".join(f"{k} {records.counts.get(k, 0)}" for k in synth.KINDS)
                   + f"), no kind applies to {records.unusable}; written to {run_dir / 'pairs.json'}", file=sys.stderr)
-    if isinstance(records, list) and not records:
-        raise SystemExit(f"{args.pairs or args.data}: no preference pairs to train on")
+    if not records:
+        raise SystemExit(f"{args.pairs or args.data}: no records left to train on (filters, or no pair could be made)")
     ds = data.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
         raise SystemExit(f"{args.data}: no usable records")
@@ -335,9 +348,12 @@ def main(argv=None):
         model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights,
                                   tokenizer_dir=resume / ckpt.TOKENIZER if resume else None,
                                   qformer_tokenizer_dir=_qformer_tokenizer(resume)).to(device)
+    if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
+        modeling.merge_and_fresh_lora(model)
     if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
         modeling.hold_frozen_in(model, torch.bfloat16)
-    full = args.vision_weights is None or args.llm_weights is None  # random frozen parts go into checkpoints
+    # random frozen parts, or an LLM changed by merging, go into checkpoints
+    full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
     ds = training_data(args, cfg, model.tokenizer, run_dir, master)
@@ -377,7 +393,7 @@ def main(argv=None):
     first_step, n_acc, saved_to, last, last_good, skipped = step, 0, resume, None, None, 0
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
-    model.train(args.stage == "sft")  # no dropout in FPO (as TRL's DPO): policy and reference see the same net
+    model.train(args.stage == "sft" or cfg.fpo_dropout)  # FPO: no dropout (TRL's DPO) unless as released
     while step < total:
         # ---- one optimizer step: up to grad_accum micro-batches, never across an epoch's end
         k = min(cfg.grad_accum, micro_per_epoch - micro)

@@ -253,3 +253,45 @@ def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"record 2: field 'video': .*nope.mp4 not found"):
         data.VideoDataset(bad, synthetic / "videos", tok, cfg)
     assert data.VideoDataset(bad, synthetic / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1
+
+
+def test_the_release_training_data_filters(synthetic):
+    """min_duration / max_duration on the record's duration, max_answer_words on the answer split on
+    spaces, each counted; 0 leaves everything in."""
+    import dataclasses
+
+    import config
+    recs = data.load_records(synthetic / "train.json")
+    cfg = config.PRESETS["tiny"]
+    assert len(data.filter_records(recs, cfg)[0]) == len(recs)
+    durations = sorted({r["duration"] for r in recs})
+    words = [len(r["conversations"][1]["value"].split(" ")) for r in recs]
+    cut = sorted(words)[len(words) // 2]
+    kept, n = data.filter_records(recs, dataclasses.replace(cfg, min_duration=durations[1], max_answer_words=cut))
+    short = sum(r["duration"] < durations[1] for r in recs)
+    wordy = sum(w > cut for r, w in zip(recs, words) if r["duration"] >= durations[1])
+    assert n == {"short": short, "long": 0, "wordy": wordy} and len(kept) == len(recs) - short - wordy > 0
+    assert kept.path == recs.path
+    _, n = data.filter_records(recs, dataclasses.replace(cfg, max_duration=durations[-2]))
+    assert n["long"] == sum(r["duration"] > durations[-2] for r in recs) > 0
+
+
+def test_qformer_instruction_as_the_release_tokenizes_it():
+    """qformer_special_tokens (the d2vlm-3.8b preset): [CLS] + the last tokens that fit + [SEP], what
+    the release's call (truncation on the left, max_length) gives; off: the plain tokens, left-truncated."""
+    import dataclasses
+
+    import config
+    import layouts
+    tok = layouts.bert_base_uncased_tokenizer(truncation_side="left")
+    q = "Find when the red square moves to the left of the blue circle"
+    s = {"evidence": {"prompt": q, "response": "", "frames": [], "question_frames": []},
+         "frames": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}
+    assert config.PRESETS["d2vlm-3.8b"].qformer_special_tokens and not config.PRESETS["tiny"].qformer_special_tokens
+    for n in (8, 256):
+        cfg = dataclasses.replace(config.PRESETS["d2vlm-3.8b"], qformer_max_text=n)
+        ids = data.collate([s], tok, tok, cfg, with_response=False)["qformer_ids"][0].tolist()
+        assert ids == tok(q, truncation=True, max_length=n)["input_ids"] and ids[0] == 101 and ids[-1] == 102
+    plain = dataclasses.replace(config.PRESETS["d2vlm-3.8b"], qformer_max_text=6, qformer_special_tokens=False)
+    assert data.collate([s], tok, tok, plain, with_response=False)["qformer_ids"][0].tolist() == \
+        tok(q, add_special_tokens=False)["input_ids"][-6:]

@@ -302,3 +302,25 @@ def test_release_span_text_reads_back_through_the_scorers():
     tal = {**rec, "task": "tal", "tgt": [[3.0, 5.0], [12.0, 18.0]],
            "a": data.render(f"{EVI}{EVI}{EVI_END}At {EVI}, {EVI}.", [[3, 5], [12, 18]] * 2, "release")}
     assert etbench.score_etbench([tal], "etchat")["tal"]["s"]["F1@0.7"] == pytest.approx(1.0)
+
+
+def test_merged_then_fresh_lora_computes_what_the_sft_model_computed(tiny):
+    """The release's FPO start: SFT LoRA merged, a fresh one on top: the same logits and
+    similarities before the first FPO step, the same tensors train, and the new LoRA starts at B = 0."""
+    m = model.build_model(CFG).eval()
+    m.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained SFT adapter
+    b = batch(m, [sample(6, seed=0), sample(8, seed=1)])
+    with torch.no_grad():
+        before = m(b)
+    trained = {n.replace(".base_layer", "") for n, p in m.named_parameters() if p.requires_grad}
+    model.merge_and_fresh_lora(m)
+    with torch.no_grad():
+        after = m(b)
+    torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after["sim"], before["sim"], rtol=0, atol=1e-5)
+    assert {n.replace(".base_layer", "") for n, p in m.named_parameters() if p.requires_grad} == trained
+    assert all(not p.any() for n, p in m.named_parameters() if "lora_B" in n)

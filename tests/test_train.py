@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import checkpoint
 import config
@@ -209,3 +210,19 @@ def test_fpo_after_sft_end_to_end_with_sft_reference(synthetic, tmp_path):
                 str(tmp_path), "--name", "frac", "--workers", "0", "--stop-after", "1"])
     st = torch.load(tmp_path / "frac" / "fpo" / "step_000001" / checkpoint.STATE, weights_only=True)
     assert st["total"] == math.ceil(tiny.fpo_epochs * 3) == 2
+
+
+def test_fpo_from_the_merged_sft_model_as_released(synthetic, tmp_path):
+    """--set fpo_start=merged: the SFT LoRA merged, a fresh LoRA trained; at step 1 the policy is
+    still the SFT reference (zero rewards), the checkpoints hold every tensor, and they reload."""
+    base = ["--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos"), "--log-every", "1"]
+    run([*base, "--max-steps", "2"], tmp_path, "merged")
+    train.main([*base, "--stage", "fpo", "--ref", "sft", "--max-steps", "2", "--set", "fpo_start=merged",
+                "--out", str(tmp_path), "--name", "merged", "--workers", "0"])
+    first = log(tmp_path / "merged" / "fpo")[0]
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    ckpt = tmp_path / "merged" / "fpo" / "step_000002"
+    with safe_open(str(ckpt / checkpoint.WEIGHTS), framework="pt") as f:
+        assert f.metadata()["full"] == "True"
+    m = checkpoint.from_checkpoint(ckpt)
+    assert m.cfg.fpo_start == "merged" and any(p.any() for n, p in m.named_parameters() if "lora_B" in n)
