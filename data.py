@@ -390,7 +390,8 @@ class VideoDataset(torch.utils.data.Dataset):
     Every record is validated and converted up front (load_records / to_evidence), every video file
     must exist and pass the pre-flight check (video.probe_all: opens, decodes, not truncated; spans
     past its last frame are counted in `.past_end` and reported), and the chat-formatted length (prompt + response tokens, the video placeholder
-    replaced by one token per frame, frames estimated from `duration`) must fit `cfg.max_len`.
+    replaced by one token per frame, counted from the video's last frame, so a video is never cut)
+    must fit `cfg.max_len`.
     A record that is too long is skipped, never cut through the response; the count is in
     `.skipped["too_long"]` (and with on_error="skip": bad records in `.skipped["invalid"]`, records
     without a video file or with an unreadable one in `["missing_video"]` / `["bad_video"]`)."""
@@ -412,7 +413,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{where}: record {i}: field 'video': {videos / v} not found "
                                     f"({len(missing)} records have no video file)")
         gone = {i for i, _ in missing}
-        bad, past_end = self._check_videos(evs, gone, where, on_error)
+        bad, past_end, ends = self._check_videos(evs, gone, where, on_error)
         gone |= {i for i, _ in bad}
         prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
         n_text = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
@@ -425,7 +426,7 @@ class VideoDataset(torch.utils.data.Dataset):
         for i, (ev, n) in enumerate(zip(evs, n_text)):
             if i in gone:
                 continue
-            frames = max(1, math.ceil(ev["duration"] * cfg.fps))  # frames at k/fps < duration
+            frames = math.floor(ends[i] * cfg.fps) + 1  # sample_frames keeps k/fps <= the last frame's time
             if n - 1 + frames > cfg.max_len:
                 too_long += 1
                 continue
@@ -446,9 +447,10 @@ class VideoDataset(torch.utils.data.Dataset):
                   f"(first: record {i}: {msg})", file=sys.stderr)
 
     def _check_videos(self, evs, gone, where, on_error):
-        """The pre-flight check (video.probe_all) of every record's video. Returns (bad, past_end):
+        """The pre-flight check (video.probe_all) of every record's video. Returns (bad, past_end, ends):
         (record, message) pairs of unreadable videos (an error unless on_error="skip") and of records
-        whose spans run past their video's last frame by more than DURATION_TOLERANCE."""
+        whose spans run past their video's last frame by more than DURATION_TOLERANCE; {record: the
+        time of its video's last frame} (what the frame count, and so the length, follows from)."""
         paths = {i: self.videos / ev["video"] for i, ev in enumerate(evs) if i not in gone}
         probes = probe_all(paths.values())
         bad = [(i, probes[p]) for i, p in paths.items() if isinstance(probes[p], str)]
@@ -464,7 +466,8 @@ class VideoDataset(torch.utils.data.Dataset):
             last = max([e for _, e in spans], default=0.0)
             if last > end + DURATION_TOLERANCE:
                 past_end.append((i, f"span end {last:g} s, the video's frames end at {end:.1f} s"))
-        return bad, past_end
+        ends = {i: probes[p]["end"] for i, p in paths.items() if not isinstance(probes[p], str)}
+        return bad, past_end, ends
 
     def __len__(self):
         return len(self.items)

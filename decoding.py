@@ -40,9 +40,10 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     at <|end|>. penalty / penalize (B bools): the release's repetition penalty on those samples, over
     every token of the prompt and of the answer so far but the video placeholder and <evi>, applied
     before the temperature. use_cache=False recomputes the whole sequence at every step (a reference
-    for tests). Returns one dict per sample: text (each <evi> written by data.render in
-    `span_style`), tokens, spans (seconds), and probs: for each <evi>, sigmoid(similarity) over the
-    sample's frames (what its span was chosen from)."""
+    for tests). A sample also stops when it fills the LLM's context (cfg.llm_max_positions). Returns
+    one dict per sample: text (each <evi> written by data.render in `span_style`), tokens, spans
+    (seconds), probs: for each <evi>, sigmoid(similarity) over the sample's frames (what its span
+    was chosen from), and stopped: "end" (<|end|>), "max_new_tokens" or "context"."""
     cfg, tid = model.cfg, model.token_id
     B = batch["input_ids"].shape[0]
     gens = [torch.Generator().manual_seed(int(x)) for x in (range(B) if seeds is None else seeds)]
@@ -61,6 +62,9 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     done = torch.zeros(B, dtype=torch.bool, device=suffix.device)
     tokens, spans, probs, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], []
     n_frames = pr.frame_mask.sum(1).tolist()
+    # positions left in the LLM's context (the video placeholder became n_frames tokens)
+    room = cfg.llm_max_positions - (pr.lengths - 1 + pr.frame_mask.sum(1))
+    full = torch.zeros(B, dtype=torch.bool, device=done.device)
     pad = model.tokenizer.pad_token_id
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
@@ -82,6 +86,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
             tokens[i].append(int(tok[i]))
         live = ~done
         done = done | (tok == tid[END])
+        full = full | (~done & (torch.tensor([len(t) for t in tokens], device=done.device) >= room))
+        done = done | full
         if done.all():
             break
         new_embs.append(emb)
@@ -102,8 +108,9 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
         raw = model.tokenizer.decode(toks, skip_special_tokens=False)
         if span_style == "release":  # the release strips the decoded text before writing the spans in
             raw = raw.strip()
+        stopped = "end" if tokens[i] and tokens[i][-1] == tid[END] else "context" if full[i] else "max_new_tokens"
         out.append({"text": render(raw, spans[i], span_style, cfg.fps), "tokens": tokens[i], "spans": spans[i],
-                    "probs": probs[i]})
+                    "probs": probs[i], "stopped": stopped})
     return out
 
 

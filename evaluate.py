@@ -52,7 +52,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     proto.update({k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None})
     ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
-    failed = []
+    failed, unfinished = [], {"max_new_tokens": 0, "context": 0}
     for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
         samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
         failed += [s["failed"] for s in samples if "failed" in s]
@@ -67,8 +67,13 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
                                  span_style=proto["span_style"])
         for j, g in zip(rec, outs):
             answers[j] = g["text"]
+            unfinished[g["stopped"]] += g["stopped"] != "end"
     for message in failed:
         print(f"skipped: {message}", file=sys.stderr)
+    if any(unfinished.values()):
+        print(f"{sum(unfinished.values())} answers stopped before <|end|>: {unfinished['max_new_tokens']} at "
+              f"{proto['max_new_tokens']} new tokens, {unfinished['context']} at the end of the LLM's context "
+              f"({m.cfg.llm_max_positions} positions); scored as they are", file=sys.stderr)
     if len(ds) < len(records) or failed:
         print(f"{len(records) - len(ds) + len(failed)} of {len(records)} records have an empty response (Failed): "
               f"{ds.skipped['too_long']} too long for max_len={m.cfg.max_len}, {ds.skipped['bad_video']} with an "

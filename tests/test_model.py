@@ -1,5 +1,6 @@
 """model.py: parity with plain Phi-3, the attention mask, evidence injection, batched / cached
 generation, real-size parameter counts, loading from checkpoint directory layouts."""
+import dataclasses
 
 import numpy as np
 import pytest
@@ -324,3 +325,19 @@ def test_merged_then_fresh_lora_computes_what_the_sft_model_computed(tiny):
     torch.testing.assert_close(after["sim"], before["sim"], rtol=0, atol=1e-5)
     assert {n.replace(".base_layer", "") for n, p in m.named_parameters() if p.requires_grad} == trained
     assert all(not p.any() for n, p in m.named_parameters() if "lora_B" in n)
+
+
+def test_generation_stops_at_the_end_of_the_context_and_says_so(evi_happy):
+    m = evi_happy
+    b = batch(m, [sample(6, seed=0), sample(9, seed=1)], with_response=False)
+    lengths = (b["attention_mask"].sum(1) - 1 + b["frame_mask"].sum(1)).tolist()
+    m.cfg = dataclasses.replace(m.cfg, llm_max_positions=int(max(lengths)) + 3)
+    try:
+        out = decoding.generate(m, b, max_new_tokens=50)
+    finally:
+        m.cfg = CFG
+    assert any(g["stopped"] == "context" for g in out)
+    for g, n in zip(out, lengths):
+        assert g["stopped"] in ("end", "context")
+        if g["stopped"] == "context":
+            assert len(g["tokens"]) == max(lengths) + 3 - n

@@ -260,3 +260,23 @@ def test_commands_end_with_one_line_and_exit_code_2(argv, says, tmp_path):
     debug = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
                            cwd=tmp_path, env={**env, "D2VLM_DEBUG": "1"})
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_a_video_longer_than_its_annotation_is_never_cut(synthetic):
+    """The frame count comes from the video's decoded end, not the annotated duration: every frame
+    is sampled, or the record is left out as too long (counted), never cut to fit."""
+    rec = _records(synthetic, 1)[0]
+    end = video.probe(synthetic / "videos" / rec["video"])["end"]
+    answer = {"from": "gpt", "value": "The event happens in 1.0 - 2.0 seconds."}
+    short = {**rec, "duration": 5.0, "conversations": [rec["conversations"][0], answer]}
+    cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
+    ds = data.VideoDataset([short], synthetic / "videos", tok, cfg)
+    assert len(ds[0]["frames"]) == int(end * cfg.fps) + 1 > 5
+    ev = data.to_evidence(short, cfg.fps)
+    n_text = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
+                 (data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), data.CHAT[1].format(response=ev["response"])))
+    need = n_text - 1 + len(ds[0]["frames"])  # the placeholder becomes one token per frame
+    fits = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need}"]))
+    assert len(fits) == 1 and len(fits[0]["frames"]) == len(ds[0]["frames"])
+    tight = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need - 1}"]))
+    assert len(tight) == 0 and tight.skipped["too_long"] == 1  # with the annotated 5 s it would have fit
