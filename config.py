@@ -52,6 +52,8 @@ class D2VLMConfig:
     match_layer: int = -2      # hidden_states[-2]: what frm_head / evi_head read
     select_ratio: float = 0.6  # frames with p >= 0.6 * max p form the candidate runs
     alpha: float = 2.0         # soft targets alpha^-distance
+    semantic_capture: bool = True  # answer <evi> take in their span's video states (False: ablation B2;
+                                   # question <evi> keep theirs, they come from the question's times)
     # LoRA on the LLM
     lora_r: int = 128
     lora_alpha: int = 256

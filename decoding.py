@@ -36,7 +36,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     else sampling (temperature, top_p) with one generator per sample seeded from `seeds` (B ints,
     default 0..B-1): a sample draws the same tokens in any batch. Each emitted <evi> gets the span
     chosen from its similarity over the frames (evidence.select_interval), and its next input
-    embedding is raised by the mean layer-`inject_layer` video state over that span. Stops a sample
+    embedding is raised by the mean layer-`inject_layer` video state over that span (unless
+    cfg.semantic_capture is off). Stops a sample
     at <|end|>. penalty / penalize (B bools): the release's repetition penalty on those samples, over
     every token of the prompt and of the answer so far but the video placeholder and <evi>, applied
     before the temperature. use_cache=False recomputes the whole sequence at every step (a reference
@@ -78,7 +79,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
         if is_evi.any():
             sim = evidence.similarity(model.evi_head(m_last)[:, None], pr.frm)
             span = evidence.select_interval(sim, cfg.select_ratio, pr.frame_mask)  # (B, 1, 2)
-            emb = emb + evidence.pool_evidence(pr.inject, span)[:, 0] * is_evi[:, None]
+            if cfg.semantic_capture:
+                emb = emb + evidence.pool_evidence(pr.inject, span)[:, 0] * is_evi[:, None]
             for i in is_evi.nonzero()[:, 0].tolist():
                 spans[i].append([v / cfg.fps for v in span[i, 0].tolist()])
                 probs[i].append(torch.sigmoid(sim[i, 0, :n_frames[i]].float()).tolist())

@@ -100,12 +100,9 @@ def answer_video(m, video, question, max_new_tokens=256, temperature=0.0):
 
 def plot_evidence(answer, fps, path):
     """A PNG: each <evi>'s probability over time, its chosen span shaded."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib (optional): pip install matplotlib") from None
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
     n = max(1, len(answer["probs"]))
     fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n), sharex=True, squeeze=False)
     for k, ax in enumerate(axes[:, 0]):

@@ -213,9 +213,10 @@ class D2VLM(nn.Module):
 
     def suffix_embeds(self, pr: "Prompt", pos, mask, spans):
         """Suffix embeddings with the answer <evi> at `pos` (B, N) (positions in input_ids) raised by
-        the mean of the layer-`inject_layer` video states over their spans (B, N, 2)."""
+        the mean of the layer-`inject_layer` video states over their spans (B, N, 2); left as the
+        token embeddings when cfg.semantic_capture is off."""
         emb = pr.suffix
-        if not mask.any():
+        if not mask.any() or not self.cfg.semantic_capture:
             return emb
         add = evidence.pool_evidence(pr.inject, spans.clamp(min=0)) * mask[..., None]
         b = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)

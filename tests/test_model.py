@@ -341,3 +341,26 @@ def test_generation_stops_at_the_end_of_the_context_and_says_so(evi_happy):
         assert g["stopped"] in ("end", "context")
         if g["stopped"] == "context":
             assert len(g["tokens"]) == max(lengths) + 3 - n
+
+
+def test_semantic_capture_off_leaves_answer_evi_as_token_embeddings(evi_happy):
+    """Ablation B2: answer <evi> (training and generation) get no video states; question <evi> keep theirs."""
+    m = evi_happy
+    b = batch(m, [sample(6, seed=0, q=f"What happens after {EVI}?", qspans=((1, 2),))])
+    pr = m.encode_prompt(b)
+    pos, mask = model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] != data.IGNORE))
+    on = m.suffix_embeds(pr, pos, mask, b["answer_spans"])
+    m.cfg = dataclasses.replace(CFG, semantic_capture=False)
+    try:
+        off = m.suffix_embeds(pr, pos, mask, b["answer_spans"])
+        torch.testing.assert_close(off, pr.suffix, rtol=0, atol=0)
+        cols = model._gather_idx(pr.col, pos)[mask] - pr.P
+        raw = m.decoder.embed_tokens(torch.tensor([m.token_id[EVI]]))[0]
+        torch.testing.assert_close(off[0, cols], raw.expand(len(cols), -1), rtol=0, atol=0)
+        assert not torch.equal(on[0, cols], off[0, cols])
+        q = model._gather_idx(pr.col, model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] == data.IGNORE))[0])
+        assert not torch.equal(pr.suffix[0, q[0] - pr.P], raw)  # the question <evi> still takes in its span
+        g = decoding.generate(m, batch(m, [sample(6, seed=0)], with_response=False), max_new_tokens=10)
+        assert g[0]["spans"]  # <evi> are still emitted and grounded, only not fed their frames
+    finally:
+        m.cfg = CFG

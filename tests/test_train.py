@@ -226,3 +226,12 @@ def test_fpo_from_the_merged_sft_model_as_released(synthetic, tmp_path):
         assert f.metadata()["full"] == "True"
     m = checkpoint.from_checkpoint(ckpt)
     assert m.cfg.fpo_start == "merged" and any(p.any() for n, p in m.named_parameters() if "lora_B" in n)
+
+
+def test_two_steps_without_semantic_capture(synthetic, tmp_path):
+    """Ablation B2 trains (finite losses, the grounding terms still there) and its checkpoint keeps the switch."""
+    out = run(["--data", str(synthetic / "tvg.json"), "--videos", str(synthetic / "videos"), "--max-steps", "2",
+               "--log-every", "1", "--set", "semantic_capture=false"], tmp_path, "b2")
+    rows = log(out)
+    assert all(math.isfinite(r["loss"]) and r["gnd"] > 0 for r in rows[:-1])
+    assert checkpoint.read_config(out / "step_000002").semantic_capture is False
