@@ -6,7 +6,7 @@ this machine, between things that do the same work.
                                           1 / 8 / 32, and (CUDA only) the real-size model
     python bench.py learn [--json FILE]   the embedded default end to end: SFT -> evaluate -> FPO ->
                                           evaluate on the synthetic test split, per-task metrics and
-                                          the wall time of each stage
+                                          the wall time of each stage; runs/<name>/curves.png
     python bench.py kills [--kills 10]    train.py killed (kill -9) at random moments and resumed: how
                                           many end with the uninterrupted run's weights, bit for bit
     python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
@@ -376,7 +376,41 @@ def learn(name=None):
         metrics[stage] = evaluate.main(["--ckpt", str(ckpt)])
         times[f"evaluate {stage}"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
+    curves = Path(checkpoint.RUNS) / name / "curves.png"
+    plot_curves(Path(checkpoint.RUNS) / name, curves)
+    print(f"training curves: {curves}", file=sys.stderr)
     return name, times, metrics
+
+
+CURVES = {"sft": ("sft", "gnd", "cons"), "fpo": ("fpo", "rewards/accuracies")}  # what plot_curves draws per stage
+
+
+def plot_curves(run_root, path) -> dict:
+    """A PNG of a run's training curves from its log.jsonl files: the SFT loss terms, and for FPO
+    the preference loss and the reward accuracy, against the step. Returns what it drew:
+    {stage: {term: (steps, values)}} (stages without a log are left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    drawn = {}
+    for stage, terms in CURVES.items():
+        log = Path(run_root) / stage / "log.jsonl"
+        if not log.is_file():
+            continue
+        rows = [r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines()) if "step" in r]
+        drawn[stage] = {t: ([r["step"] for r in rows], [r[t] for r in rows]) for t in terms}
+    fig, axes = plt.subplots(1, max(1, len(drawn)), figsize=(6 * max(1, len(drawn)), 3.5), squeeze=False)
+    for ax, (stage, series) in zip(axes[0], drawn.items()):
+        for term, (steps, values) in series.items():
+            ax.plot(steps, values, label=term, lw=1.2)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return drawn
 
 
 def learn_rows(times, metrics):

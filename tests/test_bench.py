@@ -1,13 +1,14 @@
 """bench.py's comparisons are only fair if the alternatives do the same work: the seek-per-sample
 sampler must pick exactly the frames of video.sample_frames."""
+import json
 import re
 
 import pytest
 import torch
 
 import bench
-import released
 import bench_decode
+import released
 import video
 from test_video import index_clip, read_index
 
@@ -86,3 +87,16 @@ def test_realwidth_one_layer_on_the_cpu(tmp_path):
     assert (tmp_path / "rw" / "step" / "model.safetensors").is_file() and not list(tmp_path.rglob(".*tmp*"))
     exported = released.config_from(tmp_path / "rw" / "export")
     assert (exported.llm_layers, exported.vision_layers, exported.llm_width) == (1, 1, 3072)
+
+
+def test_training_curves_are_drawn_from_the_logs(tmp_path):
+    """plot_curves reads each stage's log.jsonl (summary lines left out) and draws what it returns."""
+    import matplotlib.image
+    for stage, rows in (("sft", [{"step": 10, "sft": 3.0, "gnd": 0.6, "cons": 0.2}, {"step": 20, "sft": 2.0, "gnd": 0.5,
+                                                                                   "cons": 0.1}]),
+                        ("fpo", [{"step": 5, "fpo": 0.69, "rewards/accuracies": 0.5}])):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"summary": True}]))
+    drawn = bench.plot_curves(tmp_path, tmp_path / "curves.png")
+    assert drawn["sft"]["gnd"] == ([10, 20], [0.6, 0.5]) and drawn["fpo"]["rewards/accuracies"] == ([5], [0.5])
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (350, 1200)
