@@ -67,7 +67,8 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
                                  span_style=proto["span_style"])
         for j, g in zip(rec, outs):
             answers[j] = g["text"]
-            unfinished[g["stopped"]] += g["stopped"] != "end"
+            if g["stopped"] != "end":
+                unfinished[g["stopped"]] += 1
     for message in failed:
         print(f"skipped: {message}", file=sys.stderr)
     if any(unfinished.values()):

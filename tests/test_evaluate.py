@@ -82,3 +82,16 @@ def test_plot_draws_a_png(tmp_path):
     ev.plot_evidence(fake, 1.0, tmp_path / "sim.png")
     assert matplotlib.image.imread(tmp_path / "sim.png").shape[:2] == (360, 800)
     assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_counts_the_answers_that_stopped_early(tiny_ckpt, monkeypatch, capsys):
+    """Answers that end with <|end|> are not counted; those cut by the token limit or the context are."""
+    ckpt, test, videos = tiny_ckpt
+    truth = json.loads(test.read_text())[:3]
+    reasons = iter(["end", "max_new_tokens", "context"])
+    monkeypatch.setattr(ev.decoding, "generate", lambda m, batch, *a, **k: [
+        {"text": f"answer {i}", "stopped": next(reasons)} for i in range(len(batch["input_ids"]))])
+    preds = ev.predict(checkpoint.from_checkpoint(ckpt).eval(), truth, videos, progress=False)
+    assert [p["a"] for p in preds] == ["answer 0", "answer 1", "answer 2"]
+    assert "2 answers stopped before <|end|>: 1 at 256 new tokens, 1 at the end of the LLM's context" \
+        in capsys.readouterr().err
