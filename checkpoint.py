@@ -17,9 +17,13 @@ sha256 of every other file).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -271,10 +275,6 @@ def lock_run(run_dir):
     """Hold `run_dir`/LOCK (an exclusive flock: the system lets go of it when the process ends, even
     by kill -9) for as long as the returned file stays open. A second writer gets one error naming
     the holder."""
-    import fcntl
-    import os
-    import socket
-    import time
     f = open(Path(run_dir) / LOCK, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

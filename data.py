@@ -508,6 +508,8 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     if any(pairs) and not all(pairs):
         raise ValueError("collate: a batch mixes preference pairs and plain samples")
     ids, labels, qids, qspans, aspans, branches, prevs = [], [], [], [], [], [], []
+    front, back = _specials(qformer_tokenizer) if cfg.qformer_special_tokens else ([], [])
+    room = cfg.qformer_max_text - len(front) - len(back)  # instruction tokens inside [CLS] ... [SEP]
     for s in samples:
         ev, n = s["evidence"], s["frames"].shape[0]
         prompt = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"])
@@ -529,8 +531,6 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
         branches.append(branch)
         q = qformer_tokenizer(ev["prompt"].replace(EVI, ""), add_special_tokens=False)["input_ids"]
         if cfg.qformer_special_tokens:  # as the release: [CLS] + the last tokens that fit + [SEP]
-            front, back = _specials(qformer_tokenizer)
-            room = cfg.qformer_max_text - len(front) - len(back)
             q = front + (q[-room:] if room > 0 else []) + back
         qids.append(q[-cfg.qformer_max_text:] or [qformer_tokenizer.pad_token_id])
         qspans.append(clamp(ev["question_frames"]))

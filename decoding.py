@@ -66,6 +66,7 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     # positions left in the LLM's context (the video placeholder became n_frames tokens)
     room = cfg.llm_max_positions - (pr.lengths - 1 + pr.frame_mask.sum(1))
     full = torch.zeros(B, dtype=torch.bool, device=done.device)
+    n_new = torch.zeros(B, dtype=torch.long, device=done.device)  # tokens each sample has generated
     pad = model.tokenizer.pad_token_id
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
@@ -88,7 +89,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
             tokens[i].append(int(tok[i]))
         live = ~done
         done = done | (tok == tid[END])
-        full = full | (~done & (torch.tensor([len(t) for t in tokens], device=done.device) >= room))
+        n_new += live
+        full = full | (~done & (n_new >= room))
         done = done | full
         if done.all():
             break

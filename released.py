@@ -87,7 +87,7 @@ def _rename(name, rules):
     for pat, to in rules:
         m = pat.match(name)
         if m:
-            return to.replace("{}", "{}").format(*m.groups()) + name[m.end():]
+            return to.format(*m.groups()) + name[m.end():]
     return None
 
 
