@@ -9,6 +9,10 @@ this machine, between things that do the same work.
                                           the wall time of each stage; runs/<name>/curves.png
     python bench.py kills [--kills 10]    train.py killed (kill -9) at random moments and resumed: how
                                           many end with the uninterrupted run's weights, bit for bit
+    python bench.py ablate [--seeds 3] [--only A1,B2] [--json FILE] [--set FIELD=VALUE ...]
+                                          the paper's ablation tables in miniature (ablations.py): each
+                                          row trained, predicted and scored per seed on the ablation
+                                          split; resumable; runs/ablate/ablations.png + curves per run
     python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
                                           (bf16), from an E.T.Chat stage-2 directory: load, SFT step,
                                           FPO step, save, reload, generation, export
@@ -39,7 +43,9 @@ import etbench
 import event_videos
 import fpo
 import losses
+import ablations
 import model
+import plots
 import released
 import synth
 import train
@@ -377,40 +383,9 @@ def learn(name=None):
         times[f"evaluate {stage}"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     curves = Path(checkpoint.RUNS) / name / "curves.png"
-    plot_curves(Path(checkpoint.RUNS) / name, curves)
+    plots.curves(Path(checkpoint.RUNS) / name, curves)
     print(f"training curves: {curves}", file=sys.stderr)
     return name, times, metrics
-
-
-CURVES = {"sft": ("sft", "gnd", "cons"), "fpo": ("fpo", "rewards/accuracies")}  # what plot_curves draws per stage
-
-
-def plot_curves(run_root, path) -> dict:
-    """A PNG of a run's training curves from its log.jsonl files: the SFT loss terms, and for FPO
-    the preference loss and the reward accuracy, against the step. Returns what it drew:
-    {stage: {term: (steps, values)}} (stages without a log are left out)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    drawn = {}
-    for stage, terms in CURVES.items():
-        log = Path(run_root) / stage / "log.jsonl"
-        if not log.is_file():
-            continue
-        rows = [r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines()) if "step" in r]
-        drawn[stage] = {t: ([r["step"] for r in rows], [r[t] for r in rows]) for t in terms}
-    fig, axes = plt.subplots(1, max(1, len(drawn)), figsize=(6 * max(1, len(drawn)), 3.5), squeeze=False)
-    for ax, (stage, series) in zip(axes[0], drawn.items()):
-        for term, (steps, values) in series.items():
-            ax.plot(steps, values, label=term, lw=1.2)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return drawn
 
 
 def learn_rows(times, metrics):
@@ -449,9 +424,33 @@ def show(rows):
         print(f"  {what:<66} {before}{v} {unit}{t}")
 
 
+def ablate(args):
+    """bench.py ablate: run what is missing, print both tables, draw them, keep the results."""
+    rows = [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ablations.ROWS]
+    if unknown:
+        raise SystemExit(f"--only {args.only}: unknown rows {', '.join(unknown)} (rows: {', '.join(ablations.ROWS)})")
+    t = time.perf_counter()
+    results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [])
+    summary = ablations.tables(results)
+    print(ablations.show(summary))
+    png = ablations.ROOT / "ablations.png"
+    ablations.plot(summary, png)
+    spent = sum(r["train_s"] + r["eval_s"] for r in results)
+    print(f"\n{len(results)} runs, {spent / 60:.0f} min of training and evaluation in all (this call: "
+          f"{(time.perf_counter() - t) / 60:.0f} min); tables: {png}; runs: {ablations.ROOT}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "summary": summary}, indent=1), encoding="utf-8")
+    return summary
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills"])
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate"])
+    ap.add_argument("--seeds", type=int, default=3, help="ablate: seeds per row (0, 1, ...)")
+    ap.add_argument("--only", default=",".join(ablations.ROWS), help="ablate: comma-separated rows (A1-A5, B1-B3)")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                    help="ablate: recipe changes applied to every row (train.py --set)")
     ap.add_argument("--kills", type=int, default=10, help="kills: how many runs to kill and resume")
     ap.add_argument("--layers", type=int, default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
     ap.add_argument("--frames", type=int, default=8, help="realwidth: frames of the test clip")
@@ -463,6 +462,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t = time.perf_counter()
+    if args.what == "ablate":
+        return ablate(args)
     if args.what == "realwidth":
         rows = realwidth_figures(args.layers, args.frames, out_dir=Path(args.clips) / "realwidth")
     elif args.what == "kills":

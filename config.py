@@ -54,6 +54,12 @@ class D2VLMConfig:
     alpha: float = 2.0         # soft targets alpha^-distance
     semantic_capture: bool = True  # answer <evi> take in their span's video states (False: ablation B2;
                                    # question <evi> keep theirs, they come from the question's times)
+    # the paper's ablations (data.arrange, losses.py, decoding.py; README "Ablations")
+    response_format: str = "factorized"  # RESPONSE_FORMATS: "factorized" (K <evi>, </evi>, the answer with
+                                         # its <evi>), "coupled" (A1: the answer alone, one <evi> per event),
+                                         # "factorized_text" (A2: stage 1 as factorized, the answer's times as text)
+    evidence_level: str = "event"  # EVIDENCE_LEVELS: "event" (one <evi> per event, a span of frames) or
+                                   # "frame" (B1: one <evi> per boundary, a softmax over frames, one frame each)
     # LoRA on the LLM
     lora_r: int = 128
     lora_alpha: int = 256
@@ -131,6 +137,8 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
 
 
 FPO_STARTS = ("continue", "merged")
+RESPONSE_FORMATS = ("factorized", "coupled", "factorized_text")
+EVIDENCE_LEVELS = ("event", "frame")
 # the allowed range of each numeric field: (low, high, low included, high included); None = unbounded
 _POSITIVE, _NON_NEGATIVE, _FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
 RANGES = {
@@ -160,8 +168,10 @@ def check(cfg: D2VLMConfig) -> str | None:
                 or (hi is not None and (v > hi or (v == hi and not hi_in))):
             span = f"{'[' if lo_in else '('}{lo}, {'∞)' if hi is None else f'{hi}' + (']' if hi_in else ')')}"
             return f"{f.name}={v!r} is outside {span}"
-    if cfg.fpo_start not in FPO_STARTS:
-        return f"fpo_start={cfg.fpo_start!r} is not one of {', '.join(FPO_STARTS)}"
+    for field, allowed in (("fpo_start", FPO_STARTS), ("response_format", RESPONSE_FORMATS),
+                           ("evidence_level", EVIDENCE_LEVELS)):
+        if getattr(cfg, field) not in allowed:
+            return f"{field}={getattr(cfg, field)!r} is not one of {', '.join(allowed)}"
     if cfg.image_size % cfg.patch_size:
         return f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}"
     for width, heads in (("vision_width", "vision_heads"), ("qformer_width", "qformer_heads"), ("llm_width", "llm_heads")):

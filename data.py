@@ -6,6 +6,7 @@ per event). DESIGN.md §4 (conversion).
 
     load_records(path)          E.T.Instruct-164K (txt / vid) or E.T.Bench JSON/JSONL, validated
     to_evidence(record)         -> prompt, two-stage response, spans (seconds and frames)
+    arrange(ev, format, level)  the response in an ablation's format (coupled, times as text, frame-level)
     render(response, spans)     <evi> -> "s - e" (the text a scorer reads)
     VideoDataset, collate       records + frames (video.py) -> the tensors the model reads, in
                                 Phi-3's chat format
@@ -320,6 +321,61 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
             "question_spans": qspans, "question_frames": to_frames(qspans, fps)}
 
 
+def arrange(ev: dict, response_format: str = "factorized", evidence_level: str = "event") -> dict:
+    """to_evidence's record in another response format or evidence level (the paper's ablations;
+    config.RESPONSE_FORMATS, EVIDENCE_LEVELS). Returns a copy whose `response` is
+
+    factorized        K <evi>, </evi>, the answer with one <evi> per event (to_evidence's; 2K <evi>)
+    coupled           the answer alone, one <evi> per event (A1: no stage 1, no </evi>; K <evi>)
+    factorized_text   K <evi>, </evi>, the answer with its times written as text (A2; K <evi>)
+
+    and, at evidence_level "frame" (B1), every answer <evi> doubled: one token per boundary, start
+    then end. `evi_frames` is the inclusive frame span each answer <evi> token is trained to ground,
+    in order: the event's span, or at frame level the boundary frame [t, t]. Question <evi> are left
+    as they are (they carry the question's times, not the model's evidence)."""
+    K, frames = len(ev["spans"]), ev["frames"]
+    if "rejected" in ev and (response_format, evidence_level) != ("factorized", "event"):
+        raise ValueError("preference pairs are made for the factorized, event-level response only")
+    if ev["response"].count(EVI) != 2 * K or ev["response"][:len(EVI * K + EVI_END)] != EVI * K + EVI_END:
+        raise ValueError(f"arrange: expected to_evidence's response (K = {K} <evi>, {EVI_END}, the answer), "
+                         f"got {ev['response']!r}")
+    answer = ev["response"][len(EVI * K + EVI_END):]
+    if response_format == "factorized":
+        response, per_token = ev["response"], frames * 2
+    elif response_format == "coupled":
+        response, per_token = answer, frames
+    elif response_format == "factorized_text":
+        response, per_token = EVI * K + EVI_END + render(answer, ev["spans"]), frames
+    else:
+        raise ValueError(f"response_format {response_format!r}: expected factorized, coupled or factorized_text")
+    if evidence_level == "frame":
+        response = response.replace(EVI, EVI * 2)
+        per_token = [b for s, e in per_token for b in ([s, s], [e, e])]
+    elif evidence_level != "event":
+        raise ValueError(f"evidence_level {evidence_level!r}: expected event or frame")
+    return {**ev, "response": response, "evi_frames": per_token}
+
+
+def pair_boundaries(text: str, spans):
+    """Frame-level output (B1) -> event-level: each run of adjacent <evi> in `text` is read as
+    (start, end) pairs, each pair one <evi> with the span [min, max] of its two boundaries (seconds or
+    frames); an unpaired last boundary of a run is a point [t, t]. Returns (text, spans)."""
+    if text.count(EVI) != len(spans):
+        raise ValueError(f"{text.count(EVI)} {EVI} tokens but {len(spans)} spans")
+    out, events, k = [], [], 0
+    for piece in re.split(f"((?:{re.escape(EVI)})+)", text):
+        if not piece.startswith(EVI):
+            out.append(piece)
+            continue
+        n = piece.count(EVI)
+        for j in range(0, n, 2):
+            b = [spans[k + j][0], spans[k + j + 1][0]] if j + 1 < n else [spans[k + j][0]] * 2
+            events.append([min(b), max(b)])
+            out.append(EVI)
+        k += n
+    return "".join(out), events
+
+
 def _extract(text, values, field):
     try:
         return extract_times(text, values)
@@ -405,6 +461,8 @@ class VideoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{videos}: video folder not found")
         self.videos, self.cfg, self.with_response = videos, cfg, with_response
         evs = [r if "response" in r else to_evidence(r, cfg.fps) for r in recs]
+        if with_response:  # the response format and evidence level of cfg (the ablations)
+            evs = [arrange(ev, cfg.response_format, cfg.evidence_level) for ev in evs]
         if not evs:
             raise ValueError(f"{where}: no records to make samples of")
         missing = [(i, ev["video"]) for i, ev in enumerate(evs) if not (videos / ev["video"]).is_file()]
@@ -489,8 +547,8 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     input_ids / attention_mask / labels (B, L) in Phi-3's chat format (labels on the response only),
     qformer_ids / qformer_mask (B, Lq) (the question, left-truncated; within [CLS] ... [SEP] when
     cfg.qformer_special_tokens), question_spans (B, Nq, 2) and
-    answer_spans (B, Na, 2) in frames, one per <evi> in order (stage 1 and stage 2 share the event
-    spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation.
+    answer_spans (B, Na, 2) in frames, one per <evi> in order (the record's `evi_frames` from arrange;
+    else to_evidence's: stage 1 and stage 2 share the event spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation.
 
     Preference samples (evidence with "rejected", see synth.py) are packed: prompt, chosen response,
     rejected response in one row, labels on both responses, and two more tensors: branch (B, L)
@@ -516,7 +574,7 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"] if with_response else []
         clamp = lambda spans: [[min(max(a, 0), n - 1), min(max(b, 0), n - 1)] for a, b in spans]  # noqa: E731
-        spans = clamp(ev["frames"]) * 2 if with_response else []
+        spans = clamp(ev["evi_frames"] if "evi_frames" in ev else ev["frames"] * 2) if with_response else []
         branch = [0] * len(p) + [1] * len(r)
         if pairs[0]:
             rej = ev["rejected"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import evidence
-from data import END, VIDEO, render
+from data import END, VIDEO, pair_boundaries, render
 from evidence import EVI
 
 DECODINGS = {
@@ -44,7 +44,10 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     for tests). A sample also stops when it fills the LLM's context (cfg.llm_max_positions). Returns
     one dict per sample: text (each <evi> written by data.render in `span_style`), tokens, spans
     (seconds), probs: for each <evi>, sigmoid(similarity) over the sample's frames (what its span
-    was chosen from), and stopped: "end" (<|end|>), "max_new_tokens" or "context"."""
+    was chosen from), and stopped: "end" (<|end|>), "max_new_tokens" or "context".
+    At cfg.evidence_level "frame" (ablation B1) each <evi> is one boundary: its frame is the argmax
+    over the frames (probs: the softmax), it takes in that one frame's state, and the output pairs
+    them (data.pair_boundaries): `spans` and `text` have one span per event, `probs` one row per <evi>."""
     cfg, tid = model.cfg, model.token_id
     B = batch["input_ids"].shape[0]
     gens = [torch.Generator().manual_seed(int(x)) for x in (range(B) if seeds is None else seeds)]
@@ -68,6 +71,7 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     full = torch.zeros(B, dtype=torch.bool, device=done.device)
     n_new = torch.zeros(B, dtype=torch.long, device=done.device)  # tokens each sample has generated
     pad = model.tokenizer.pad_token_id
+    frame_level = cfg.evidence_level == "frame"
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
         if penalty != 1.0 and penalized.any():
@@ -79,12 +83,16 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
         is_evi = (tok == tid[EVI]) & ~done
         if is_evi.any():
             sim = evidence.similarity(model.evi_head(m_last)[:, None], pr.frm)
-            span = evidence.select_interval(sim, cfg.select_ratio, pr.frame_mask)  # (B, 1, 2)
+            if frame_level:  # one boundary frame: the argmax of the softmax over the frames
+                span = evidence.select_frame(sim, pr.frame_mask)
+            else:
+                span = evidence.select_interval(sim, cfg.select_ratio, pr.frame_mask)  # (B, 1, 2)
             if cfg.semantic_capture:
                 emb = emb + evidence.pool_evidence(pr.inject, span)[:, 0] * is_evi[:, None]
             for i in is_evi.nonzero()[:, 0].tolist():
                 spans[i].append([v / cfg.fps for v in span[i, 0].tolist()])
-                probs[i].append(torch.sigmoid(sim[i, 0, :n_frames[i]].float()).tolist())
+                row = sim[i, 0, :n_frames[i]].float()
+                probs[i].append((row.softmax(-1) if frame_level else row.sigmoid()).tolist())
         for i in (~done).nonzero()[:, 0].tolist():
             tokens[i].append(int(tok[i]))
         live = ~done
@@ -113,7 +121,10 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
         if span_style == "release":  # the release strips the decoded text before writing the spans in
             raw = raw.strip()
         stopped = "end" if tokens[i] and tokens[i][-1] == tid[END] else "context" if full[i] else "max_new_tokens"
-        out.append({"text": render(raw, spans[i], span_style, cfg.fps), "tokens": tokens[i], "spans": spans[i],
+        events = spans[i]
+        if frame_level:  # boundaries -> events: one <evi> and one span per (start, end) pair
+            raw, events = pair_boundaries(raw, spans[i])
+        out.append({"text": render(raw, events, span_style, cfg.fps), "tokens": tokens[i], "spans": events,
                     "probs": probs[i], "stopped": stopped})
     return out
 

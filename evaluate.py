@@ -53,8 +53,10 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
     failed, unfinished = [], {"max_new_tokens": 0, "context": 0}
+    # batches of one task each: answers of a kind end together (a batch runs until its longest one ends)
+    order = sorted(range(len(ds)), key=lambda j: (str(records[ds.kept[j]].get("task")), j))
     for i in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="generate"):
-        samples = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+        samples = [ds[j] for j in order[i:i + batch_size]]
         failed += [s["failed"] for s in samples if "failed" in s]
         ok = [s for s in samples if "failed" not in s]
         if not ok:

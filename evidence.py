@@ -11,6 +11,8 @@ event shows (semantic capture).
     soft_targets(spans, T, alpha)            (B, K, 2) inclusive frame spans -> targets (B, K, T)
     select_interval(logits, ratio, mask)     logits (B, K, T) -> inclusive frame spans (B, K, 2)
     pool_evidence(states, spans, mask)       (B, T, D), (B, K, 2) -> span means (B, K, D)
+    select_frame(logits, mask)               logits (B, K, T) -> the argmax frame [t, t] (B, K, 2)
+                                             (frame-level evidence, ablation B1)
 
 All spans are long tensors of inclusive frame indices [s, e].
 """
@@ -91,6 +93,15 @@ def select_interval(logits: torch.Tensor, ratio: float = 0.6, frame_mask: torch.
     s = t.masked_fill(~member, T).amin(-1)
     e = t.masked_fill(~member, -1).amax(-1)
     return torch.stack([s, e], dim=-1)
+
+
+def select_frame(logits: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Frame-level evidence (ablation B1): the highest-scoring valid frame of each token, as a point
+    span [t, t]: logits (B, K, T), frame_mask (B, T) bool -> (B, K, 2) long (ties: the earliest frame)."""
+    if frame_mask is not None:
+        logits = logits.masked_fill(~frame_mask.to(device=logits.device, dtype=torch.bool)[:, None, :], float("-inf"))
+    t = logits.argmax(-1)
+    return torch.stack([t, t], dim=-1)
 
 
 def pool_evidence(states: torch.Tensor, spans: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:

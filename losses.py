@@ -8,6 +8,10 @@
     L_cons  L1 between the evi_head features of the k-th stage-1 and the k-th stage-2 <evi>,
             mean over the feature dimension and the K pairs
 
+The ablations (config.response_format, evidence_level): L_cons applies to the factorized format
+only (the coupled and text formats have no second <evi> per event to agree with); at frame level
+(B1) L_gnd is `grounding_ce`, a softmax over the frames against alpha ** -|t - t*| normalised.
+
 Each term is a mean per sample first, then a mean over the samples it applies to (that have
 response tokens / answer <evi> / stage-1-stage-2 pairs), so every sample weighs the same whatever
 its length. A weight of 0 switches a term off (it still shows in the returned figures).
@@ -42,6 +46,23 @@ def grounding_bce(sim: torch.Tensor, spans: torch.Tensor, frame_mask: torch.Tens
     return (bce * valid).sum((1, 2)) / n.clamp(min=1), n > 0
 
 
+def grounding_ce(sim: torch.Tensor, spans: torch.Tensor, frame_mask: torch.Tensor, alpha: float):
+    """Frame-level grounding (ablation B1, E.T.Chat-style): sim (B, N, T) logits of N boundary <evi>,
+    spans (B, N, 2) their frames [t*, t*] (-1: padding), frame_mask (B, T). Each <evi> is a softmax
+    over the sample's frames, trained by cross-entropy against q_t = alpha ** -|t - t*| / sum over
+    the frames. Returns the per-sample mean over its <evi> (B,) and which samples have any (B,)."""
+    rows = spans[..., 0] >= 0  # (B, N)
+    if (spans[..., 0] != spans[..., 1])[rows].any():
+        raise ValueError("grounding_ce: frame-level targets are single frames [t, t]")
+    valid = frame_mask[:, None, :].expand_as(sim)
+    q = evidence.soft_targets(spans.clamp(min=0), sim.shape[-1], alpha).float() * valid
+    q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
+    logp = torch.log_softmax(sim.float().masked_fill(~valid, float("-inf")), -1)
+    ce = -(q * logp.masked_fill(~valid, 0)).sum(-1)  # (B, N)
+    n = rows.sum(1)
+    return (ce * rows).sum(1) / n.clamp(min=1), n > 0
+
+
 def consistency_l1(feats: torch.Tensor, evi_mask: torch.Tensor):
     """feats (B, N, d) evi_head features of the N = 2K answer <evi> (stage 1 first, then stage 2),
     evi_mask (B, N). Returns the per-sample mean over k of mean_d |f_k - f_{K+k}| (B,) and which
@@ -67,7 +88,11 @@ def sft_objective(out: dict, batch: dict, cfg) -> dict:
     """out: D2VLM.forward's dict; batch: data.collate's. Returns {"loss": the weighted sum (scalar,
     differentiable), "sft", "gnd", "cons": the unweighted terms (detached scalars)}."""
     sft = _mean_over(*token_ce(out["logits"], batch["labels"]))
-    gnd = _mean_over(*grounding_bce(out["sim"], batch["answer_spans"], out["frame_mask"], cfg.alpha))
-    cons = _mean_over(*consistency_l1(out["evi_feats"], out["evi_mask"]))
+    ground = grounding_ce if cfg.evidence_level == "frame" else grounding_bce
+    gnd = _mean_over(*ground(out["sim"], batch["answer_spans"], out["frame_mask"], cfg.alpha))
+    if cfg.response_format == "factorized":
+        cons = _mean_over(*consistency_l1(out["evi_feats"], out["evi_mask"]))
+    else:  # nothing to keep consistent; x * 0 keeps evi_head in the graph
+        cons = out["evi_feats"].float().sum() * 0
     loss = cfg.w_sft * sft + cfg.w_gnd * gnd + cfg.w_cons * cons
     return {"loss": loss, "sft": sft.detach(), "gnd": gnd.detach(), "cons": cons.detach()}

@@ -206,6 +206,10 @@ def starting_point(args, run_dir):
     else:
         base = PRESETS[args.preset or "tiny"]
     cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
+    if args.stage == "fpo" and (cfg.response_format, cfg.evidence_level) != ("factorized", "event"):
+        raise SystemExit(f"fpo: preference pairs are made for the factorized, event-level response; this run has "
+                         f"response_format={cfg.response_format}, evidence_level={cfg.evidence_level} (the ablations "
+                         "A1, A2 and B1 are SFT only, as in the paper)")
     if not args.resume:
         if ckpt.checkpoints(run_dir):  # never write over another run's checkpoints
             raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")

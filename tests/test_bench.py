@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import plots
 import bench_decode
 import released
 import video
@@ -90,13 +91,13 @@ def test_realwidth_one_layer_on_the_cpu(tmp_path):
 
 
 def test_training_curves_are_drawn_from_the_logs(tmp_path):
-    """plot_curves reads each stage's log.jsonl (summary lines left out) and draws what it returns."""
+    """plots.curves reads each stage's log.jsonl (summary lines left out) and draws what it returns."""
     import matplotlib.image
     for stage, rows in (("sft", [{"step": 10, "sft": 3.0, "gnd": 0.6, "cons": 0.2}, {"step": 20, "sft": 2.0, "gnd": 0.5,
                                                                                    "cons": 0.1}]),
                         ("fpo", [{"step": 5, "fpo": 0.69, "rewards/accuracies": 0.5}])):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"summary": True}]))
-    drawn = bench.plot_curves(tmp_path, tmp_path / "curves.png")
+    drawn = plots.curves(tmp_path, tmp_path / "curves.png")
     assert drawn["sft"]["gnd"] == ([10, 20], [0.6, 0.5]) and drawn["fpo"]["rewards/accuracies"] == ([5], [0.5])
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (350, 1200)

@@ -92,6 +92,6 @@ def test_predict_counts_the_answers_that_stopped_early(tiny_ckpt, monkeypatch, c
     monkeypatch.setattr(ev.decoding, "generate", lambda m, batch, *a, **k: [
         {"text": f"answer {i}", "stopped": next(reasons)} for i in range(len(batch["input_ids"]))])
     preds = ev.predict(checkpoint.from_checkpoint(ckpt).eval(), truth, videos, progress=False)
-    assert [p["a"] for p in preds] == ["answer 0", "answer 1", "answer 2"]
+    assert sorted(p["a"] for p in preds) == ["answer 0", "answer 1", "answer 2"]  # batches go task by task
     assert "2 answers stopped before <|end|>: 1 at 256 new tokens, 1 at the end of the LLM's context" \
         in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""The paper's two ablation tables in miniature: `python bench.py ablate`. Paper: "Ablation Study".
+
+Every row is a switch of config.D2VLMConfig (README "Ablations"), trained by train.py with the
+default recipe (the `tiny` preset) on a separate synthetic set and scored on its 200 test videos:
+
+    A1 coupled response     response_format=coupled          B1 frame-level evidence   evidence_level=frame
+    A2 factorized, as text  response_format=factorized_text  B2 no semantic capture    semantic_capture=false
+    A3 interleaved <evi>    w_cons=0                         B3 full design            = A4
+    A4 + consistency        (the default)
+    A5 + FPO                train.py --stage fpo from A4's run
+
+    run_all(rows, seeds, ...)     trains, predicts and scores each (row, seed) not done yet; returns the results
+    tables(results) / show(...)   mean and std over the seeds of each row, beside the paper's numbers
+    plot(summary, path)           the tables as a PNG (plots.ablation_tables)
+
+Each row is scored on its answer: the text after the first </evi> (stage 2), or the whole response
+when it has none (A1), under the etchat protocol (which reads "s - e" in text and needs no </evi>),
+so that every row is judged on what it answers, as the d2vlm protocol judges D2VLM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import checkpoint
+import etbench
+import evaluate
+import event_videos
+import plots
+import train
+from evidence import EVI_END
+from files import atomic_path
+
+ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test split is left as it is
+ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}
+ROOT = Path(checkpoint.RUNS) / "ablate"
+METRICS = ("F1 (gnd)", "F1 (cap)", "Sim (cap)")  # the paper's columns: grounding avg F1, dense-caption F1, Sim
+# row: (what it is, --set overrides, the stage scored, the run it trains in, the paper's METRICS)
+ROWS = {
+    "A1": ("baseline (coupled)", ["response_format=coupled"], "sft", "A1", (21.2, 14.3, 11.3)),
+    "A2": ("+ factorized objective", ["response_format=factorized_text"], "sft", "A2", (28.9, 23.1, 16.0)),
+    "A3": ("+ interleaved text-<evi> generation", ["w_cons=0"], "sft", "A3", (35.6, 34.3, 19.8)),
+    "A4": ("+ consistency constraint", [], "sft", "A4", (39.5, 35.0, 21.2)),
+    "A5": ("+ FPO", [], "fpo", "A4", (42.3, 37.5, 21.8)),
+    "B1": ("no event-level modeling (frame-level)", ["evidence_level=frame"], "sft", "B1", (26.1, 33.4, 16.2)),
+    "B2": ("no visual semantic capture", ["semantic_capture=false"], "sft", "B2", (37.1, 27.5, 17.7)),
+    "B3": ("full design (= A4)", [], "sft", "A4", (39.5, 35.0, 21.2)),
+}
+TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
+          "B: evidence token": ("B1", "B2", "B3")}
+
+
+def answer_of(response: str) -> str:
+    """What a row is scored on: the text after the first </evi>, or all of it when there is none."""
+    return response.partition(EVI_END)[2] if EVI_END in response else response
+
+
+def _trained(stage_dir: Path) -> bool:
+    """A run ended (its log's last line is the summary)."""
+    log = stage_dir / "log.jsonl"
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    return bool(lines) and json.loads(lines[-1]).get("summary", False)
+
+
+def _train(run: Path, stage: str, overrides, seed: int, data_root: Path, extra) -> float:
+    """Train one stage of one run unless it has ended; go on from its newest checkpoint if it was cut
+    short. Returns the seconds spent."""
+    stage_dir = run / stage
+    if _trained(stage_dir):
+        return 0.0
+    t = time.perf_counter()
+    args = ["--stage", stage, "--out", str(run.parent), "--name", run.name, "--seed", str(seed),
+            "--data", str(data_root / "train.json"), "--videos", str(data_root / "videos"), *extra]
+    if stage == "sft" and overrides:
+        args += ["--set", *overrides]
+    if checkpoint.checkpoints(stage_dir):
+        args += ["--resume"]
+    train.main(args)
+    plots.curves(run, run / "curves.png")
+    return time.perf_counter() - t
+
+
+def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_DATA, extra=(), batch_size: int = 8,
+            max_new_tokens: int | None = None):
+    """Train (if needed), predict and score one row with one seed; the result is kept in
+    root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
+    with the same train.py arguments `extra`)."""
+    out = root / "results" / f"{row}-s{seed}.json"
+    _, overrides, stage, name, _ = ROWS[row]
+    if out.is_file():
+        result = json.loads(out.read_text(encoding="utf-8"))
+        if result["args"] != list(extra):
+            raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
+                             f"[{' '.join(extra)}]: remove {root} (or move it) first")
+        return result
+    run = root / f"{name}-s{seed}"
+    took = _train(run, "sft", overrides, seed, data_root, extra)
+    if stage == "fpo":
+        took += _train(run, "fpo", overrides, seed, data_root, extra)
+    ckpt = checkpoint.checkpoints(run / stage)[-1]
+    t = time.perf_counter()
+    m = checkpoint.from_checkpoint(ckpt).eval()
+    test = json.loads((data_root / "test.json").read_text(encoding="utf-8"))
+    preds = evaluate.predict(m, test, data_root / "videos", batch_size=batch_size, max_new_tokens=max_new_tokens)
+    scored = [{**p, "a": answer_of(p["a"]), "response": p["a"]} for p in preds]
+    with atomic_path(ckpt / "predictions_ablate.json") as tmp:
+        tmp.write_text(json.dumps(scored, indent=1), encoding="utf-8")
+    task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
+    result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
+              "tasks": {k: round(100 * v, 2) for k, v in task.items()},
+              "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(f"ablate {row} seed {seed}: " + ", ".join(f"{k} {result[k]:.1f}" for k in METRICS), file=sys.stderr)
+    return result
+
+
+def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra=(), batch_size: int = 8,
+            max_new_tokens: int | None = None):
+    """Every (row, seed) of `rows` x range(seeds), in an order that reuses runs (A5 after A4; B3 is
+    A4's result). data_root None: the ablation set, generated on first use. Returns the results."""
+    if data_root is None:
+        data_root = event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
+    rows = list(dict.fromkeys("A4" if r == "B3" else r for r in rows))  # B3 is A4's result
+    results = []
+    for seed in range(seeds):
+        for row in rows:
+            results.append(run_one(row, seed, Path(root), Path(data_root), extra, batch_size, max_new_tokens))
+    return results
+
+
+def tables(results) -> dict:
+    """{row: {metric: (mean, std, n)}} over the seeds of each row (std: the sample std, 0 for one seed)."""
+    out = {}
+    for row in ROWS:
+        got = [r for r in results if r["row"] == row or (row == "B3" and r["row"] == "A4")]
+        if not got:
+            continue
+        out[row] = {}
+        for k in METRICS:
+            v = [r[k] for r in got]
+            mean = sum(v) / len(v)
+            std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+            out[row][k] = (mean, std, len(v))
+    return out
+
+
+def show(summary) -> str:
+    """Both tables as text: ours mean ± std (n seeds), the paper's number in brackets."""
+    lines = []
+    for title, rows in TABLES.items():
+        lines += [f"\nTable {title}", f"  {'':<44}" + "".join(f"{k:>22}" for k in METRICS)]
+        for row in rows:
+            if row not in summary:
+                continue
+            label, *_, paper = ROWS[row]
+            cells = [f"{m:5.1f} ± {s:4.1f} ({p:4.1f})" for (m, s, _), p in
+                     zip((summary[row][k] for k in METRICS), paper)]
+            n = summary[row][METRICS[0]][2]
+            lines.append(f"  {row} {label:<41}" + "".join(f"{c:>22}" for c in cells) + f"   n={n}")
+    lines.append("\n  ours: mean ± std over the seeds; (paper): D2VLM-3.8B on E.T.Bench")
+    return "\n".join(lines)
+
+
+def plot(summary, path) -> None:
+    plots.ablation_tables(summary, TABLES, METRICS, {r: v[4] for r, v in ROWS.items()}, path)
