@@ -20,7 +20,7 @@ so that every row is judged on what it answers, as the d2vlm protocol judges D2V
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ import evaluate
 import event_videos
 import plots
 import train
+from data import answer_text
 from evidence import EVI_END
 from files import atomic_path
 
@@ -55,7 +56,7 @@ TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
 
 def answer_of(response: str) -> str:
     """What a row is scored on: the text after the first </evi>, or all of it when there is none."""
-    return response.partition(EVI_END)[2] if EVI_END in response else response
+    return answer_text(response) if EVI_END in response else response
 
 
 def _trained(stage_dir: Path) -> bool:
@@ -143,9 +144,7 @@ def tables(results) -> dict:
         out[row] = {}
         for k in METRICS:
             v = [r[k] for r in got]
-            mean = sum(v) / len(v)
-            std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-            out[row][k] = (mean, std, len(v))
+            out[row][k] = (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
     return out
 
 
