@@ -23,6 +23,7 @@ from synth import KINDS
 
 
 ROOT = Path(__file__).resolve().parent.parent
+DDP_TIMEOUT_S = 600  # alone the run takes ~20 s; on a busy 2-core machine gloo waits can stretch it many times over
 
 
 def run(args, out, name):
@@ -146,7 +147,11 @@ def test_two_process_ddp_ends_identical(synthetic, tmp_path):
            "--workers", "0", "--out", str(tmp_path), "--name", "ddp", "--log-every", "1",
            "--set", "batch_size=2", "grad_accum=2"]  # 3 micro-batches a rank: steps of 2 and 1 (an epoch's end)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # say where it stood, not just that it stood
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"torchrun did not end in {DDP_TIMEOUT_S} s; its stderr ended with:\n{err[-2000:]}")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = log(tmp_path / "ddp" / "sft")[-1]
     assert "2 process(es) x batch 2 x accumulation 2" in res.stderr
