@@ -121,15 +121,18 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
 
 
 def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra=(), batch_size: int = 8,
-            max_new_tokens: int | None = None):
+            max_new_tokens: int | None = None, kept_only: bool = False):
     """Every (row, seed) of `rows` x range(seeds), in an order that reuses runs (A5 after A4; B3 is
-    A4's result). data_root None: the ablation set, generated on first use. Returns the results."""
+    A4's result). data_root None: the ablation set, generated on first use. kept_only: only the
+    results already kept (train and predict nothing). Returns the results."""
     if data_root is None:
-        data_root = event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
+        data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
     rows = list(dict.fromkeys("A4" if r == "B3" else r for r in rows))  # B3 is A4's result
     results = []
     for seed in range(seeds):
         for row in rows:
+            if kept_only and not (Path(root) / "results" / f"{row}-s{seed}.json").is_file():
+                continue
             results.append(run_one(row, seed, Path(root), Path(data_root), extra, batch_size, max_new_tokens))
     return results
 

@@ -9,7 +9,7 @@ this machine, between things that do the same work.
                                           the wall time of each stage; runs/<name>/curves.png
     python bench.py kills [--kills 10]    train.py killed (kill -9) at random moments and resumed: how
                                           many end with the uninterrupted run's weights, bit for bit
-    python bench.py ablate [--seeds 3] [--only A1,B2] [--json FILE] [--set FIELD=VALUE ...]
+    python bench.py ablate [--seeds 3] [--only A1,B2] [--json FILE] [--kept] [--set FIELD=VALUE ...]
                                           the paper's ablation tables in miniature (ablations.py): each
                                           row trained, predicted and scored per seed on the ablation
                                           split; resumable; runs/ablate/ablations.png + curves per run
@@ -431,7 +431,7 @@ def ablate(args):
     if unknown:
         raise SystemExit(f"--only {args.only}: unknown rows {', '.join(unknown)} (rows: {', '.join(ablations.ROWS)})")
     t = time.perf_counter()
-    results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [])
+    results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept)
     summary = ablations.tables(results)
     print(ablations.show(summary))
     png = ablations.ROOT / "ablations.png"
@@ -448,6 +448,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate"])
     ap.add_argument("--seeds", type=int, default=3, help="ablate: seeds per row (0, 1, ...)")
+    ap.add_argument("--kept", action="store_true", help="ablate: tabulate the results kept so far; train nothing")
     ap.add_argument("--only", default=",".join(ablations.ROWS), help="ablate: comma-separated rows (A1-A5, B1-B3)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="ablate: recipe changes applied to every row (train.py --set)")

@@ -196,6 +196,8 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     monkeypatch.setattr(ablations.train, "main", lambda *a: pytest.fail("trained again"))
     monkeypatch.setattr(ablations.evaluate, "predict", lambda *a, **k: pytest.fail("predicted again"))
     assert ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra) == res
+    # kept only: what is missing (A2, every seed 1) is left out, not run
+    assert ablations.run_all(["A1", "A2", "A5", "B3"], 2, root=tmp_path, extra=extra, kept_only=True) == res
     with pytest.raises(SystemExit, match=r"made with the train.py arguments \[--max-steps 2 --workers 0\], not \[--max-steps 3\]"):
         ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=["--max-steps", "3"])
     # two more seeds of A1, made up: the table's mean and sample std, B3 filled from A4
