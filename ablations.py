@@ -59,6 +59,11 @@ def answer_of(response: str) -> str:
     return answer_text(response) if EVI_END in response else response
 
 
+def result_path(root: Path, row: str, seed: int) -> Path:
+    """Where the result of one (row, seed) is kept."""
+    return root / "results" / f"{row}-s{seed}.json"
+
+
 def _trained(stage_dir: Path) -> bool:
     """A run ended (its log's last line is the summary)."""
     log = stage_dir / "log.jsonl"
@@ -89,7 +94,7 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     """Train (if needed), predict and score one row with one seed; the result is kept in
     root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
     with the same train.py arguments `extra`)."""
-    out = root / "results" / f"{row}-s{seed}.json"
+    out = result_path(root, row, seed)
     _, overrides, stage, name, _ = ROWS[row]
     if out.is_file():
         result = json.loads(out.read_text(encoding="utf-8"))
@@ -131,7 +136,7 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
     results = []
     for seed in range(seeds):
         for row in rows:
-            if kept_only and not (Path(root) / "results" / f"{row}-s{seed}.json").is_file():
+            if kept_only and not result_path(Path(root), row, seed).is_file():
                 continue
             results.append(run_one(row, seed, Path(root), Path(data_root), extra, batch_size, max_new_tokens))
     return results
