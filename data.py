@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from evidence import EVI, EVI_END
-from video import normalize, probe_all, sample_frames
+from video import FrameCache, normalize, probe_all
 
 VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
 DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
@@ -39,6 +39,7 @@ LETTERS = "ABCDE"  # multiple-choice options, in order
 # Phi-3's chat format, with one video placeholder in the user turn (model.py turns it into T video tokens)
 VIDEO, END = "<video>", "<|end|>"
 CHAT = (f"<|system|>\n{{system}}{END}\n<|user|>\n{VIDEO}\n{{prompt}}{END}\n<|assistant|>\n", f"{{response}}{END}")
+FRAME_CACHE_BYTES = 2**30  # decoded frames a VideoDataset keeps (per process): every synthetic video fits
 IGNORE = -100  # the label of tokens that are not trained on (the prompt, padding)
 SPAN_STYLES = ("seconds", "release")  # how render writes a span (see render)
 
@@ -460,6 +461,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if not videos.is_dir():
             raise FileNotFoundError(f"{videos}: video folder not found")
         self.videos, self.cfg, self.with_response = videos, cfg, with_response
+        self.frames = FrameCache(FRAME_CACHE_BYTES)  # the tasks of one video share its frames
         evs = [r if "response" in r else to_evidence(r, cfg.fps) for r in recs]
         if with_response:  # the response format and evidence level of cfg (the ablations)
             evs = [arrange(ev, cfg.response_format, cfg.evidence_level) for ev in evs]
@@ -535,7 +537,7 @@ class VideoDataset(torch.utils.data.Dataset):
         gives {"failed": message, "index"} instead, which collate leaves out and reports."""
         ev = self.items[i]
         try:
-            frames = sample_frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
+            frames = self.frames(self.videos / ev["video"], self.cfg.fps, self.cfg.image_size, max_frames=self.budget[i])
         except (ValueError, OSError) as e:
             return {"failed": f"{self.where}: record {self.kept[i]}: {e}", "index": i}
         return {"evidence": ev, "frames": frames, "index": i}

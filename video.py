@@ -3,6 +3,7 @@
 Paper: "Experiments / implementation details" (frames sampled at 1 fps, 224 px). DESIGN.md §2.
 
     sample_frames(path, fps, size)   one sequential decode; frame k = the decoded frame nearest to t = k / fps
+    FrameCache(max_bytes)            sample_frames, each file decoded once while it fits (a video serves many records)
     probe(path), probe_all(paths)    the pre-flight check: opens, decodes first and last frame, not truncated
     normalize(frames)                uint8 -> float32 with CLIP's mean and std
     write_video(path, frames, fps)   RGB frames -> H.264 mp4 (temporary name, then renamed)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import av
@@ -77,6 +79,35 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
         raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
+
+
+class FrameCache:
+    """sample_frames with the results kept, least recently used dropped first, up to max_bytes
+    (uint8 frames: 224 px is 150 KB a frame). The key is the call's arguments and the file's size and
+    modification time, so a file changed on disk is decoded again. The returned tensor is shared
+    with the cache: read it, do not write into it. Errors are not kept (the next call decodes again)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used, self.kept = max_bytes, 0, OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
+        path = Path(path)
+        st = path.stat() if path.is_file() else None
+        key = (str(path), fps, size, max_frames, st and st.st_size, st and st.st_mtime_ns)
+        if key in self.kept:
+            self.hits += 1
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        self.misses += 1
+        frames = sample_frames(path, fps, size, max_frames)
+        n = frames.numel() * frames.element_size()
+        if n <= self.max_bytes:
+            while self.used + n > self.max_bytes:
+                old = self.kept.popitem(last=False)[1]
+                self.used -= old.numel() * old.element_size()
+            self.kept[key], self.used = frames, self.used + n
+        return frames
 
 def probe(path) -> dict:
     """Check that `path` is a whole, decodable video without decoding all of it: open it, find its

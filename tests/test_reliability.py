@@ -126,14 +126,14 @@ def test_a_video_that_breaks_mid_run_is_skipped(synthetic, tmp_path):
 
 
 def test_training_survives_a_video_that_breaks_mid_run(synthetic, tmp_path, monkeypatch, capsys):
-    real, calls = data.sample_frames, []
+    real, calls = video.sample_frames, []
 
     def flaky(path, *a, **k):
         calls.append(path)
         if len(calls) == 2:
             raise ValueError(f"{path}: corrupt video, decoding failed after 3 frames (simulated)")
         return real(path, *a, **k)
-    monkeypatch.setattr(data, "sample_frames", flaky)
+    monkeypatch.setattr(video, "sample_frames", flaky)
     train.main(["--data", str(synthetic / "tvg.json"), "--videos", str(synthetic / "videos"), "--max-steps", "3",
                 "--log-every", "1", "--out", str(tmp_path), "--name", "flaky", "--workers", "0", "--set", "batch_size=1"])
     rows = [json.loads(x) for x in (tmp_path / "flaky" / "sft" / "log.jsonl").read_text().splitlines()]
