@@ -11,6 +11,7 @@ default recipe (the `tiny` preset) on a separate synthetic set and scored on its
 
     run_all(rows, seeds, ...)     trains, predicts and scores each (row, seed) not done yet; returns the results
     tables(results) / show(...)   mean and std over the seeds of each row, beside the paper's numbers
+    orderings(results) / show_orderings(...)   each step of a table (A1 -> A2, ...) seed by seed, beside the paper's
     plot(summary, path)           the tables as a PNG (plots.ablation_tables)
 
 Each row is scored on its answer: the text after the first </evi> (stage 2), or the whole response
@@ -52,6 +53,8 @@ ROWS = {
 }
 TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
           "B: evidence token": ("B1", "B2", "B3")}
+# the paper's claims: each A-row adds one thing to the one before; each B-row takes one away from B3
+STEPS = (("A1", "A2"), ("A2", "A3"), ("A3", "A4"), ("A4", "A5"), ("B1", "B3"), ("B2", "B3"))
 
 
 def answer_of(response: str) -> str:
@@ -172,6 +175,36 @@ def show(summary) -> str:
     lines.append("\n  ours: mean ± std over the seeds; (paper): D2VLM-3.8B on E.T.Bench")
     return "\n".join(lines)
 
+
+
+def orderings(results) -> list:
+    """Each of STEPS, for each metric: the paper's change and ours, seed by seed. Rows trained with
+    one seed start from the same weights and see the training samples in the same order, so the
+    paired change is free of the part of the seed spread the two rows share. Returns
+    [{"step": "A3->A4", "metric", "paper": change, "seeds": [seed, ...], "ours": [change, ...] (the
+    seeds both rows have), "holds": how many of them change the way the paper's does (a tie does not)}]."""
+    by = {(("A4" if r["row"] == "B3" else r["row"]), r["seed"]): r for r in results}
+    out = []
+    for x, y in STEPS:
+        fx, fy = ("A4" if v == "B3" else v for v in (x, y))
+        seeds = sorted(s for (row, s) in by if row == fx and (fy, s) in by)
+        for i, k in enumerate(METRICS):
+            paper = ROWS[y][4][i] - ROWS[x][4][i]
+            ours = [by[fy, s][k] - by[fx, s][k] for s in seeds]
+            out.append({"step": f"{x}->{y}", "metric": k, "paper": round(paper, 2), "seeds": seeds,
+                        "ours": [round(d, 2) for d in ours], "holds": sum(d * paper > 0 for d in ours)})
+    return out
+
+
+def show_orderings(steps) -> str:
+    """orderings() as text: per step and metric, the paper's change, ours per seed, and in how many
+    seeds ours goes the paper's way."""
+    lines = ["\nEach step, seed by seed (ours: the change in each seed; holds: seeds that change the paper's way)",
+             f"  {'step':<8} {'metric':<10} {'paper':>7}   {'ours':<28} holds"]
+    for o in steps:
+        ours = ", ".join(f"{d:+.1f}" for d in o["ours"]) or "-"
+        lines.append(f"  {o['step']:<8} {o['metric']:<10} {o['paper']:+7.1f}   {ours:<28} {o['holds']}/{len(o['ours'])}")
+    return "\n".join(lines)
 
 def plot(summary, path) -> None:
     plots.ablation_tables(summary, TABLES, METRICS, {r: v[4] for r, v in ROWS.items()}, path)

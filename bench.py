@@ -433,14 +433,16 @@ def ablate(args):
     t = time.perf_counter()
     results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept)
     summary = ablations.tables(results)
+    steps = ablations.orderings(results)
     print(ablations.show(summary))
+    print(ablations.show_orderings(steps))
     png = ablations.ROOT / "ablations.png"
     ablations.plot(summary, png)
     spent = sum(r["train_s"] + r["eval_s"] for r in results)
     print(f"\n{len(results)} runs, {spent / 60:.0f} min of training and evaluation in all (this call: "
           f"{(time.perf_counter() - t) / 60:.0f} min); tables: {png}; runs: {ablations.ROOT}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "summary": summary}, indent=1), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"results": results, "summary": summary, "orderings": steps}, indent=1), encoding="utf-8")
     return summary
 
 

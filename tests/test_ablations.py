@@ -216,3 +216,21 @@ def test_answer_of():
     assert ablations.answer_of(f"3.0 - 5.0{EVI_END}The event happens in 3.0 - 5.0 seconds.") \
         == "The event happens in 3.0 - 5.0 seconds."
     assert ablations.answer_of("The event happens in 3.0 - 5.0 seconds.") == "The event happens in 3.0 - 5.0 seconds."
+
+
+def test_orderings_pair_the_rows_seed_by_seed():
+    """Each step's change is taken within a seed; B3 is A4; a seed one row lacks is left out."""
+    def made(row, seed, gnd):
+        return {"row": row, "seed": seed, "F1 (gnd)": gnd, "F1 (cap)": 50.0, "Sim (cap)": 40.0}
+    res = [made("A3", 0, 60.0), made("A4", 0, 58.0), made("A3", 1, 40.0), made("A4", 1, 45.0), made("A4", 2, 70.0),
+           made("B2", 0, 50.0), made("B2", 1, 50.0)]
+    steps = {(o["step"], o["metric"]): o for o in ablations.orderings(res)}
+    a = steps["A3->A4", "F1 (gnd)"]
+    assert a["seeds"] == [0, 1] and a["ours"] == [-2.0, 5.0] and a["holds"] == 1
+    assert a["paper"] == pytest.approx(39.5 - 35.6)
+    b = steps["B2->B3", "F1 (gnd)"]  # B3 read from A4
+    assert b["ours"] == [8.0, -5.0] and b["holds"] == 1
+    assert steps["A3->A4", "F1 (cap)"]["holds"] == 0  # a tie goes neither way
+    assert steps["A1->A2", "F1 (gnd)"]["seeds"] == []
+    text = ablations.show_orderings(ablations.orderings(res))
+    assert "A3->A4   F1 (gnd)      +3.9   -2.0, +5.0" in text and "1/2" in text
