@@ -83,31 +83,40 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
 
 class FrameCache:
     """sample_frames with the results kept, least recently used dropped first, up to max_bytes
-    (uint8 frames: 224 px is 150 KB a frame). The key is the call's arguments and the file's size and
-    modification time, so a file changed on disk is decoded again. The returned tensor is shared
-    with the cache: read it, do not write into it. Errors are not kept (the next call decodes again)."""
+    (uint8 frames: 224 px is 150 KB a frame). A file is kept once per (fps, size), keyed with its size
+    and modification time, so a file changed on disk is decoded again. A kept decode serves every
+    call whose answer is a prefix of it (max_frames cuts a decode to its first frames): records that
+    ask for different max_frames share one decode. The returned tensor is shared with the cache:
+    read it, do not write into it. Errors are not kept (the next call decodes again)."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes, self.used, self.kept = max_bytes, 0, OrderedDict()
+        self.max_bytes, self.used, self.kept = max_bytes, 0, OrderedDict()  # key -> (frames, max_frames it had)
         self.hits = self.misses = 0
 
     def __call__(self, path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
         path = Path(path)
         st = path.stat() if path.is_file() else None
-        key = (str(path), fps, size, max_frames, st and st.st_size, st and st.st_mtime_ns)
+        key = (str(path), fps, size, st and st.st_size, st and st.st_mtime_ns)
         if key in self.kept:
-            self.hits += 1
-            self.kept.move_to_end(key)
-            return self.kept[key]
+            frames, limit = self.kept[key]
+            whole = limit is None or len(frames) < limit  # every frame of the file (limit None: also checked for truncation)
+            if (max_frames is None and limit is None) or (max_frames is not None and (whole or max_frames <= limit)):
+                self.hits += 1
+                self.kept.move_to_end(key)
+                return frames if max_frames is None else frames[:max_frames]
+            self._drop(key)
         self.misses += 1
         frames = sample_frames(path, fps, size, max_frames)
         n = frames.numel() * frames.element_size()
         if n <= self.max_bytes:
             while self.used + n > self.max_bytes:
-                old = self.kept.popitem(last=False)[1]
-                self.used -= old.numel() * old.element_size()
-            self.kept[key], self.used = frames, self.used + n
+                self._drop(next(iter(self.kept)))
+            self.kept[key], self.used = (frames, max_frames), self.used + n
         return frames
+
+    def _drop(self, key) -> None:
+        frames, _ = self.kept.pop(key)
+        self.used -= frames.numel() * frames.element_size()
 
 def probe(path) -> dict:
     """Check that `path` is a whole, decodable video without decoding all of it: open it, find its

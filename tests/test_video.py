@@ -47,26 +47,33 @@ def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
 
 
 def test_frame_cache_decodes_each_file_once_and_sees_changes(tmp_path, monkeypatch):
-    index_clip(tmp_path / "a.mp4", 12, 4)
-    index_clip(tmp_path / "b.mp4", 20, 4)
+    index_clip(tmp_path / "a.mp4", 12, 4)  # 3 frames at 1 fps
+    index_clip(tmp_path / "b.mp4", 20, 4)  # 5 frames
     decoded, real = [], video.sample_frames
     monkeypatch.setattr(video, "sample_frames", lambda p, *a, **k: decoded.append(p.name) or real(p, *a, **k))
-    one = real(tmp_path / "a.mp4", 1.0, 48).numel()  # bytes (uint8) of a.mp4's 3 frames; b.mp4 has 5
+    one = real(tmp_path / "a.mp4", 1.0, 48).numel()  # bytes (uint8) of a.mp4's 3 frames
     cache = video.FrameCache(max_bytes=2 * one)
     first = cache(tmp_path / "a.mp4", 1.0, 48)
     assert torch.equal(first, real(tmp_path / "a.mp4", 1.0, 48)) and first.dtype == torch.uint8
-    assert cache(tmp_path / "a.mp4", 1.0, 48) is first and decoded == ["a.mp4"]
-    assert cache(tmp_path / "a.mp4", 1.0, 48, max_frames=2).shape[0] == 2  # other arguments: decoded again
-    assert (cache.hits, cache.misses) == (1, 2)
-    five = cache(tmp_path / "b.mp4", 1.0, 48).numel()  # 3 + 2 + 5 frames > 6: both of a.mp4's entries go
-    assert [k[0] for k in cache.kept] == [str(tmp_path / "b.mp4")] and cache.used == five == 5 * one // 3
-    index_clip(tmp_path / "a.mp4", 8, 4)  # rewritten: another size and time, decoded afresh
-    assert cache(tmp_path / "a.mp4", 1.0, 48).shape[0] == 2 and decoded[-1] == "a.mp4" and cache.misses == 4
-    (tmp_path / "a.mp4").write_text("not a video any more")
-    with pytest.raises(ValueError, match="a.mp4"):
-        cache(tmp_path / "a.mp4", 1.0, 48)
+    assert cache(tmp_path / "a.mp4", 1.0, 48) is first
+    for m in (1, 2, 3, 10):  # a prefix of the whole decode: served from it, as sample_frames would cut it
+        assert torch.equal(cache(tmp_path / "a.mp4", 1.0, 48, max_frames=m), real(tmp_path / "a.mp4", 1.0, 48, max_frames=m))
+    assert decoded == ["a.mp4"] and (cache.hits, cache.misses) == (5, 1)
+    # a decode cut at max_frames serves shorter prefixes only; a longer or whole one decodes again
+    calls = [(2, True), (1, False), (4, True), (None, True), (3, False), (None, False)]
+    for m, again in calls:
+        n = len(decoded)
+        assert torch.equal(cache(tmp_path / "b.mp4", 1.0, 48, max_frames=m), real(tmp_path / "b.mp4", 1.0, 48, max_frames=m))
+        assert (len(decoded) == n + 1) == again, (m, again)
+    # b's 5 frames and a's 3 exceed 6: a, the least recently used, went
+    assert [k[0] for k in cache.kept] == [str(tmp_path / "b.mp4")] and cache.used == 5 * one // 3
+    index_clip(tmp_path / "b.mp4", 8, 4)  # rewritten: another size and time, decoded afresh
+    assert cache(tmp_path / "b.mp4", 1.0, 48).shape[0] == 2 and decoded[-1] == "b.mp4" and cache.used == 2 * one // 3
+    (tmp_path / "b.mp4").write_text("not a video any more")
+    with pytest.raises(ValueError, match="b.mp4"):
+        cache(tmp_path / "b.mp4", 1.0, 48)
     big = video.FrameCache(max_bytes=one - 1)  # a video larger than the cache is returned, not kept
-    assert torch.equal(big(tmp_path / "b.mp4", 1.0, 48), real(tmp_path / "b.mp4", 1.0, 48)) and not big.kept
+    assert torch.equal(big(tmp_path / "a.mp4", 1.0, 48), real(tmp_path / "a.mp4", 1.0, 48)) and not big.kept
 
 def test_write_video_needs_frames(tmp_path):
     with pytest.raises(ValueError, match="e.mp4: no frames"):
