@@ -57,6 +57,11 @@ TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
 STEPS = (("A1", "A2"), ("A2", "A3"), ("A3", "A4"), ("A4", "A5"), ("B1", "B3"), ("B2", "B3"))
 
 
+def kept_as(row: str) -> str:
+    """The row whose result stands for `row` (B3 is A4)."""
+    return "A4" if row == "B3" else row
+
+
 def answer_of(response: str) -> str:
     """What a row is scored on: the text after the first </evi>, or all of it when there is none."""
     return answer_text(response) if EVI_END in response else response
@@ -135,7 +140,7 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
     results already kept (train and predict nothing). Returns the results."""
     if data_root is None:
         data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
-    rows = list(dict.fromkeys("A4" if r == "B3" else r for r in rows))  # B3 is A4's result
+    rows = list(dict.fromkeys(kept_as(r) for r in rows))
     results = []
     for seed in range(seeds):
         for row in rows:
@@ -149,7 +154,7 @@ def tables(results) -> dict:
     """{row: {metric: (mean, std, n)}} over the seeds of each row (std: the sample std, 0 for one seed)."""
     out = {}
     for row in ROWS:
-        got = [r for r in results if r["row"] == row or (row == "B3" and r["row"] == "A4")]
+        got = [r for r in results if r["row"] == kept_as(row)]
         if not got:
             continue
         out[row] = {}
@@ -176,17 +181,16 @@ def show(summary) -> str:
     return "\n".join(lines)
 
 
-
 def orderings(results) -> list:
     """Each of STEPS, for each metric: the paper's change and ours, seed by seed. Rows trained with
     one seed start from the same weights and see the training samples in the same order, so the
     paired change is free of the part of the seed spread the two rows share. Returns
     [{"step": "A3->A4", "metric", "paper": change, "seeds": [seed, ...], "ours": [change, ...] (the
     seeds both rows have), "holds": how many of them change the way the paper's does (a tie does not)}]."""
-    by = {(("A4" if r["row"] == "B3" else r["row"]), r["seed"]): r for r in results}
+    by = {(r["row"], r["seed"]): r for r in results}
     out = []
     for x, y in STEPS:
-        fx, fy = ("A4" if v == "B3" else v for v in (x, y))
+        fx, fy = kept_as(x), kept_as(y)
         seeds = sorted(s for (row, s) in by if row == fx and (fy, s) in by)
         for i, k in enumerate(METRICS):
             paper = ROWS[y][4][i] - ROWS[x][4][i]
@@ -205,6 +209,7 @@ def show_orderings(steps) -> str:
         ours = ", ".join(f"{d:+.1f}" for d in o["ours"]) or "-"
         lines.append(f"  {o['step']:<8} {o['metric']:<10} {o['paper']:+7.1f}   {ours:<28} {o['holds']}/{len(o['ours'])}")
     return "\n".join(lines)
+
 
 def plot(summary, path) -> None:
     plots.ablation_tables(summary, TABLES, METRICS, {r: v[4] for r, v in ROWS.items()}, path)

@@ -80,7 +80,6 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
-
 class FrameCache:
     """sample_frames with the results kept, least recently used dropped first, up to max_bytes
     (uint8 frames: 224 px is 150 KB a frame). A file is kept once per (fps, size), keyed with its size
@@ -99,8 +98,9 @@ class FrameCache:
         key = (str(path), fps, size, st and st.st_size, st and st.st_mtime_ns)
         if key in self.kept:
             frames, limit = self.kept[key]
-            whole = limit is None or len(frames) < limit  # every frame of the file (limit None: also checked for truncation)
-            if (max_frames is None and limit is None) or (max_frames is not None and (whole or max_frames <= limit)):
+            # a whole decode (limit None: also checked for truncation) serves any call; one that ended before
+            # its limit holds every frame too; one cut at its limit serves max_frames up to it
+            if limit is None or (max_frames is not None and (len(frames) < limit or max_frames <= limit)):
                 self.hits += 1
                 self.kept.move_to_end(key)
                 return frames if max_frames is None else frames[:max_frames]
@@ -117,6 +117,7 @@ class FrameCache:
     def _drop(self, key) -> None:
         frames, _ = self.kept.pop(key)
         self.used -= frames.numel() * frames.element_size()
+
 
 def probe(path) -> dict:
     """Check that `path` is a whole, decodable video without decoding all of it: open it, find its

@@ -45,7 +45,6 @@ def test_sampler_takes_the_nearest_frame(tmp_path, video_fps, fps):
     assert [read_index(f) for f in frames] == expect
 
 
-
 def test_frame_cache_decodes_each_file_once_and_sees_changes(tmp_path, monkeypatch):
     index_clip(tmp_path / "a.mp4", 12, 4)  # 3 frames at 1 fps
     index_clip(tmp_path / "b.mp4", 20, 4)  # 5 frames
@@ -74,6 +73,7 @@ def test_frame_cache_decodes_each_file_once_and_sees_changes(tmp_path, monkeypat
         cache(tmp_path / "b.mp4", 1.0, 48)
     big = video.FrameCache(max_bytes=one - 1)  # a video larger than the cache is returned, not kept
     assert torch.equal(big(tmp_path / "a.mp4", 1.0, 48), real(tmp_path / "a.mp4", 1.0, 48)) and not big.kept
+
 
 def test_write_video_needs_frames(tmp_path):
     with pytest.raises(ValueError, match="e.mp4: no frames"):
