@@ -1,7 +1,7 @@
 """The paper's two ablation tables in miniature: `python bench.py ablate`. Paper: "Ablation Study".
 
 Every row is a switch of config.D2VLMConfig (README "Ablations"), trained by train.py with the
-default recipe (the `tiny` preset) on a separate synthetic set and scored on its 200 test videos:
+`tiny` recipe plus RECIPE on a separate synthetic set and scored on its 200 test videos:
 
     A1 coupled response     response_format=coupled          B1 frame-level evidence   evidence_level=frame
     A2 factorized, as text  response_format=factorized_text  B2 no semantic capture    semantic_capture=false
@@ -9,7 +9,8 @@ default recipe (the `tiny` preset) on a separate synthetic set and scored on its
     A4 + consistency        (the default)
     A5 + FPO                train.py --stage fpo from A4's run
 
-    run_all(rows, seeds, ...)     trains, predicts and scores each (row, seed) not done yet; returns the results
+    run_all(rows, seeds, ..., jobs)   trains, predicts and scores each (row, seed) not done yet, `jobs` runs
+                                  at a time in as many processes, each on RUN_THREADS threads; returns the results
     tables(results) / show(...)   mean and std over the seeds of each row, beside the paper's numbers
     orderings(results) / show_orderings(...)   each step of a table (A1 -> A2, ...) seed by seed, beside the paper's
     plot(summary, path)           the tables as a PNG (plots.ablation_tables)
@@ -21,10 +22,15 @@ so that every row is judged on what it answers, as the d2vlm protocol judges D2V
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 import checkpoint
 import etbench
@@ -39,6 +45,12 @@ from files import atomic_path
 ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test split is left as it is
 ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}
 ROOT = Path(checkpoint.RUNS) / "ablate"
+# on top of `tiny`, for every row: no Q-Former dropout (its masks and the attention path they force
+# cost a quarter of a tiny CPU step; `tiny` has no LoRA dropout either)
+RECIPE = ("qformer_dropout=0",)
+# threads per run: a tiny model gains nothing from a second thread (60 SFT steps: 33 s on one, 35 s on
+# two), two one-thread runs side by side take 49 s; fixed, so that a result does not depend on `jobs`
+RUN_THREADS = 1
 METRICS = ("F1 (gnd)", "F1 (cap)", "Sim (cap)")  # the paper's columns: grounding avg F1, dense-caption F1, Sim
 # row: (what it is, --set overrides, the stage scored, the run it trains in, the paper's METRICS)
 ROWS = {
@@ -103,12 +115,14 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
     with the same train.py arguments `extra`)."""
     out = result_path(root, row, seed)
-    _, overrides, stage, name, _ = ROWS[row]
+    _, switch, stage, name, _ = ROWS[row]
+    overrides = [*RECIPE, *switch]
     if out.is_file():
         result = json.loads(out.read_text(encoding="utf-8"))
-        if result["args"] != list(extra):
-            raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
-                             f"[{' '.join(extra)}]: remove {root} (or move it) first")
+        for what, made, now in (("train.py arguments", result["args"], list(extra)), ("--set", result["set"], overrides)):
+            if made != now:
+                raise SystemExit(f"{out}: made with the {what} [{' '.join(made)}], not [{' '.join(now)}]: "
+                                 f"remove {root} (or move it) first")
         return result
     run = root / f"{name}-s{seed}"
     took = _train(run, "sft", overrides, seed, data_root, extra)
@@ -133,21 +147,45 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     return result
 
 
+def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens) -> None:
+    """run_one for the rows of one training run (A4 before A5), in a worker process on RUN_THREADS threads."""
+    torch.set_num_threads(RUN_THREADS)
+    for row in sorted(rows, key=lambda r: ROWS[r][2] == "fpo"):
+        run_one(row, seed, root, data_root, extra, batch_size, max_new_tokens)
+
+
 def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra=(), batch_size: int = 8,
-            max_new_tokens: int | None = None, kept_only: bool = False):
-    """Every (row, seed) of `rows` x range(seeds), in an order that reuses runs (A5 after A4; B3 is
-    A4's result). data_root None: the ablation set, generated on first use. kept_only: only the
-    results already kept (train and predict nothing). Returns the results."""
+            max_new_tokens: int | None = None, kept_only: bool = False, jobs: int | None = None):
+    """Every (row, seed) of `rows` x range(seeds): what is not kept yet is run by `jobs` worker
+    processes (default: one per core), a training run at a time each (A5 after A4 in A4's run; B3 is
+    A4's result), the longest (those with FPO) first; the first failure starts nothing more and is
+    raised. data_root None: the ablation set, generated on first use. kept_only: only the results
+    already kept (train and predict nothing). Returns the results, seed by seed in the order of `rows`."""
+    root = Path(root)
     if data_root is None:
         data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
     rows = list(dict.fromkeys(kept_as(r) for r in rows))
-    results = []
-    for seed in range(seeds):
-        for row in rows:
-            if kept_only and not result_path(Path(root), row, seed).is_file():
-                continue
-            results.append(run_one(row, seed, Path(root), Path(data_root), extra, batch_size, max_new_tokens))
-    return results
+    pairs = [(row, seed) for seed in range(seeds) for row in rows]
+    for row, seed in pairs:  # a kept result made otherwise stops the call before anything runs
+        if result_path(root, row, seed).is_file():
+            run_one(row, seed, root, Path(data_root), extra)
+    missing = [(row, seed) for row, seed in pairs if not result_path(root, row, seed).is_file()]
+    if missing and not kept_only:
+        groups = {}
+        for row, seed in missing:
+            groups.setdefault((ROWS[row][3], seed), []).append(row)
+        todo = sorted(groups.items(), key=lambda g: not any(ROWS[r][2] == "fpo" for r in g[1]))
+        with ProcessPoolExecutor(jobs or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = [pool.submit(_run_group, group, seed, root, Path(data_root), tuple(extra), batch_size, max_new_tokens)
+                    for (_, seed), group in todo]
+            try:
+                for f in as_completed(runs):
+                    f.result()
+            except BaseException:  # the first failure: start nothing more (what runs ends, its result kept)
+                pool.shutdown(cancel_futures=True)
+                raise
+    return [run_one(row, seed, root, Path(data_root), extra) for row, seed in pairs
+            if result_path(root, row, seed).is_file()]
 
 
 def tables(results) -> dict:

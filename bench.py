@@ -430,8 +430,11 @@ def ablate(args):
     unknown = [r for r in rows if r not in ablations.ROWS]
     if unknown:
         raise SystemExit(f"--only {args.only}: unknown rows {', '.join(unknown)} (rows: {', '.join(ablations.ROWS)})")
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: at least 1")
     t = time.perf_counter()
-    results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept)
+    results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept,
+                                jobs=args.jobs)
     summary = ablations.tables(results)
     steps = ablations.orderings(results)
     print(ablations.show(summary))
@@ -451,6 +454,7 @@ def main(argv=None):
     ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate"])
     ap.add_argument("--seeds", type=int, default=3, help="ablate: seeds per row (0, 1, ...)")
     ap.add_argument("--kept", action="store_true", help="ablate: tabulate the results kept so far; train nothing")
+    ap.add_argument("--jobs", type=int, help="ablate: runs at a time, one thread each (default: one per core)")
     ap.add_argument("--only", default=",".join(ablations.ROWS), help="ablate: comma-separated rows (A1-A5, B1-B3)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="ablate: recipe changes applied to every row (train.py --set)")

@@ -212,6 +212,14 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_ablate_stops_at_the_first_failed_run(synthetic, tmp_path):
+    """A run that fails in its worker process is raised in the caller, and nothing is kept for it."""
+    extra = ["--max-steps", "2", "--workers", "0", "--set", "no_such_field=1"]
+    with pytest.raises(SystemExit, match="--set no_such_field=1: expected FIELD=VALUE"):
+        ablations.run_all(["A1", "A2", "A3"], 1, root=tmp_path, data_root=synthetic, extra=extra, jobs=1)
+    assert not (tmp_path / "results").exists()
+
+
 def test_answer_of():
     assert ablations.answer_of(f"3.0 - 5.0{EVI_END}The event happens in 3.0 - 5.0 seconds.") \
         == "The event happens in 3.0 - 5.0 seconds."
