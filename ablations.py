@@ -46,7 +46,8 @@ ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test 
 ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}
 ROOT = Path(checkpoint.RUNS) / "ablate"
 # on top of `tiny`, for every row: no Q-Former dropout (its masks and the attention path they force
-# cost a quarter of a tiny CPU step; `tiny` has no LoRA dropout either)
+# cost about a fifth of a tiny CPU step: two runs side by side, 60 steps, 49 s -> 40 s; `tiny` has no
+# LoRA dropout either)
 RECIPE = ("qformer_dropout=0",)
 # threads per run: a tiny model gains nothing from a second thread (60 SFT steps: 33 s on one, 35 s on
 # two), two one-thread runs side by side take 49 s; fixed, so that a result does not depend on `jobs`
@@ -113,7 +114,7 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
             max_new_tokens: int | None = None):
     """Train (if needed), predict and score one row with one seed; the result is kept in
     root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
-    with the same train.py arguments `extra`)."""
+    with the same train.py arguments `extra` and the same --set: RECIPE and the row's switch)."""
     out = result_path(root, row, seed)
     _, switch, stage, name, _ = ROWS[row]
     overrides = [*RECIPE, *switch]
@@ -164,19 +165,20 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
     root = Path(root)
     if data_root is None:
         data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
+    data_root = Path(data_root)
     rows = list(dict.fromkeys(kept_as(r) for r in rows))
     pairs = [(row, seed) for seed in range(seeds) for row in rows]
-    for row, seed in pairs:  # a kept result made otherwise stops the call before anything runs
-        if result_path(root, row, seed).is_file():
-            run_one(row, seed, root, Path(data_root), extra)
-    missing = [(row, seed) for row, seed in pairs if not result_path(root, row, seed).is_file()]
+    # read first: a kept result made otherwise stops the call before anything runs
+    done = {(row, seed): run_one(row, seed, root, data_root, extra) for row, seed in pairs
+            if result_path(root, row, seed).is_file()}
+    missing = [pair for pair in pairs if pair not in done]
     if missing and not kept_only:
         groups = {}
         for row, seed in missing:
             groups.setdefault((ROWS[row][3], seed), []).append(row)
         todo = sorted(groups.items(), key=lambda g: not any(ROWS[r][2] == "fpo" for r in g[1]))
         with ProcessPoolExecutor(jobs or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = [pool.submit(_run_group, group, seed, root, Path(data_root), tuple(extra), batch_size, max_new_tokens)
+            runs = [pool.submit(_run_group, group, seed, root, data_root, tuple(extra), batch_size, max_new_tokens)
                     for (_, seed), group in todo]
             try:
                 for f in as_completed(runs):
@@ -184,8 +186,8 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
             except BaseException:  # the first failure: start nothing more (what runs ends, its result kept)
                 pool.shutdown(cancel_futures=True)
                 raise
-    return [run_one(row, seed, root, Path(data_root), extra) for row, seed in pairs
-            if result_path(root, row, seed).is_file()]
+        done.update({(row, seed): run_one(row, seed, root, data_root, extra) for row, seed in missing})
+    return [done[pair] for pair in pairs if pair in done]
 
 
 def tables(results) -> dict:
