@@ -38,6 +38,7 @@ import evaluate
 import event_videos
 import plots
 import train
+from config import PRESETS, configure
 from data import answer_text
 from evidence import EVI_END
 from files import atomic_path
@@ -85,6 +86,18 @@ def result_path(root: Path, row: str, seed: int) -> Path:
     return root / "results" / f"{row}-s{seed}.json"
 
 
+def _as_json(cfg) -> dict:
+    """A config as it reads back from JSON (tuples as lists)."""
+    return json.loads(cfg.to_json())
+
+
+def _config(extra, overrides) -> dict:
+    """The config a row's SFT run trains with now: train.py's preset (tiny unless `extra` names one),
+    the --set of `extra`, then `overrides` (RECIPE and the row's switch)."""
+    args = train.get_args(["--stage", "sft", *extra, *(["--set", *overrides] if overrides else [])])
+    return _as_json(configure(PRESETS[args.preset or "tiny"], args.set))
+
+
 def _trained(stage_dir: Path) -> bool:
     """A run ended (its log's last line is the summary)."""
     log = stage_dir / "log.jsonl"
@@ -114,16 +127,21 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
             max_new_tokens: int | None = None):
     """Train (if needed), predict and score one row with one seed; the result is kept in
     root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
-    with the same train.py arguments `extra` and the same --set: RECIPE and the row's switch)."""
+    with the same train.py arguments `extra` and the same config: the preset with RECIPE and the
+    row's switch on top, so a changed preset or RECIPE is not mixed with results made before)."""
     out = result_path(root, row, seed)
     _, switch, stage, name, _ = ROWS[row]
     overrides = [*RECIPE, *switch]
     if out.is_file():
         result = json.loads(out.read_text(encoding="utf-8"))
-        for what, made, now in (("train.py arguments", result["args"], list(extra)), ("--set", result["set"], overrides)):
-            if made != now:
-                raise SystemExit(f"{out}: made with the {what} [{' '.join(made)}], not [{' '.join(now)}]: "
-                                 f"remove {root} (or move it) first")
+        if result["args"] != list(extra):
+            raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
+                             f"[{' '.join(extra)}]: remove {root} (or move it) first")
+        now = _config(extra, overrides)
+        differ = [f"{k}={result.get('config', {}).get(k)!r} (now {v!r})" for k, v in now.items()
+                  if result.get("config", {}).get(k) != v]
+        if differ:
+            raise SystemExit(f"{out}: made with {', '.join(differ)}: remove {root} (or move it) first")
         return result
     run = root / f"{name}-s{seed}"
     took = _train(run, "sft", overrides, seed, data_root, extra)
@@ -140,7 +158,8 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
     result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
               "tasks": {k: round(100 * v, 2) for k, v in task.items()},
-              "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra)}
+              "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra),
+              "config": _as_json(checkpoint.read_config(ckpt))}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")

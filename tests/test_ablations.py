@@ -200,6 +200,16 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     assert ablations.run_all(["A1", "A2", "A5", "B3"], 2, root=tmp_path, extra=extra, kept_only=True) == res
     with pytest.raises(SystemExit, match=r"made with the train.py arguments \[--max-steps 2 --workers 0\], not \[--max-steps 3\]"):
         ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=["--max-steps", "3"])
+    # a changed RECIPE or preset: the kept result was made otherwise, and says how
+    monkeypatch.setattr(ablations, "RECIPE", (*ablations.RECIPE, "w_gnd=5"))
+    with pytest.raises(SystemExit, match=r"A1-s0.json: made with w_gnd=10.0 \(now 5.0\)"):
+        ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=extra)
+    monkeypatch.undo()
+    tiny = ablations.PRESETS["tiny"]
+    monkeypatch.setitem(ablations.PRESETS, "tiny", dataclasses.replace(tiny, batch_size=tiny.batch_size + 1))
+    with pytest.raises(SystemExit, match=rf"made with batch_size={tiny.batch_size} \(now {tiny.batch_size + 1}\)"):
+        ablations.run_all(["A5"], 1, root=tmp_path, data_root=synthetic, extra=extra)
+    monkeypatch.undo()
     # two more seeds of A1, made up: the table's mean and sample std, B3 filled from A4
     fake = [dict(res[0], seed=s, **{"F1 (gnd)": v}) for s, v in ((1, 30.0), (2, 36.0))]
     summary = ablations.tables(res + fake)
