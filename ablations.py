@@ -156,7 +156,7 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     with atomic_path(ckpt / "predictions_ablate.json") as tmp:
         tmp.write_text(json.dumps(scored, indent=1), encoding="utf-8")
     task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
-    result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
+    result = {"tvg_picks": tvg_picks(scored, test), "row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
               "tasks": {k: round(100 * v, 2) for k, v in task.items()},
               "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra),
               "config": _as_json(checkpoint.read_config(ckpt))}
@@ -207,6 +207,47 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
                 raise
         done.update({(row, seed): run_one(row, seed, root, data_root, extra) for row, seed in missing})
     return [done[pair] for pair in pairs if pair in done]
+
+
+def tvg_picks(predictions, records) -> dict:
+    """Whether each TVG answer grounds the event its query names, on a synthetic split (where every
+    video has a dvc record listing all its events). An answer picks the named event when its first
+    span, as the scorer reads it, overlaps that event more than any other event of the video.
+    predictions: scored records (task, video, tgt, a); records: the split's test records.
+    Returns {"single": [picked, asked] on one-event videos, "multi": [picked, asked] on videos with
+    several, "chance": the picks a uniform choice among each multi-event video's events would get}."""
+    events = {r["video"]: r["tgt"] for r in records if r["task"] == "dvc"}
+    out = {"single": [0, 0], "multi": [0, 0], "chance": 0.0}
+    for p in predictions:
+        if p["task"] != "tvg":
+            continue
+        evs = events[p["video"]]
+        kind = "single" if len(evs) == 1 else "multi"
+        try:
+            spans = etbench.tvg_format(p["a"])
+            overlaps = [etbench.best_iou([e], [spans[0]]) for e in evs] if spans else []
+        except (etbench.Unparsable, etbench.Unscorable):  # the scorer's Failed: no pick
+            overlaps = []
+        best = max(range(len(evs)), key=overlaps.__getitem__) if overlaps else None
+        out[kind][0] += best is not None and overlaps[best] > 0 and evs[best] == p["tgt"]
+        out[kind][1] += 1
+        out["chance"] += 1 / len(evs) if kind == "multi" else 0.0
+    out["chance"] = round(out["chance"], 1)
+    return out
+
+
+def show_picks(results) -> str:
+    """The tvg_picks of the kept results as text: a line per row, seed by seed."""
+    lines = ["\nTVG: answers that ground the event the query names, seed by seed (one-event videos | videos with "
+             "several, and what a uniform pick among their events would get)"]
+    for row in dict.fromkeys(r["row"] for r in results):
+        got = sorted((r for r in results if r["row"] == row and "tvg_picks" in r), key=lambda r: r["seed"])
+        if got:
+            p = [r["tvg_picks"] for r in got]
+            lines.append(f"  {row}  {', '.join(f'{x[0]}/{x[1]}' for x in (q['single'] for q in p))}  |  "
+                         f"{', '.join(f'{x[0]}/{x[1]}' for x in (q['multi'] for q in p))} "
+                         f"(chance {', '.join(str(q['chance']) for q in p)})")
+    return "\n".join(lines)
 
 
 def tables(results) -> dict:

@@ -439,6 +439,7 @@ def ablate(args):
     steps = ablations.orderings(results)
     print(ablations.show(summary))
     print(ablations.show_orderings(steps))
+    print(ablations.show_picks(results))
     png = ablations.ROOT / "ablations.png"
     ablations.plot(summary, png)
     spent = sum(r["train_s"] + r["eval_s"] for r in results)

@@ -193,6 +193,8 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
         assert all(p["a"] == ablations.answer_of(p["response"]) for p in preds)
         _, merged = etbench.summary(etbench.score_etbench(preds, "etchat"))
         assert all(r[k] == merged[k] for k in ablations.METRICS)
+        test = json.loads((synthetic / "test.json").read_text())
+        assert r["tvg_picks"]["single"][1] + r["tvg_picks"]["multi"][1] == sum(t["task"] == "tvg" for t in test)
     monkeypatch.setattr(ablations.train, "main", lambda *a: pytest.fail("trained again"))
     monkeypatch.setattr(ablations.evaluate, "predict", lambda *a, **k: pytest.fail("predicted again"))
     assert ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra) == res
@@ -228,6 +230,22 @@ def test_ablate_stops_at_the_first_failed_run(synthetic, tmp_path):
     with pytest.raises(SystemExit, match="--set no_such_field=1: expected FIELD=VALUE"):
         ablations.run_all(["A1", "A2", "A3"], 1, root=tmp_path, data_root=synthetic, extra=extra, jobs=1)
     assert not (tmp_path / "results").exists()
+
+
+def test_tvg_picks_counts_the_event_the_query_names():
+    """An answer picks the named event when its first span overlaps it more than any other event of
+    the video; no span, or no overlap, is no pick; chance is 1/K per question on a K-event video."""
+    records = [{"task": "dvc", "video": "a.mp4", "tgt": [[0, 4], [10, 14]]},
+               {"task": "dvc", "video": "b.mp4", "tgt": [[2, 6]]}, {"task": "tvg", "video": "b.mp4", "tgt": [2, 6]}]
+    said = "The event happens in {} seconds."
+    preds = [{"task": "tvg", "video": "a.mp4", "tgt": [10, 14], "a": said.format("10.0 - 13.0")},  # picked
+             # overlaps both: IoU 1/12 with [0, 4], 2/11 with [10, 14], so it grounds the other one
+             {"task": "tvg", "video": "a.mp4", "tgt": [0, 4], "a": said.format("3.0 - 12.0, 0.0 - 4.0")},
+             {"task": "tvg", "video": "a.mp4", "tgt": [0, 4], "a": "I cannot tell."},
+             {"task": "tvg", "video": "b.mp4", "tgt": [2, 6], "a": said.format("7.0 - 9.0")},  # no overlap
+             {"task": "tvg", "video": "b.mp4", "tgt": [2, 6], "a": said.format("2.0 - 5.0")},  # picked
+             {"task": "epm", "video": "a.mp4", "tgt": [0, 4], "a": said.format("0.0 - 4.0")}]  # not a tvg question
+    assert ablations.tvg_picks(preds, records) == {"single": [1, 2], "multi": [1, 3], "chance": 1.5}
 
 
 def test_answer_of():
