@@ -156,10 +156,10 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     with atomic_path(ckpt / "predictions_ablate.json") as tmp:
         tmp.write_text(json.dumps(scored, indent=1), encoding="utf-8")
     task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
-    result = {"tvg_picks": tvg_picks(scored, test), "row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
+    result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
               "tasks": {k: round(100 * v, 2) for k, v in task.items()},
               "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra),
-              "config": _as_json(checkpoint.read_config(ckpt))}
+              "config": _as_json(checkpoint.read_config(ckpt)), "tvg_picks": tvg_picks(scored, test)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -215,8 +215,11 @@ def tvg_picks(predictions, records) -> dict:
     span, as the scorer reads it, overlaps that event more than any other event of the video.
     predictions: scored records (task, video, tgt, a); records: the split's test records.
     Returns {"single": [picked, asked] on one-event videos, "multi": [picked, asked] on videos with
-    several, "chance": the picks a uniform choice among each multi-event video's events would get}."""
+    several, "chance": the picks a uniform choice among each multi-event video's events would get},
+    or None when a TVG question's video has no dvc record (a split that does not list the events)."""
     events = {r["video"]: r["tgt"] for r in records if r["task"] == "dvc"}
+    if any(p["task"] == "tvg" and p["video"] not in events for p in predictions):
+        return None
     out = {"single": [0, 0], "multi": [0, 0], "chance": 0.0}
     for p in predictions:
         if p["task"] != "tvg":
@@ -241,7 +244,7 @@ def show_picks(results) -> str:
     lines = ["\nTVG: answers that ground the event the query names, seed by seed (one-event videos | videos with "
              "several, and what a uniform pick among their events would get)"]
     for row in dict.fromkeys(r["row"] for r in results):
-        got = sorted((r for r in results if r["row"] == row and "tvg_picks" in r), key=lambda r: r["seed"])
+        got = sorted((r for r in results if r["row"] == row and r.get("tvg_picks")), key=lambda r: r["seed"])
         if got:
             p = [r["tvg_picks"] for r in got]
             lines.append(f"  {row}  {', '.join(f'{x[0]}/{x[1]}' for x in (q['single'] for q in p))}  |  "

@@ -246,6 +246,7 @@ def test_tvg_picks_counts_the_event_the_query_names():
              {"task": "tvg", "video": "b.mp4", "tgt": [2, 6], "a": said.format("2.0 - 5.0")},  # picked
              {"task": "epm", "video": "a.mp4", "tgt": [0, 4], "a": said.format("0.0 - 4.0")}]  # not a tvg question
     assert ablations.tvg_picks(preds, records) == {"single": [1, 2], "multi": [1, 3], "chance": 1.5}
+    assert ablations.tvg_picks(preds, records[1:]) is None  # a.mp4's events are not listed
 
 
 def test_answer_of():
