@@ -137,9 +137,8 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
         if result["args"] != list(extra):
             raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
                              f"[{' '.join(extra)}]: remove {root} (or move it) first")
-        now = _config(extra, overrides)
-        differ = [f"{k}={result.get('config', {}).get(k)!r} (now {v!r})" for k, v in now.items()
-                  if result.get("config", {}).get(k) != v]
+        made = result.get("config", {})
+        differ = [f"{k}={made.get(k)!r} (now {v!r})" for k, v in _config(extra, overrides).items() if made.get(k) != v]
         if differ:
             raise SystemExit(f"{out}: made with {', '.join(differ)}: remove {root} (or move it) first")
         return result
@@ -226,13 +225,8 @@ def tvg_picks(predictions, records) -> dict:
             continue
         evs = events[p["video"]]
         kind = "single" if len(evs) == 1 else "multi"
-        try:
-            spans = etbench.tvg_format(p["a"])
-            overlaps = [etbench.best_iou([e], [spans[0]]) for e in evs] if spans else []
-        except (etbench.Unparsable, etbench.Unscorable):  # the scorer's Failed: no pick
-            overlaps = []
-        best = max(range(len(evs)), key=overlaps.__getitem__) if overlaps else None
-        out[kind][0] += best is not None and overlaps[best] > 0 and evs[best] == p["tgt"]
+        ious = [etbench.first_iou(p["a"], [e]) or 0.0 for e in evs]  # None: the scorer's Failed, no pick
+        out[kind][0] += max(ious) > 0 and evs[ious.index(max(ious))] == p["tgt"]
         out[kind][1] += 1
         out["chance"] += 1 / len(evs) if kind == "multi" else 0.0
     out["chance"] = round(out["chance"], 1)

@@ -53,7 +53,7 @@ def _safe_spans(a):
         return None
 
 
-def _first_iou(a, gt):
+def first_iou(a, gt):
     """The official IoU of a response's first span against the gt spans (N, 2) (the best over them),
     or None when the sample is Failed: no span, or one the official script crashes on or turns NaN."""
     try:
@@ -71,7 +71,7 @@ def _first_span(samples, gt_is_list):
     spans): (failed, sum of IoU, hits per threshold)."""
     failed, sum_iou, hits = 0, 0.0, [0] * len(THRESHOLDS)
     for s in samples:
-        iou = _first_iou(s["a"], s["tgt"] if gt_is_list else [s["tgt"]])
+        iou = first_iou(s["a"], s["tgt"] if gt_is_list else [s["tgt"]])
         if iou is None:
             failed += 1
             continue
@@ -227,7 +227,7 @@ def score_gvq(samples, embed):
         if choice != s["p"]:
             continue
         correct_n += 1
-        iou = _first_iou(s["a"], [s["tgt"]])
+        iou = first_iou(s["a"], [s["tgt"]])
         if iou is None:
             rec_cnt += 1
             continue
