@@ -41,7 +41,7 @@ import train
 from config import PRESETS, configure
 from data import answer_text
 from evidence import EVI_END
-from files import atomic_path
+from files import atomic_path, read_json
 
 ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test split is left as it is
 ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}
@@ -68,6 +68,7 @@ ROWS = {
 TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
           "B: evidence token": ("B1", "B2", "B3")}
 # the paper's claims: each A-row adds one thing to the one before; each B-row takes one away from B3
+PREDICTIONS = "predictions_ablate.json"  # a run's answers on the ablation split, in checkpoint.results_dir
 STEPS = (("A1", "A2"), ("A2", "A3"), ("A3", "A4"), ("A4", "A5"), ("B1", "B3"), ("B2", "B3"))
 
 
@@ -133,7 +134,7 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     _, switch, stage, name, _ = ROWS[row]
     overrides = [*RECIPE, *switch]
     if out.is_file():
-        result = json.loads(out.read_text(encoding="utf-8"))
+        result = read_json(out)
         if result["args"] != list(extra):
             raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
                              f"[{' '.join(extra)}]: remove {root} (or move it) first")
@@ -149,10 +150,12 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     ckpt = checkpoint.checkpoints(run / stage)[-1]
     t = time.perf_counter()
     m = checkpoint.from_checkpoint(ckpt).eval()
-    test = json.loads((data_root / "test.json").read_text(encoding="utf-8"))
+    test = read_json(data_root / "test.json")
     preds = evaluate.predict(m, test, data_root / "videos", batch_size=batch_size, max_new_tokens=max_new_tokens)
     scored = [{**p, "a": answer_of(p["a"]), "response": p["a"]} for p in preds]
-    with atomic_path(ckpt / "predictions_ablate.json") as tmp:
+    pred_path = checkpoint.results_dir(ckpt) / PREDICTIONS
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(pred_path) as tmp:
         tmp.write_text(json.dumps(scored, indent=1), encoding="utf-8")
     task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
     result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import cli
 import data
 import decoding
 import etbench
@@ -451,19 +452,19 @@ def ablate(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate"])
-    ap.add_argument("--seeds", type=int, default=3, help="ablate: seeds per row (0, 1, ...)")
+    ap.add_argument("--seeds", type=cli.at_least(1), default=3, help="ablate: seeds per row (0, 1, ...)")
     ap.add_argument("--kept", action="store_true", help="ablate: tabulate the results kept so far; train nothing")
-    ap.add_argument("--jobs", type=int, help="ablate: runs at a time, one thread each (default: one per core)")
+    ap.add_argument("--jobs", type=cli.at_least(1), help="ablate: runs at a time, one thread each (default: one per core)")
     ap.add_argument("--only", default=",".join(ablations.ROWS), help="ablate: comma-separated rows (A1-A5, B1-B3)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="ablate: recipe changes applied to every row (train.py --set)")
-    ap.add_argument("--kills", type=int, default=10, help="kills: how many runs to kill and resume")
-    ap.add_argument("--layers", type=int, default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
-    ap.add_argument("--frames", type=int, default=8, help="realwidth: frames of the test clip")
+    ap.add_argument("--kills", type=cli.at_least(1), default=10, help="kills: how many runs to kill and resume")
+    ap.add_argument("--layers", type=cli.at_least(1), default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
+    ap.add_argument("--frames", type=cli.at_least(1), default=8, help="realwidth: frames of the test clip")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step")
+    ap.add_argument("--repeat", type=cli.at_least(1), default=3, help="timed repetitions of each step")
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
     ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,memory,steps,generate,realsize")
@@ -507,4 +508,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

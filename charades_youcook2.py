@@ -13,7 +13,6 @@ with one line naming the file, the annotation and the field.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -22,8 +21,10 @@ import numpy as np
 
 from captions import CaptionScorers, dvc_format_d2vlm, pair_captions
 from evidence import EVI_END
-from scoring import (BadField, Embedder, Unparsable, check_span, check_spans, check_text, dense_iou, is_number,
-                     is_text, show, tvg_format, written_pairs)
+from files import read_json
+from data import is_text
+from scoring import (BadField, Embedder, Unparsable, check_span, check_spans, check_text, dense_iou, is_number, show,
+                     tvg_format, written_pairs)
 
 # ---------------------------------------------------------------------------------------------
 # TimeChat's .caption_coco_format.json
@@ -32,14 +33,7 @@ from scoring import (BadField, Embedder, Unparsable, check_span, check_spans, ch
 def _read_annotations(path) -> list:
     """The "annotations" list of a TimeChat file; FileNotFoundError / ValueError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: ground-truth file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    doc = read_json(path, "ground-truth file")
     anns = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(anns, list) or not anns:
         raise ValueError(f'{path}: expected {{"annotations": [...]}} with at least one annotation '

@@ -24,14 +24,15 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Phi3ForCausalLM
 
 from config import D2VLMConfig
-from files import atomic_path
-from model import D2VLM, build_model
+from files import atomic_path, read_json
+from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
 
 WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
@@ -42,26 +43,46 @@ STATE = "trainer_state.pt"     # a training run's state (train.py)
 STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
 MANIFEST = "manifest.json"     # sha256 of every other file of a checkpoint, written last
 LOCK = ".lock"                 # held by the one run writing a run directory
+RESULTS = "eval"               # evaluate.py's output beside the checkpoints of a run directory (results_dir)
 RUNS, DEFAULT_NAME = "runs", "default"  # train.py's --out and --name defaults: runs/<name>/<stage>/
 DEFAULT_RUN = Path(RUNS) / DEFAULT_NAME
 
 
+def llm_tokenizer(cfg: D2VLMConfig, llm_weights=None, tokenizer_dir=None):
+    """The LLM tokenizer a model built by from_weights(cfg, llm_weights=..., tokenizer_dir=...) gets:
+    llm_weights' (a Phi-3 directory), else the one saved in tokenizer_dir, else the in-code BPE;
+    with <evi>, </evi>, <video> added. What the data is checked with before any weight is loaded."""
+    for p in (llm_weights, tokenizer_dir):
+        if p is not None and not Path(p).is_dir():
+            raise FileNotFoundError(f"{p}: weights directory not found")
+    source = llm_weights if llm_weights is not None else tokenizer_dir
+    tok = (AutoTokenizer.from_pretrained(source, local_files_only=True) if source is not None
+           else build_tiny_tokenizer(cfg.tiny_vocab))
+    return add_special_tokens(tok)
+
+
+def tokenizer_of(directory, vision_weights=None, llm_weights=None):
+    """The LLM tokenizer of the model from_checkpoint(directory, vision_weights, llm_weights) loads
+    (ours or a released directory), without reading any weight."""
+    import released
+    d = Path(directory)
+    if released.is_released(d):
+        return released.tokenizer_of(d)
+    return llm_tokenizer(read_config(d), llm_weights, d / TOKENIZER)
+
+
 def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokenizer_dir=None,
-                 qformer_tokenizer_dir=None) -> D2VLM:
+                 qformer_tokenizer_dir=None, tokenizer=None) -> D2VLM:
     """The D2VLM of `cfg`. vision_weights: a local InstructBLIP checkpoint directory (only its
     vision_model.*, qformer.* and query_tokens tensors are read, shard by shard; the language model
     in it is never loaded) with its qformer_tokenizer/. llm_weights: a local Phi-3 directory (model
     and tokenizer). Without them the weights are random and the tokenizers are the ones saved in
-    tokenizer_dir / qformer_tokenizer_dir, else the in-code BPE for both. Nothing is fetched from
-    the network."""
+    tokenizer_dir / qformer_tokenizer_dir, else the in-code BPE for both (llm_tokenizer; `tokenizer`:
+    the one it already gave). Nothing is fetched from the network."""
     for p in (vision_weights, llm_weights, tokenizer_dir, qformer_tokenizer_dir):
         if p is not None and not Path(p).is_dir():
             raise FileNotFoundError(f"{p}: weights directory not found")
-    tok = None
-    if llm_weights is not None:
-        tok = AutoTokenizer.from_pretrained(llm_weights, local_files_only=True)
-    elif tokenizer_dir is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tok = tokenizer if tokenizer is not None else llm_tokenizer(cfg, llm_weights, tokenizer_dir)
     qtok = None
     if vision_weights is not None:
         qformer_tokenizer_dir = Path(vision_weights) / QFORMER_TOKENIZER
@@ -79,11 +100,10 @@ def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeni
 def load_instructblip(model: D2VLM, directory) -> None:
     """Copy vision_model.*, qformer.*, query_tokens from the safetensors shards of an InstructBLIP
     checkpoint directory into `model`, reading only the shards that hold them."""
-    from safetensors import safe_open
     d = Path(directory)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        wmap = json.loads(index.read_text())["weight_map"]
+        wmap = weight_map(index)
         shards = sorted({f for k, f in wmap.items() if k.startswith(("vision_model.", "qformer.", "query_tokens"))})
     elif (d / "model.safetensors").is_file():
         shards = ["model.safetensors"]
@@ -91,7 +111,7 @@ def load_instructblip(model: D2VLM, directory) -> None:
         raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
     vis, qf, qt = {}, {}, None
     for shard in shards:
-        with safe_open(str(d / shard), framework="pt") as f:
+        with safetensors_file(d / shard) as f:
             for k in f.keys():
                 if k.startswith("vision_model."):
                     vis[k[len("vision_model."):]] = f.get_tensor(k)
@@ -117,6 +137,36 @@ def load_exactly(module, tensors: dict, source, prefix: str, only=None) -> None:
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
+
+
+def weight_map(index: Path) -> dict:
+    """{tensor: shard file} of a model.safetensors.index.json; one error naming it when it is not one."""
+    doc = read_json(index)
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(f, str) and "/" not in f and f != ".." for f in wmap.values()):
+        raise ValueError(f"{index}: not a safetensors index (a 'weight_map' of tensor -> shard file in this folder)")
+    return wmap
+
+
+@contextmanager
+def safetensors_file(path):
+    """safetensors' safe_open(path) (headers read, tensors on demand), with a truncated or foreign
+    file refused in one line naming it (at open or at a tensor read)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from None
+
+
+def read_tensors(path) -> dict:
+    """Every tensor of a safetensors file, {name: tensor}; one error naming a bad file."""
+    with safetensors_file(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def check_exactly(expected: dict, given: dict, source, shown) -> None:
@@ -156,14 +206,13 @@ def load_weights(model: D2VLM, directory) -> None:
     """Load what save_weights wrote into a model built with the same config (and the same weight
     directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     d = Path(directory)
     for f in (d / WEIGHTS, d / ADAPTER / "adapter_model.safetensors"):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: checkpoint file not found")
-    tensors = load_file(str(d / WEIGHTS))  # a subset of the model's tensors (the trained ones unless full)
+    tensors = read_tensors(d / WEIGHTS)  # a subset of the model's tensors (the trained ones unless full)
     load_exactly(model, tensors, d / WEIGHTS, "", only=set(tensors))
-    res = set_peft_model_state_dict(model.llm, load_file(str(d / ADAPTER / "adapter_model.safetensors")))
+    res = set_peft_model_state_dict(model.llm, read_tensors(d / ADAPTER / "adapter_model.safetensors"))
     if res.unexpected_keys:
         raise ValueError(f"{d / ADAPTER}: unexpected adapter tensors, e.g. {res.unexpected_keys[0]}")
 
@@ -177,30 +226,30 @@ def read_config(directory) -> D2VLMConfig:
         return released.config_from(d)
     if not (d / CONFIG).is_file():
         raise FileNotFoundError(f"{d}: not a checkpoint directory (no {CONFIG})")
-    return D2VLMConfig.from_json((d / CONFIG).read_text())
+    return D2VLMConfig.from_dict(read_json(d / CONFIG), d / CONFIG)
 
 
 def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None,
-                    qformer_tokenizer=None) -> D2VLM:
+                    qformer_tokenizer=None, tokenizer=None) -> D2VLM:
     """The model saved in a checkpoint directory (config.json, tokenizer/, weights), or in a released
     directory (released.py: E.T.Chat, D2VLM, our exports; qformer_tokenizer is the Q-Former
     tokenizer directory when it holds none). A checkpoint that is not full also needs the weight
     directories the run was built from. `cfg` replaces the saved config (same architecture, other
-    training settings: FPO after SFT)."""
-    from safetensors import safe_open
-
+    training settings: FPO after SFT). `tokenizer`: what tokenizer_of(directory, ...) gave."""
     import released
     d = Path(directory)
     if released.is_released(d):
-        return released.load(d, cfg, qformer_tokenizer)[0]
+        return released.load(d, cfg, qformer_tokenizer, tokenizer)[0]
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: checkpoint directory not found")
     saved = read_config(d)
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        full = f.metadata().get("full") == "True"
+    with safetensors_file(d / WEIGHTS) as f:
+        full = (f.metadata() or {}).get("full") == "True"
     if not full and (vision_weights is None or llm_weights is None):
         raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
     qdir = d / QFORMER_TOKENIZER
     m = from_weights(cfg or saved, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER,
-                     qformer_tokenizer_dir=qdir if qdir.is_dir() and vision_weights is None else None)
+                     qformer_tokenizer_dir=qdir if qdir.is_dir() and vision_weights is None else None, tokenizer=tokenizer)
     load_weights(m, d)
     return m
 
@@ -211,6 +260,21 @@ def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLM
 def checkpoints(run_dir) -> list:
     """The checkpoint directories of a run directory, oldest first."""
     return sorted(Path(run_dir).glob(STEP_GLOB))
+
+
+def holding_checkpoint(path) -> Path | None:
+    """The checkpoint directory `path` is (or lies inside): the nearest folder up from it holding a
+    MANIFEST; None when there is none."""
+    p = Path(path).resolve()
+    return next((d for d in (p, *p.parents) if (d / MANIFEST).is_file()), None)
+
+
+def results_dir(directory) -> Path:
+    """Where evaluate.py writes the predictions and metrics of a checkpoint directory: beside it, in
+    eval/<its name> of the folder holding it (runs/<name>/<stage>/eval/step_NNNNNN), never inside,
+    where they would change what its manifest guards; kept when --keep removes the checkpoint."""
+    d = Path(directory)
+    return d.parent / RESULTS / d.name
 
 
 def latest_checkpoint(root) -> Path:
@@ -261,13 +325,16 @@ def damaged(directory) -> str | None:
     if not (d / MANIFEST).is_file():
         return f"no {MANIFEST}"
     try:
-        want = json.loads((d / MANIFEST).read_text())
+        want = read_json(d / MANIFEST)
     except (OSError, ValueError) as e:
         return f"{MANIFEST} unreadable ({e})"
+    if not isinstance(want, dict):
+        return f"{MANIFEST} is not a JSON object of file -> sha256"
     have = _digests(d)
     for f in sorted(set(want) | set(have)):
         if want.get(f) != have.get(f):
-            return f"{f} {'missing' if f not in have else 'changed since it was written'}"
+            why = "missing" if f not in have else "added since it was written" if f not in want else "changed since it was written"
+            return f"{f} {why}"
     return None
 
 

@@ -2,18 +2,21 @@
 (losses, FPO), §8 (training).
 
     D2VLMConfig            the fields, grouped: vision, Q-Former, LLM, evidence tokens, LoRA, losses,
-                           FPO, training, data; to_json / from_json (checkpoints hold it as config.json)
+                           FPO, training, data; to_json / from_dict (checkpoints hold it as config.json)
     PRESETS                "d2vlm-3.8b" (the paper's model), "tiny" (the embedded default, trains on a
                            CPU in minutes), "mid" (between the two, for CPU speed figures)
 
     configure(cfg, ["FIELD=VALUE", ...])   what `--set` does (train.py, evaluate.py): every field is reachable,
-                                          and the result is checked (check: finite, in RANGES) before anything starts
+                                          and the result is checked (check: finite, in RANGES; check_size: the
+                                          model fits this machine's memory) before anything starts
+    D2VLMConfig.from_dict(d, where)        a saved config, every field checked the same way
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 
@@ -103,10 +106,32 @@ class D2VLMConfig:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "D2VLMConfig":
-        d = json.loads(text)
-        d["lora_targets"] = tuple(d["lora_targets"])
-        return cls(**d)
+    def from_dict(cls, d, where="config") -> "D2VLMConfig":
+        """The config of a dict (what to_json wrote, or a released directory's d2vlm_config): every
+        key a field, every value of its field's type, the result checked (check, check_size).
+        ValueError naming `where` and the field otherwise. Fields it lacks keep their defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object of D2VLMConfig fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in d.items():
+            if k not in fields:
+                raise ValueError(f"{where}: field '{k}' is not a D2VLMConfig field (a config of another version?)")
+            kind = type(fields[k].default)
+            if kind is tuple:
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise ValueError(f"{where}: field '{k}' must be a list of names, got {v!r:.60}")
+                v = tuple(v)
+            elif kind is float and type(v) is int:
+                v = float(v)
+            elif type(v) is not kind:
+                raise ValueError(f"{where}: field '{k}' must be of type {kind.__name__}, got {v!r:.60}")
+            out[k] = v
+        cfg = cls(**out)
+        problem = check(cfg) or check_size(cfg)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        return cfg
 
 
 def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
@@ -125,18 +150,19 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
         elif kind in (int, float, str):
             try:
                 changes[key] = kind(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise SystemExit(f"--set {item}: {key} must be of type {kind.__name__}") from None
         else:
             raise SystemExit(f"--set {item}: {key} cannot be set from the command line")
     out = dataclasses.replace(cfg, **changes)
-    problem = check(out)
+    problem = check(out) or check_size(out)
     if problem:
         raise SystemExit(f"--set: {problem}" if any(problem.startswith(k + "=") for k in changes) else problem)
     return out
 
 
 FPO_STARTS = ("continue", "merged")
+SHOWN = 40  # characters of a bad value quoted in a message
 RESPONSE_FORMATS = ("factorized", "coupled", "factorized_text")
 EVIDENCE_LEVELS = ("event", "frame")
 # the allowed range of each numeric field: (low, high, low included, high included); None = unbounded
@@ -147,13 +173,23 @@ RANGES = {
                      "qformer_vocab", "qformer_max_text", "num_query_tokens", "llm_width", "llm_layers", "llm_heads",
                      "llm_mlp", "llm_vocab", "llm_max_positions", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                      "epochs", "max_len", "tiny_vocab", "init_range", "qformer_ln_eps", "rope_theta", "beta",
-                     "grad_clip", "fpo_epochs", "fps"), _POSITIVE),
+                     "grad_clip", "fpo_epochs"), _POSITIVE),
     **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale",
                      "min_duration", "max_duration", "max_answer_words"), _NON_NEGATIVE),
     **dict.fromkeys(("qformer_dropout", "lora_dropout", "warmup"), _FRACTION),
     "select_ratio": (0, 1, False, True),
     "alpha": (1, None, False, False),  # soft targets alpha^-distance must fall with the distance
+    # frames per second: from one a minute (below it most events of E.T.Bench fall between two frames) to
+    # 60 (the frame rate of most video; sampling above it repeats frames)
+    "fps": (1 / 60, 60, True, True),
 }
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 def check(cfg: D2VLMConfig) -> str | None:
@@ -164,10 +200,11 @@ def check(cfg: D2VLMConfig) -> str | None:
         if f.name not in RANGES:
             continue
         lo, hi, lo_in, hi_in = RANGES[f.name]
-        if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
+        if not _finite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
                 or (hi is not None and (v > hi or (v == hi and not hi_in))):
-            span = f"{'[' if lo_in else '('}{lo}, {'∞)' if hi is None else f'{hi}' + (']' if hi_in else ')')}"
-            return f"{f.name}={v!r} is outside {span}"
+            span = f"{'[' if lo_in else '('}{lo:g}, {'∞)' if hi is None else f'{hi:g}' + (']' if hi_in else ')')}"
+            shown = repr(v) if len(repr(v)) <= SHOWN else repr(v)[:SHOWN] + "..."
+            return f"{f.name}={shown} is outside {span}"
     for field, allowed in (("fpo_start", FPO_STARTS), ("response_format", RESPONSE_FORMATS),
                            ("evidence_level", EVIDENCE_LEVELS)):
         if getattr(cfg, field) not in allowed:
@@ -177,7 +214,47 @@ def check(cfg: D2VLMConfig) -> str | None:
     for width, heads in (("vision_width", "vision_heads"), ("qformer_width", "qformer_heads"), ("llm_width", "llm_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
             return f"{width}={getattr(cfg, width)} is not a multiple of {heads}={getattr(cfg, heads)}"
+    for field in ("inject_layer", "match_layer"):  # indices into hidden_states: embeddings, then each layer
+        if not -(cfg.llm_layers + 1) <= getattr(cfg, field) <= cfg.llm_layers:
+            return (f"{field}={getattr(cfg, field)} is not a hidden state of a {cfg.llm_layers}-layer LLM "
+                    f"(0 to {cfg.llm_layers}, or negative from the end)")
     return None
+
+
+def parameter_count(cfg: D2VLMConfig) -> int:
+    """About how many parameters the model of cfg has (weight matrices and embeddings; biases, norms
+    and LoRA left out): ViT, Q-Former (its cross-attention reads the ViT width), aggregator, Phi-3
+    (input and output embeddings), the two heads. d2vlm-3.8b: 5.1 billion."""
+    v, q, l = cfg.vision_width, cfg.qformer_width, cfg.llm_width
+    vit = cfg.vision_layers * (4 * v * v + 2 * v * cfg.vision_mlp) + (3 * cfg.patch_size ** 2 + (cfg.image_size // cfg.patch_size) ** 2) * v
+    cross = cfg.qformer_layers // cfg.qformer_cross_every * (2 * q * q + 2 * q * v)
+    qformer = cfg.qformer_layers * (4 * q * q + 2 * q * cfg.qformer_mlp) + cross + cfg.qformer_vocab * q
+    llm = cfg.llm_layers * (4 * l * l + 3 * l * cfg.llm_mlp) + 2 * cfg.llm_vocab * l
+    return vit + qformer + 4 * v * v + v * l + llm + 2 * l * l
+
+
+def memory_bytes() -> int:
+    """This machine's memory: physical plus swap, in bytes (what the largest allocation can reach)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            swap = next((int(x.split()[1]) * 1024 for x in f if x.startswith("SwapTotal:")), 0)
+    except OSError:
+        swap = 0
+    return total + swap
+
+
+def check_size(cfg: D2VLMConfig) -> str | None:
+    """A line saying why the model of cfg cannot be built on this machine (its fp32 weights, as the
+    model is built, exceed the memory: absurd widths or depths), or None."""
+    n = parameter_count(cfg)
+    need, have = 4 * n, memory_bytes()
+    if need <= have:
+        return None
+    return (f"the model of these widths and depths has about {n:.3g} parameters ({need / 2**30:,.0f} GiB in fp32), "
+            f"more than this machine's {have / 2**30:,.0f} GiB of memory (vision {cfg.vision_width} x "
+            f"{cfg.vision_layers}, Q-Former {cfg.qformer_width} x {cfg.qformer_layers}, LLM {cfg.llm_width} x "
+            f"{cfg.llm_layers}, vocabulary {cfg.llm_vocab})")
 
 
 PRESETS = {

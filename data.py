@@ -13,7 +13,6 @@ per event). DESIGN.md §4 (conversion).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -22,10 +21,16 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from evidence import EVI, EVI_END
+from files import parse_json, read_text
 from video import FrameCache, normalize, probe_all
 
 VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
 DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
+# how far a record's `duration` may be from its video's length (VideoDataset): 2 s or 10 %, whichever is more
+DURATION_SLACK_S, DURATION_SLACK_FRACTION = 2.0, 0.1
+# characters of one question, answer, option or caption: 16 a token (more than any word piece of Phi-3's
+# vocabulary) times Phi-3's 4096 positions; a longer text fits no context, and tokenizing it costs gigabytes
+MAX_TEXT_CHARS = 65536
 
 # E.T.Bench tasks and the shape of their `tgt` field (scoring-spec §1.1)
 SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]
@@ -34,10 +39,17 @@ BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "s
 # E.T.Instruct-164K's nine: the grounding and dense-captioning tasks above, and two more captioning
 # tasks the release's FPO builder names (tvc, rvc); records in its format may also use E.T.Bench's
 INSTRUCT_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tvc", "rvc")
+# tasks whose answer names when its events happen: an answer of one of them without a time is refused
+GROUNDED_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
 LETTERS = "ABCDE"  # multiple-choice options, in order
 
 # Phi-3's chat format, with one video placeholder in the user turn (model.py turns it into T video tokens)
 VIDEO, END = "<video>", "<|end|>"
+DEC = "[DEC]"  # the Q-Former tokenizer's bos, added to bert-base-uncased by InstructBLIP
+# text a tokenizer would read as one of its special tokens, refused inside a record's text by name: ours,
+# Phi-3's (<|...|>: the chat turns, <|endoftext|>, placeholders; <s> </s> <unk>), the Q-Former's (BERT's + [DEC])
+RESERVED = (EVI, EVI_END, VIDEO, "<s>", "</s>", "<unk>", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", DEC)
+_CHAT_TOKEN = re.compile(r"<\|\w{1,40}\|>")
 CHAT = (f"<|system|>\n{{system}}{END}\n<|user|>\n{VIDEO}\n{{prompt}}{END}\n<|assistant|>\n", f"{{response}}{END}")
 FRAME_CACHE_BYTES = 2**30  # decoded frames a VideoDataset keeps (per process): every synthetic video fits
 IGNORE = -100  # the label of tokens that are not trained on (the prompt, padding)
@@ -72,25 +84,11 @@ def load_records(path, on_error: str = "raise") -> Records:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_text(path, "annotation file")
     if path.suffix == ".jsonl":
-        raw = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        raw = [parse_json(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        raw = parse_json(text, path)
         if not isinstance(raw, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
@@ -130,31 +128,67 @@ def filter_records(records: Records, cfg) -> tuple:
     return Records(kept, records.path, records.skipped), counts
 
 
-def _number(x, field):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+def check_number(x, field: str) -> float:
+    """x as a float, when it is a finite number (not a bool, not an integer beyond float's range);
+    BadRecord naming the field otherwise."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise BadRecord(field, f"expected a finite number, got {_shown(x)}")
+    try:
+        v = float(x)
+    except OverflowError:  # an integer beyond float's range
+        raise BadRecord(field, f"expected a finite number, got an integer of {len(str(x))} digits") from None
+    if not math.isfinite(v):
         raise BadRecord(field, f"expected a finite number, got {x!r}")
-    return float(x)
+    return v
+
+
+def _shown(x, n: int = 60) -> str:
+    """repr(x), cut to n characters."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def is_text(x) -> bool:
+    """x is a str that UTF-8 can encode. JSON lets a lone surrogate ("\\ud800") through; tokenizers,
+    MiniLM and the Java scoring tools reject it."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(v, field: str, allow=()) -> str:
+    """v, when it is text a record may hold: a non-empty string, UTF-8 (no lone surrogate), at most
+    MAX_TEXT_CHARS characters, none of the RESERVED or chat-template tokens (but those in `allow`:
+    the <evi> of a converted record). BadRecord naming the field otherwise."""
+    if not isinstance(v, str) or not v.strip():
+        raise BadRecord(field, "missing or not a non-empty string")
+    if len(v) > MAX_TEXT_CHARS:
+        raise BadRecord(field, f"{len(v):,} characters, more than {MAX_TEXT_CHARS:,}: no model context holds it")
+    if not is_text(v):
+        bad = next(i for i, c in enumerate(v) if not is_text(c))
+        raise BadRecord(field, f"not UTF-8 text: a lone surrogate {v[bad]!r} at character {bad}")
+    token = next((t for t in RESERVED if t in v and t not in allow), None) or (_CHAT_TOKEN.search(v) or [None])[0]
+    if token is not None:
+        raise BadRecord(field, f"contains {token!r}, a reserved token (special to the model's tokenizers)")
+    return v
 
 
 def _span(x, field, duration):
     if not isinstance(x, (list, tuple)) or len(x) != 2:
-        raise BadRecord(field, f"expected a span [start, end], got {x!r}")
-    return _check_spans([[_number(x[0], field), _number(x[1], field)]], field, duration)[0]
+        raise BadRecord(field, f"expected a span [start, end], got {_shown(x)}")
+    return _check_spans([[check_number(x[0], field), check_number(x[1], field)]], field, duration)[0]
 
 
 def _spans(x, field, duration):
     if not isinstance(x, list) or not x:
-        raise BadRecord(field, f"expected a non-empty list of spans, got {x!r}")
+        raise BadRecord(field, f"expected a non-empty list of spans, got {_shown(x)}")
     return [_span(v, field, duration) for v in x]
 
 
-def _text(rec, field):
-    v = rec.get(field)
-    if not isinstance(v, str) or not v.strip():
-        raise BadRecord(field, "missing or not a non-empty string")
-    if EVI in v or EVI_END in v:
-        raise BadRecord(field, f"contains the reserved token {EVI} or {EVI_END}")
-    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +206,11 @@ _TXT_TIME = re.compile(rf"(?<![\w.]){_PAIR}|(?<![\w.]){_POINT}")
 # a minus directly before a time (a number then a unit, or a range), not inside a word or number
 _SIGN = re.compile(rf"(?<![\w.])[-–](?=\d+(?:\.\d+)?(?:{_UNIT}|\s*(?:-|–|\bto\b)\s*\d))")
 _NOT_A_NUMBER = re.compile(r"(?i)(?<![\w.])(?:nan|inf(?:inity)?)\s*(?:-|–|\bto\b)\s*\d|\d\s*(?:-|–|\bto\b)\s*(?:nan|inf(?:inity)?)\b")
+# a time written otherwise than as digits with a decimal point (a sentence's full stop may follow), where a
+# time stands: before a unit or a range's dash or "to", or after the dash or "to". "0,5 - 5,0 seconds" would
+# read as [5, 5], "1e1 - 2e1", "10... - 12.." and "1:30 - 2:00" as nothing or as a wrong span
+_WRITTEN_TIME = re.compile(rf"(?<![\w.,:])(\d[\d.,:eE+]*)(?=\s*(?:-|–|to\b)|{_UNIT})|(?:-|–|\bto)\s*(\d[\d.,:eE+]*)")
+_PLAIN_TIME = re.compile(r"\d+(?:\.\d+)?\.?")
 _VID_TIME = re.compile(rf"{re.escape(VID)}\s*(?:-|–|\s+to\s+)\s*{re.escape(VID)}|{re.escape(VID)}")
 
 
@@ -189,6 +228,10 @@ def extract_times(text: str, values=None):
         for bad in _SIGN.finditer(text):
             if not text[:bad.start()].rstrip()[-1:].isdigit():  # "3 -5" is a range, "at -5" a negative time
                 raise BadRecord("text", f"a negative timestamp: {text[max(0, bad.start() - 10):bad.end() + 10]!r}")
+        for m in _WRITTEN_TIME.finditer(text):
+            if not _PLAIN_TIME.fullmatch((m.group(1) or m.group(2)).rstrip(",")):
+                raise BadRecord("text", f"a time not written as plain seconds (digits and a decimal point): "
+                                        f"{text[max(0, m.start() - 10):m.end() + 10]!r}")
         for m in _TXT_TIME.finditer(text):
             a = m.group(1) if m.group(1) is not None else m.group(3)
             b = m.group(2) if m.group(1) is not None else a
@@ -278,38 +321,37 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
     task = record.get("task")
     if not isinstance(task, str) or not task:
         raise BadRecord("task", "missing or not a string")
-    for f in ("video", "source"):
-        if not isinstance(record.get(f), str) or not record[f]:
-            raise BadRecord(f, "missing or not a non-empty string")
-    video = PurePosixPath(record["video"].replace("\\", "/"))
-    if video.is_absolute() or ".." in video.parts or re.match(r"[A-Za-z]:", record["video"]):
-        raise BadRecord("video", f"{record['video']!r} must be a relative path inside the video folder")
-    duration = _number(record.get("duration"), "duration")
+    check_text(record.get("source"), "source")
+    check_video_path(record.get("video"))
+    duration = check_number(record.get("duration"), "duration")
     if duration <= 0:
         raise BadRecord("duration", f"must be positive, got {duration:g}")
     src = record.get("src")
     if src is not None:
         if not isinstance(src, list):
-            raise BadRecord("src", f"expected a flat list of seconds, got {src!r}")
-        src = [_number(v, "src") for v in src]
+            raise BadRecord("src", f"expected a flat list of seconds, got {_shown(src)}")
+        src = [check_number(v, "src") for v in src]
     if "conversations" in record:
         if task not in INSTRUCT_TASKS + BENCH_TASKS:
-            raise BadRecord("task", f"unknown task {task!r} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
+            raise BadRecord("task", f"unknown task {_shown(task)} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
                                     f"E.T.Bench: {', '.join(BENCH_TASKS)})")
         question, answer = _instruct_turns(record)
         tgt = record.get("tgt")
         if tgt is not None:
             if not isinstance(tgt, list):
-                raise BadRecord("tgt", f"expected a flat list of seconds, got {tgt!r}")
-            tgt = [_number(v, "tgt") for v in tgt]
+                raise BadRecord("tgt", f"expected a flat list of seconds, got {_shown(tgt)}")
+            tgt = [check_number(v, "tgt") for v in tgt]
         if VID in answer or tgt:
             template, spans = _extract(answer, tgt or [], "tgt")
         else:
             template, spans = _extract(answer, None, "conversations")
+        if not spans and task in GROUNDED_TASKS:  # it would train as an answer about no event
+            raise BadRecord("conversations", f"a {task} answer must give its events' times (as 's - e seconds'), "
+                                             f"this one gives none: {_shown(answer)}")
         _check_spans(spans, "tgt" if tgt else "conversations", duration)
         qfield = "src" if VID in question else "conversations"
     elif "q" in record:
-        question = _text(record, "q")
+        question = check_text(record.get("q"), "q")
         template, spans = _bench_answer(record, task, duration)
         qfield = "src" if VID in question else "q"
     else:
@@ -384,29 +426,38 @@ def _extract(text, values, field):
         raise BadRecord(field, e.reason) from None
 
 
+def check_video_path(v) -> str:
+    """v, when it is a relative path inside the video folder (no "..", not absolute, no drive);
+    BadRecord naming the field 'video' otherwise. (Symbolic links are followed and checked by
+    VideoDataset, on disk.)"""
+    if not isinstance(v, str) or not v or not is_text(v) or "\x00" in v:
+        raise BadRecord("video", f"missing or not a path: {_shown(v)}")
+    path = PurePosixPath(v.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or re.match(r"[A-Za-z]:", v):
+        raise BadRecord("video", f"{_shown(v)} must be a relative path inside the video folder")
+    return v
+
+
 def _instruct_turns(record):
     conv = record["conversations"]
     if (not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(t, dict) for t in conv)
             or [t.get("from") for t in conv] != ["human", "gpt"]):
         raise BadRecord("conversations", "expected one human turn followed by one gpt turn")
-    q, a = (t.get("value") for t in conv)
-    for v in (q, a):
-        if not isinstance(v, str) or not v.strip():
-            raise BadRecord("conversations", "a turn has no text")
-        if EVI in v or EVI_END in v:
-            raise BadRecord("conversations", f"contains the reserved token {EVI} or {EVI_END}")
+    q, a = (check_text(t.get("value"), "conversations") for t in conv)
     return q.replace("<image>", "").strip(), a.strip()
 
 
 def _options(record):
     o, p = record.get("o"), record.get("p")
     if not isinstance(o, list) or len(o) not in (4, 5):
-        raise BadRecord("o", f"expected a list of 4 or 5 options, got {o!r}")
+        raise BadRecord("o", f"expected a list of 4 or 5 options, got {_shown(o)}")
     for v in o:
-        if not (isinstance(v, str) or (isinstance(v, list) and len(v) == 2)):
-            raise BadRecord("o", f"an option must be a string or [s, e], got {v!r}")
+        if isinstance(v, list) and len(v) == 2:
+            check_number(v[0], "o"), check_number(v[1], "o")
+        else:
+            check_text(v, "o")
     if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < len(o):
-        raise BadRecord("p", f"expected an option index in 0..{len(o) - 1}, got {p!r}")
+        raise BadRecord("p", f"expected an option index in 0..{len(o) - 1}, got {_shown(p)}")
     opt = o[p] if isinstance(o[p], str) else "{} - {}".format(*o[p])
     return f"({LETTERS[p]}) {opt}"
 
@@ -431,11 +482,13 @@ def _bench_answer(record, task, duration):
         spans = _spans(tgt, "tgt", duration)
         if task in CAPTION_TASKS:
             g = record.get("g")
-            if not isinstance(g, list) or len(g) != len(spans) or not all(isinstance(c, str) and c.strip() for c in g):
-                raise BadRecord("g", f"expected {len(spans)} captions (one per tgt span), got {g!r}")
+            if not isinstance(g, list) or len(g) != len(spans):
+                raise BadRecord("g", f"expected {len(spans)} captions (one per tgt span), got {_shown(g)}")
+            for c in g:
+                check_text(c, "g")
             return "\n".join(f"{EVI} seconds, {c.strip()}" for c in g), spans
         return ", ".join([EVI] * len(spans)) + " seconds.", spans
-    raise BadRecord("task", f"unknown E.T.Bench task {task!r} (expected one of {', '.join(BENCH_TASKS)})")
+    raise BadRecord("task", f"unknown E.T.Bench task {_shown(task)} (expected one of {', '.join(BENCH_TASKS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,14 +520,15 @@ class VideoDataset(torch.utils.data.Dataset):
             evs = [arrange(ev, cfg.response_format, cfg.evidence_level) for ev in evs]
         if not evs:
             raise ValueError(f"{where}: no records to make samples of")
-        missing = [(i, ev["video"]) for i, ev in enumerate(evs) if not (videos / ev["video"]).is_file()]
+        root = videos.resolve()
+        missing = [(i, why) for i, ev in enumerate(evs) for why in [_not_in_folder(videos / ev["video"], root)] if why]
         if missing and on_error == "raise":
-            i, v = missing[0]
-            raise FileNotFoundError(f"{where}: record {i}: field 'video': {videos / v} not found "
-                                    f"({len(missing)} records have no video file)")
+            i, why = missing[0]
+            raise FileNotFoundError(f"{where}: record {i}: field 'video': {why} ({len(missing)} records have no "
+                                    f"video file in {videos})")
         gone = {i for i, _ in missing}
-        bad, past_end, ends = self._check_videos(evs, gone, where, on_error)
-        gone |= {i for i, _ in bad}
+        bad, mismatch, past_end, ends = self._check_videos(evs, gone, where, on_error)
+        gone |= {i for i, _ in bad + mismatch}
         prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
         n_text = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         if with_response:
@@ -495,28 +549,46 @@ class VideoDataset(torch.utils.data.Dataset):
             self.budget.append(cfg.max_len - n + 1)  # frames that still fit
         self.where = where
         self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing),
-                        "bad_video": len(bad), "too_long": too_long}
+                        "bad_video": len(bad), "bad_duration": len(mismatch), "too_long": too_long}
         self.past_end = past_end  # records with a span past their video's last frame (kept: clamped to it)
-        if missing or bad or too_long:
-            print(f"{where}: skipped {too_long} records longer than max_len={cfg.max_len}, {len(missing)} without a "
-                  f"video file and {len(bad)} whose video cannot be read (first: {(bad or [(0, '-')])[0][1]}); "
-                  f"{len(self.items)} left", file=sys.stderr)
+        if missing or bad or mismatch or too_long:
+            first = "".join(f" (first: record {i}: {why})" for i, why in (missing + bad + mismatch)[:1])
+            print(f"{where}: skipped {self.skipped_text()}{first}; {len(self.items)} left", file=sys.stderr)
         if past_end:
             i, msg = past_end[0]
             print(f"{where}: {len(past_end)} records have a span past the last frame of their video, clamped to it "
                   f"(first: record {i}: {msg})", file=sys.stderr)
 
+    def skipped_text(self) -> str:
+        """What the checks left out, as a phrase: "2 longer than max_len=512, 1 without a video file"."""
+        what = {"invalid": "invalid", "missing_video": "without a video file", "bad_video": "with an unreadable video",
+                "bad_duration": "whose duration is not their video's", "too_long": f"longer than max_len={self.cfg.max_len}"}
+        return ", ".join(f"{n} {what[k]}" for k, n in self.skipped.items() if n) or "nothing"
+
     def _check_videos(self, evs, gone, where, on_error):
-        """The pre-flight check (video.probe_all) of every record's video. Returns (bad, past_end, ends):
-        (record, message) pairs of unreadable videos (an error unless on_error="skip") and of records
-        whose spans run past their video's last frame by more than DURATION_TOLERANCE; {record: the
-        time of its video's last frame} (what the frame count, and so the length, follows from)."""
+        """The pre-flight check (video.probe_all) of every record's video. Returns (bad, mismatch,
+        past_end, ends): (record, message) pairs of unreadable videos and of records whose `duration`
+        is not their video's length (more than DURATION_SLACK_S and DURATION_SLACK_FRACTION off; both
+        an error unless on_error="skip"), and of records whose spans run past their video's last frame
+        by more than DURATION_TOLERANCE; {record: the time of its video's last frame} (what the frame
+        count, and so the length, follows from)."""
         paths = {i: self.videos / ev["video"] for i, ev in enumerate(evs) if i not in gone}
         probes = probe_all(paths.values())
         bad = [(i, probes[p]) for i, p in paths.items() if isinstance(probes[p], str)]
         if bad and on_error == "raise":
             raise ValueError(f"{where}: record {bad[0][0]}: field 'video': {bad[0][1]} ({len(bad)} records have "
                              "videos that cannot be read; --on-error skip leaves them out)")
+        mismatch = []
+        for i, p in paths.items():
+            if isinstance(probes[p], str) or "duration" not in evs[i]:
+                continue
+            length, duration = probes[p]["declared"] or probes[p]["end"], evs[i]["duration"]
+            if abs(duration - length) > max(DURATION_SLACK_S, DURATION_SLACK_FRACTION * length):
+                mismatch.append((i, f"{duration:g} s, its video {p} is {length:.1f} s long"))
+        if mismatch and on_error == "raise":
+            i, msg = mismatch[0]
+            raise ValueError(f"{where}: record {i}: field 'duration': {msg} ({len(mismatch)} records are off by more "
+                             f"than {DURATION_SLACK_S:g} s and {DURATION_SLACK_FRACTION:.0%}; --on-error skip leaves them out)")
         past_end = []
         for i, p in paths.items():
             if isinstance(probes[p], str):
@@ -527,7 +599,7 @@ class VideoDataset(torch.utils.data.Dataset):
             if last > end + DURATION_TOLERANCE:
                 past_end.append((i, f"span end {last:g} s, the video's frames end at {end:.1f} s"))
         ends = {i: probes[p]["end"] for i, p in paths.items() if not isinstance(probes[p], str)}
-        return bad, past_end, ends
+        return bad, mismatch, past_end, ends
 
     def __len__(self):
         return len(self.items)
@@ -541,6 +613,20 @@ class VideoDataset(torch.utils.data.Dataset):
         except (ValueError, OSError) as e:
             return {"failed": f"{self.where}: record {self.kept[i]}: {e}", "index": i}
         return {"evidence": ev, "frames": frames, "index": i}
+
+
+def _not_in_folder(path: Path, root: Path) -> str | None:
+    """Why `path` is not a file inside the folder `root` (resolved): missing, a loop of links, or a
+    symbolic link out of the folder; None when it is one."""
+    try:
+        real = path.resolve(strict=True)
+    except RuntimeError:  # what Path.resolve raises for a loop
+        return f"{path} is a loop of symbolic links"
+    except OSError:
+        return f"{path} not found"
+    if root not in real.parents:
+        return f"{path} links to {real}, outside the video folder"
+    return None if real.is_file() else f"{path} is not a file"
 
 
 def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = True) -> dict:

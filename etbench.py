@@ -17,13 +17,13 @@ surrogate for MiniLM, a sixth option) or turns a mean NaN (a NaN IoU), the recor
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from captions import CaptionScorers, score_dvc
 from etbench_d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
+from files import parse_json, read_text
 from scoring import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
                      check_spans, check_text, closest_option, evs_f1, is_number, letter_choice, letter_map,
                      lone_letter, show, strip_best_option, temporal_iou, tvg_format)
@@ -389,27 +389,14 @@ def _where(r) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _parse(text: str, f: Path, line=None):
-    """json.loads(text), or ValueError naming the file (and the line of a .jsonl)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: line {line or e.lineno}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{f}: line {line or 1}: not valid JSON (nested too deeply)") from None
-
-
 def _read_json(f: Path) -> list:
     """The records of one .json (a list) or .jsonl (one a line) file; ValueError naming the file."""
-    try:
-        text = f.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_text(f, "prediction file")
     if not text.strip():
         raise ValueError(f"{f}: holds no records (empty file)")
     if f.suffix == ".jsonl":  # split on "\n" only: a JSON string may hold a raw U+2028
-        return [_parse(line, f, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    docs = _parse(text, f)
+        return [parse_json(line, f, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    docs = parse_json(text, f)
     if not isinstance(docs, list):
         raise ValueError(f"{f}: expected a JSON list of records, got {JSON_TYPES[type(docs)]}")
     if not docs:

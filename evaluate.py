@@ -1,7 +1,8 @@
 """Evaluation: inference on a benchmark split or one video, then scoring. Paper: "Experiments".
 
     python evaluate.py                          the newest default checkpoint (FPO, else SFT) on the
-                                                synthetic test split: predictions + metrics + table
+                                                synthetic test split: predictions + metrics + table, in
+                                                eval/<checkpoint> beside it (checkpoint.results_dir)
     python evaluate.py --ckpt DIR --data etbench_txt_v1.0.json --videos DIR
     python evaluate.py --score PRED.json [--protocol etchat|strict|d2vlm] [--out metrics.json]
     python evaluate.py --benchmark charades|youcook2 --data TIMECHAT_FILE --videos DIR  (or --score PRED)
@@ -15,7 +16,6 @@ charades_youcook2.py (Charades-STA, YouCook2), on the shared rules of scoring.py
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,24 +33,28 @@ from etbench import PROTOCOLS, load_predictions, score_etbench, table
 from files import atomic_path
 from video import probe, sample_frames
 
+METRICS = "metrics.json"  # the metrics file's name beside the predictions
+
 
 # ---------------------------------------------------------------------------------------------
 # Inference
 
 def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperature=None, max_new_tokens=None, seed=0,
-            progress=True, on_error="raise"):
+            progress=True, on_error="raise", ds=None):
     """Run batched generation on E.T.Bench-format records; returns copies with the response in "a".
     decoding_name: a protocol of decoding.DECODINGS ("greedy", or "release": sampling at 0.2 with
     the repetition penalty on multiple choice, the release's span text); temperature and
     max_new_tokens override its values. Sampling draws from one generator per record, seeded by
     (seed, the record's index): the same answers in any batch size, another set per seed.
-    Every video is checked first (data.VideoDataset): an unreadable one stops the run, or with
-    on_error="skip" its records are left out. A record left out (too long for the model's max_len,
-    text + one token per frame; a bad video; a video that fails during the run) gets an empty
-    response, so the scorer counts it as Failed; the counts are reported."""
+    Every video is checked first (data.VideoDataset; `ds`: that dataset when it was built already,
+    before the model was loaded): an unreadable one stops the run, or with on_error="skip" its
+    records are left out. A record left out (too long for the model's max_len, text + one token per
+    frame; a bad video; a video that fails during the run) gets an empty response, so the scorer
+    counts it as Failed; the counts are reported."""
     proto = {**decoding.DECODINGS[decoding_name]}
     proto.update({k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None})
-    ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
+    if ds is None:
+        ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
     failed, unfinished = [], {"max_new_tokens": 0, "context": 0}
     # batches of one task each: answers of a kind end together (a batch runs until its longest one ends)
@@ -80,25 +84,39 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     if len(ds) < len(records) or failed:
         print(f"{len(records) - len(ds) + len(failed)} of {len(records)} records have an empty response (Failed): "
               f"{ds.skipped['too_long']} too long for max_len={m.cfg.max_len}, {ds.skipped['bad_video']} with an "
-              f"unreadable video, {len(failed)} whose video failed during the run", file=sys.stderr)
+              f"unreadable video, {ds.skipped['bad_duration']} whose duration is not their video's, "
+              f"{len(failed)} whose video failed during the run", file=sys.stderr)
     return [{**r, "a": a} for r, a in zip(records, answers)]
 
 
-def answer_video(m, video, question, max_new_tokens=256, temperature=0.0):
-    """Answer one question about one video file. Timestamps in the question ("after 3.0 - 5.0
-    seconds") become question <evi>. Returns generate()'s dict for it, plus "frames" (how many)."""
-    prompt, qspans = data.extract_times(question)
-    chat = data.CHAT[0].format(system=m.cfg.system_prompt, prompt=prompt)
-    n_prompt = len(m.tokenizer(chat, add_special_tokens=False)["input_ids"])
-    budget = m.cfg.max_len - n_prompt - max_new_tokens
+def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
+    """The sample of one question about one video file, {"evidence", "frames"}, checked before any
+    weight is loaded: the question is text a record may hold (data.check_text), its timestamps
+    ("after 3.0 - 5.0 seconds", which become question <evi>) lie inside the video, the prompt and
+    max_new_tokens leave room for frames in cfg.max_len. SystemExit naming --question otherwise."""
+    try:
+        prompt, qspans = data.extract_times(data.check_text(question, "--question"))
+    except data.BadRecord as e:
+        raise SystemExit(f"--question: {e.reason}") from None
+    end = probe(video)["end"]  # a still image, an unreadable or truncated file: one line naming it
+    late = [(s, e) for s, e in qspans if e > end + data.DURATION_TOLERANCE]
+    if late:
+        raise SystemExit(f"--question: the time {late[0][0]:g} - {late[0][1]:g} s is past the end of {video} "
+                         f"({end:.1f} s)")
+    chat = data.CHAT[0].format(system=cfg.system_prompt, prompt=prompt)
+    budget = cfg.max_len - len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - max_new_tokens
     if budget < 1:
-        raise SystemExit(f"the question and --max-new-tokens leave no room for frames in max_len={m.cfg.max_len}")
-    frames = sample_frames(video, m.cfg.fps, m.cfg.image_size, max_frames=budget)
-    evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, m.cfg.fps), "response": "", "frames": []}
-    batch = data.collate([{"evidence": evidence, "frames": frames}], m.tokenizer, m.qformer_tokenizer, m.cfg,
-                         with_response=False)
+        raise SystemExit(f"--question and --max-new-tokens leave no room for frames in max_len={cfg.max_len}")
+    frames = sample_frames(video, cfg.fps, cfg.image_size, max_frames=budget)
+    evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, cfg.fps), "response": "", "frames": []}
+    return {"evidence": evidence, "frames": frames}
+
+
+def answer_video(m, sample, max_new_tokens=256, temperature=0.0):
+    """Answer video_question's sample. Returns generate()'s dict for it, plus "frames" (how many)."""
+    batch = data.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
     out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
-    return {**out, "frames": len(frames)}
+    return {**out, "frames": len(sample["frames"])}
 
 
 def plot_evidence(answer, fps, path):
@@ -123,15 +141,15 @@ def plot_evidence(answer, fps, path):
     plt.close(fig)
 
 
-def load_model(ckpt, args):
-    """The model of a checkpoint directory (ours or released), --set applied, in eval mode."""
-    cfg = configure(checkpoint.read_config(ckpt), args.set) if args.set else None
+def load_model(ckpt, args, cfg, tokenizer):
+    """The model of a checkpoint directory (ours or released) with `cfg` (its own, --set applied) and
+    the tokenizer the data was checked with, in eval mode."""
     return checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights, cfg=cfg,
-                                      qformer_tokenizer=args.qformer_tokenizer).eval()
+                                      qformer_tokenizer=args.qformer_tokenizer, tokenizer=tokenizer).eval()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
+def get_args(argv=None):
+    ap = cli.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default="etchat",
                     help="etchat: the original E.T.Bench rules; strict: letter final for multiple choice; "
@@ -140,7 +158,9 @@ def main(argv=None):
                     help="charades / youcook2: --data is TimeChat's test / val .caption_coco_format.json "
                          "(inference, and the ground truth of the scoring); --score reads tvg/charades_sta or "
                          "dvc/youcook2 predictions and needs --data")
-    ap.add_argument("--out", help="metrics JSON (default: next to the predictions)")
+    ap.add_argument("--out", help="metrics JSON (default: beside the predictions)")
+    ap.add_argument("--results", metavar="DIR", help="inference: the folder of the predictions and metrics (default: "
+                                                     "eval/<checkpoint name> beside the checkpoint, never inside it)")
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
     ap.add_argument("--vision-weights")
     ap.add_argument("--llm-weights")
@@ -152,33 +172,25 @@ def main(argv=None):
     ap.add_argument("--videos")
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                     help="an unreadable video: stop, or leave its records out (empty responses, counted Failed)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--decoding", choices=list(decoding.DECODINGS), default="greedy",
                     help="greedy (default: deterministic, short answers) or release: the D2VLM release's protocol, "
                          "sampling at 0.2, repetition penalty 1.2 on rar/eca/rvq, 2048 new tokens, its span text "
                          "'s - e ' in frames (README: the protocol table)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling: the seed of this run's draws")
-    ap.add_argument("--temperature", type=float, help="overrides the protocol's (0 = greedy)")
-    ap.add_argument("--max-new-tokens", type=int, help="overrides the protocol's")
+    ap.add_argument("--seed", type=cli.seed, default=0, help="sampling: the seed of this run's draws")
+    ap.add_argument("--temperature", type=cli.non_negative, help="overrides the protocol's (0 = greedy)")
+    ap.add_argument("--max-new-tokens", type=cli.at_least(1), help="overrides the protocol's")
     ap.add_argument("--video", help="answer --question about this one video file")
     ap.add_argument("--question")
     ap.add_argument("--plot", metavar="PNG", help="with --video: plot each <evi>'s similarity over time")
     args = ap.parse_args(argv)
-    if args.video:
-        if not args.question:
-            raise SystemExit("--video needs --question")
-        ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
-        m = load_model(ckpt, args)
-        proto = decoding.DECODINGS[args.decoding]
-        answer = answer_video(m, args.video, args.question, args.max_new_tokens or proto["max_new_tokens"],
-                              proto["temperature"] if args.temperature is None else args.temperature)
-        print(answer["text"])
-        for k, (s, e) in enumerate(answer["spans"]):
-            print(f"  <evi> {k + 1}: {s:.1f} - {e:.1f} s (peak probability {max(answer['probs'][k]):.2f})")
-        if args.plot:
-            plot_evidence(answer, m.cfg.fps, args.plot)
-            print(f"plot: {args.plot}", file=sys.stderr)
-        return
+    if args.video and not args.question:
+        raise SystemExit("--video needs --question")
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(args.plot).suffix.lstrip(".").lower() not in kinds:
+            raise SystemExit(f"--plot {args.plot}: a picture file, ending in one of {', '.join('.' + k for k in kinds)}")
     if args.score:
         if args.benchmark == "etbench" and args.data:
             raise SystemExit("--data is the ground truth of --benchmark charades / youcook2; E.T.Bench predictions "
@@ -187,33 +199,82 @@ def main(argv=None):
             raise SystemExit(f"--benchmark {args.benchmark} --score needs --data, TimeChat's ground-truth "
                              ".caption_coco_format.json: the release scores every video it names, those without a "
                              "prediction included")
-        records = load_predictions(args.score, require=("idx",) if args.benchmark == "charades" else ())
+    return args
+
+
+def check_outputs(args, out, ckpt=None, results=None):
+    """What evaluate.py writes (the metrics file `out`, the results folder, --plot) is none of its
+    inputs, and not inside a checkpoint directory (whose manifest would no longer match)."""
+    outputs = {"--results": results, "--out": out, "--plot": args.plot}
+    cli.check_outputs(outputs, {"--score": args.score, "--data": args.data, "--video": args.video, "--ckpt": ckpt,
+                                "--videos": args.videos})
+    if results is not None and results.exists() and not results.is_dir():
+        raise SystemExit(f"--results {results}: not a folder")
+    for flag, path in outputs.items():
+        held = path and checkpoint.holding_checkpoint(path)
+        if held:
+            raise SystemExit(f"{flag} {path} is inside the checkpoint {held}: its manifest would no longer match "
+                             "(--resume would pass it over); write it elsewhere")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.score:
         pred_path = Path(args.score)
+        out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / METRICS
+        check_outputs(args, out)
+        records = load_predictions(args.score, require=("idx",) if args.benchmark == "charades" else ())
+        return score(args, records, out)
+    ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
+    cfg = configure(checkpoint.read_config(ckpt), args.set)
+    if args.video:
+        check_outputs(args, None, ckpt)
+        proto = decoding.DECODINGS[args.decoding]
+        max_new = args.max_new_tokens or proto["max_new_tokens"]
+        tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
+        sample = video_question(args.video, args.question, cfg, tokenizer, max_new)  # before any weight is loaded
+        m = load_model(ckpt, args, cfg, tokenizer)
+        answer = answer_video(m, sample, max_new, proto["temperature"] if args.temperature is None else args.temperature)
+        print(answer["text"])
+        for k, (s, e) in enumerate(answer["spans"]):
+            print(f"  <evi> {k + 1}: {s:.1f} - {e:.1f} s (peak probability {max(answer['probs'][k]):.2f})")
+        if args.plot:
+            plot_evidence(answer, m.cfg.fps, args.plot)
+            print(f"plot: {args.plot}", file=sys.stderr)
+        return
+    if args.data is None:
+        _, test = event_videos.ensure_synthetic(event_videos.SYNTHETIC)
+        args.data, args.videos = str(test), args.videos or str(test.parent / "videos")
+    if args.videos is None:
+        raise SystemExit("--videos is required with --data")
+    results = Path(args.results) if args.results else checkpoint.results_dir(ckpt)
+    pred_path = results / f"predictions_{Path(args.data).stem}.json"
+    out = Path(args.out) if args.out else results / METRICS
+    check_outputs(args, out, ckpt, results)
+    # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
+    tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
+    if args.benchmark == "charades":
+        raw = charades_records(args.data)
+        for r in raw:  # the duration the converter leaves out: read it from the video (checked on the way)
+            info = probe(Path(args.videos) / r["video"])
+            r["duration"] = info["declared"] or info["end"]
+    elif args.benchmark == "youcook2":
+        raw = youcook2_records(args.data)
     else:
-        ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
-        if args.data is None:
-            _, test = event_videos.ensure_synthetic(event_videos.SYNTHETIC)
-            args.data, args.videos = str(test), args.videos or str(test.parent / "videos")
-        if args.videos is None:
-            raise SystemExit("--videos is required with --data")
-        m = load_model(ckpt, args)
-        if args.benchmark == "charades":
-            raw = charades_records(args.data)
-            for r in raw:  # the duration the converter leaves out: read it from the video (checked on the way)
-                info = probe(Path(args.videos) / r["video"])
-                r["duration"] = info["declared"] or info["end"]
-        elif args.benchmark == "youcook2":
-            raw = youcook2_records(args.data)
-        else:
-            data.load_records(args.data)  # validates every record (one-line error naming it)
-            raw = json.loads(Path(args.data).read_text(encoding="utf-8"))
-        records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,
-                          args.seed, on_error=args.on_error)
-        pred_path = ckpt / f"predictions_{Path(args.data).stem}.json"
-        with atomic_path(pred_path) as tmp:
-            tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-        print(f"predictions: {pred_path}", file=sys.stderr)
-    out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / "metrics.json"
+        raw = list(data.load_records(args.data))  # every record validated (one-line error naming it)
+    ds = data.VideoDataset(raw, args.videos, tokenizer, cfg, on_error=args.on_error, with_response=False)
+    results.mkdir(parents=True, exist_ok=True)  # a folder that cannot be written fails now, not after inference
+    m = load_model(ckpt, args, cfg, tokenizer)
+    records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,
+                      args.seed, on_error=args.on_error, ds=ds)
+    with atomic_path(pred_path) as tmp:
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    print(f"predictions: {pred_path}", file=sys.stderr)
+    return score(args, records, out)
+
+
+def score(args, records, out):
+    """Score predictions (with args.benchmark, args.protocol), print the table, write the metrics to `out`."""
     if args.benchmark != "etbench":
         metrics, note = score_timechat(args.benchmark, records, args.data)
         print(note, file=sys.stderr)

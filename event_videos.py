@@ -15,7 +15,6 @@ CLI: python event_videos.py --out data/synthetic [--n-train 200 --n-test 40 --se
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -217,12 +216,12 @@ def corpus(n_scenes: int = 300, seed: int = 0) -> list:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate the synthetic event-video dataset.")
+    ap = cli.ArgumentParser(description="Generate the synthetic event-video dataset.")
     ap.add_argument("--out", default=str(SYNTHETIC))
-    ap.add_argument("--n-train", type=int, default=200)
-    ap.add_argument("--n-test", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--n-train", type=cli.at_least(1), default=200)
+    ap.add_argument("--n-test", type=cli.at_least(1), default=40)
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    ap.add_argument("--workers", type=cli.at_least(1), default=None)
     args = ap.parse_args(argv)
     t = time.time()
     train, test = make_synthetic(args.out, args.n_train, args.n_test, args.seed, args.workers)

@@ -18,6 +18,8 @@ Without a reference (the released recipe, `--ref none`) the pi_ref terms are 0.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -117,12 +119,21 @@ def reference_logprobs(model, ds, collate, cfg, rank: int, world: int, device, a
     was = model.training
     model.eval()
     table = torch.zeros(len(ds), 4, dtype=torch.float64, device=device)
-    mine = list(range(rank, len(ds), world))
+    mine, failed = list(range(rank, len(ds), world)), []
     for i in range(0, len(mine), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate([ds[j] for j in mine[i:i + cfg.batch_size]]).items()}
+        batch = collate([ds[j] for j in mine[i:i + cfg.batch_size]])
+        failed += batch.pop("failed", [])  # videos broken since the pre-flight check
+        if "index" not in batch:
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             out = model(batch)
         table[batch["index"]] = torch.cat(policy_logprobs(out, batch, cfg.alpha), 1).double()
+    for message in failed:
+        print(f"skipped: {message}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} pairs have no reference log-probs (their video failed to read): their reference terms "
+              "are 0, as under --ref none, should the video read later", file=sys.stderr)
     if world > 1:
         dist.all_reduce(table)
     model.train(was)

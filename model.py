@@ -26,7 +26,7 @@ from transformers import (DynamicCache, InstructBlipQFormerConfig, InstructBlipQ
 
 import event_videos
 import evidence
-from config import D2VLMConfig
+from config import D2VLMConfig, check, check_size
 from data import END, IGNORE, VIDEO
 from evidence import EVI, EVI_END
 
@@ -364,10 +364,9 @@ def build_model(cfg: D2VLMConfig, tokenizer=None, qformer_tokenizer=None, llm=No
     tokenizer: the LLM's (default: the in-code BPE, build_tiny_tokenizer); <video>, <evi>, </evi>
     are added to it. qformer_tokenizer: the Q-Former's (default: the LLM's). Loading weights from
     directories is checkpoint.py's job (checkpoint.from_weights, checkpoint.from_checkpoint)."""
-    for field in ("inject_layer", "match_layer"):  # indices into hidden_states: embeddings, then each layer
-        if not -(cfg.llm_layers + 1) <= getattr(cfg, field) <= cfg.llm_layers:
-            raise ValueError(f"{field}={getattr(cfg, field)} is not a hidden state of a {cfg.llm_layers}-layer LLM "
-                             f"(0 to {cfg.llm_layers}, or negative from the end)")
+    problem = check(cfg) or check_size(cfg)  # before any memory is spent
+    if problem:
+        raise ValueError(problem)
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer(cfg.tiny_vocab)
     qtok = qformer_tokenizer if qformer_tokenizer is not None else tok
     if len(qtok) > cfg.qformer_vocab:

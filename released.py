@@ -17,7 +17,6 @@ and the position_ids buffer of the Q-Former and E.T.Chat stage 3's vid_head are 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -30,8 +29,8 @@ import checkpoint
 import cli
 from config import PRESETS, D2VLMConfig
 from evidence import EVI, EVI_END
-from files import atomic_path
-from model import D2VLM, build_model
+from files import atomic_path, read_json
+from model import D2VLM, add_special_tokens, build_model
 
 MODEL_TYPE = "etchat_phi3"
 INDEX = "model.safetensors.index.json"
@@ -121,14 +120,15 @@ def is_released(directory) -> bool:
     if not f.is_file():
         return False
     try:
-        return json.loads(f.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
-    except (json.JSONDecodeError, AttributeError):
+        doc = read_json(f)
+    except ValueError:  # not JSON: not ours to read (from_checkpoint then names the problem)
         return False
+    return isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE
 
 
 def _shards(d: Path) -> list:
     if (d / INDEX).is_file():
-        return sorted(set(json.loads((d / INDEX).read_text())["weight_map"].values()))
+        return sorted(set(checkpoint.weight_map(d / INDEX).values()))
     if (d / checkpoint.WEIGHTS).is_file():
         return [checkpoint.WEIGHTS]
     raise FileNotFoundError(f"{d}: no {INDEX} or {checkpoint.WEIGHTS}")
@@ -136,20 +136,32 @@ def _shards(d: Path) -> list:
 
 def _shapes(d: Path) -> dict:
     """{upstream name: shape} of every tensor in the directory, read from the headers only."""
-    from safetensors import safe_open
     out = {}
     for shard in _shards(d):
         if not (d / shard).is_file():
             raise FileNotFoundError(f"{d / shard}: shard named in {INDEX} not found")
-        with safe_open(str(d / shard), framework="pt") as f:
+        with checkpoint.safetensors_file(d / shard) as f:
             out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return out
 
 
+# config.json fields config_from reads, each a positive integer (rope_theta, alpha: positive numbers if given)
+_UPSTREAM_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                   "max_position_embeddings")
+
+
 def _read_config(d: Path) -> dict:
-    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{d / 'config.json'}: model_type {cfg.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    f = d / "config.json"
+    cfg = read_json(f)
+    if not isinstance(cfg, dict) or cfg.get("model_type") != MODEL_TYPE:
+        got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"{f}: model_type {got!r}, expected {MODEL_TYPE!r}")
+    for k in _UPSTREAM_SIZES:
+        if type(cfg.get(k)) is not int or cfg[k] <= 0:
+            raise ValueError(f"{f}: field '{k}' must be a positive integer, got {cfg.get(k)!r:.60}")
+    for k in ("rope_theta", "alpha"):
+        if k in cfg and (type(cfg[k]) not in (int, float) or not 0 < cfg[k] < float("inf")):
+            raise ValueError(f"{f}: field '{k}' must be a positive number, got {cfg[k]!r:.60}")
     return cfg
 
 
@@ -160,7 +172,8 @@ def config_from(directory, base: D2VLMConfig | None = None) -> D2VLMConfig:
     d = Path(directory)
     up = _read_config(d)
     if base is None:
-        base = D2VLMConfig.from_json(json.dumps(up["d2vlm_config"])) if "d2vlm_config" in up else PRESETS["d2vlm-3.8b"]
+        base = (D2VLMConfig.from_dict(up["d2vlm_config"], f"{d / 'config.json'}: d2vlm_config") if "d2vlm_config" in up
+                else PRESETS["d2vlm-3.8b"])
     if up.get("num_key_value_heads", up["num_attention_heads"]) != up["num_attention_heads"]:
         raise ValueError(f"{d / 'config.json'}: num_key_value_heads differs from num_attention_heads; Phi-3-mini has none")
     if up.get("rope_scaling"):
@@ -203,14 +216,22 @@ def qformer_tokenizer_from(directory):
     return tok
 
 
-def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None):
+def tokenizer_of(directory):
+    """The LLM tokenizer of a released directory, as load() builds the model with it (<evi>, </evi>,
+    <video> added where it lacks them)."""
+    from transformers import AutoTokenizer, PretrainedConfig
+    tok = AutoTokenizer.from_pretrained(Path(directory), local_files_only=True, config=PretrainedConfig())  # not config.json's type
+    return add_special_tokens(tok)
+
+
+def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, tokenizer=None):
     """Our D2VLM holding a released directory's weights. cfg: the config to build (default:
     config_from(directory)); its widths must fit the tensors (an error names the tensor). The
     Q-Former tokenizer comes from `qformer_tokenizer` (a directory) or the directory's own
-    qformer_tokenizer/. Returns (model, fresh): fresh names the parts not in the directory
-    (frm_head / evi_head when it is E.T.Chat's); the LoRA adapter is always fresh (B = 0)."""
-    from safetensors import safe_open
-    from transformers import AutoTokenizer, PretrainedConfig
+    qformer_tokenizer/; the LLM's is tokenizer_of(directory) (`tokenizer`: the one it gave). Returns
+    (model, fresh): fresh names the parts not in the directory (frm_head / evi_head when it is
+    E.T.Chat's); the LoRA adapter is always fresh (B = 0)."""
+    from transformers import AutoTokenizer
     d = Path(directory)
     up = _read_config(d)
     cfg = cfg or config_from(d)
@@ -219,7 +240,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None):
         raise FileNotFoundError(f"{d}: holds no Q-Former tokenizer (upstream builds bert-base-uncased + [DEC] in code); "
                                 "give --qformer-tokenizer DIR (bert-base-uncased, or an InstructBLIP directory's "
                                 "qformer_tokenizer/)")
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True, config=PretrainedConfig())  # not config.json's type
+    tok = tokenizer if tokenizer is not None else tokenizer_of(d)
     qtok = (qformer_tokenizer_from(qdir) if qformer_tokenizer  # a user's bert-base-uncased; our exports carry the exact one
             else AutoTokenizer.from_pretrained(qdir, local_files_only=True))
     with torch.device("meta"):  # shapes only: a layout that does not fit fails before any memory is spent
@@ -256,7 +277,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None):
     halves = {}
     with torch.no_grad():
         for shard in _shards(d):
-            with safe_open(str(d / shard), framework="pt") as f:
+            with checkpoint.safetensors_file(d / shard) as f:
                 for k in f.keys():
                     if k not in plan:
                         continue
@@ -366,7 +387,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout.")
+    ap = cli.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout.")
     ap.add_argument("action", choices=["export"])
     ap.add_argument("--ckpt", required=True, help="our checkpoint directory (runs/<name>/<stage>/step_NNNNNN)")
     ap.add_argument("--out", required=True, help="the directory to write (must not exist)")

@@ -21,7 +21,7 @@ import string
 import numpy as np
 import torch
 
-from data import LETTERS
+from data import LETTERS, is_text
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
@@ -67,21 +67,14 @@ def show(x) -> str:
     return r if len(r) <= SHOWN else r[:SHOWN] + "..."
 
 
-def is_text(x) -> bool:
-    """x is a str that UTF-8 can encode. JSON lets a lone surrogate ("\\ud800") through; the MiniLM
-    tokenizer and the Java tools reject it."""
-    if not isinstance(x, str):
+def is_number(x) -> bool:
+    """x is a finite int or float (not a bool; not an integer beyond float's range)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
         return False
     try:
-        x.encode("utf-8")
-    except UnicodeEncodeError:
+        return math.isfinite(x)
+    except OverflowError:
         return False
-    return True
-
-
-def is_number(x) -> bool:
-    """x is a finite int or float (not a bool)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_span(x, field: str) -> None:
@@ -231,9 +224,10 @@ class Embedder:
             self._cache[text] = self.model().encode([text], show_progress_bar=False)[0]
         return self._cache[text]
 
-    def batch(self, texts) -> np.ndarray:
-        """(len(texts), 384), encoded in one call (not cached)."""
-        return self.model().encode(list(texts), show_progress_bar=False)
+    def vectors(self, texts) -> dict:
+        """{text: its (384,) vector} for distinct texts, encoded in one call (not cached)."""
+        texts = list(texts)
+        return dict(zip(texts, self.model().encode(texts, show_progress_bar=False))) if texts else {}
 
 
 def option_letters(n: int) -> str:

@@ -21,7 +21,6 @@ and how many records no kind applies to).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import cli
 import data
 from data import EVI, EVI_END
+from files import read_json
 
 MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
 SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...
@@ -190,6 +190,8 @@ PERTURBATIONS = {"shift": _shift, "insert": _insert,
                  "merge": lambda record, rng, vocab, borrowed: _drop(record, rng, merge=True),
                  "tamper": _tamper, "repeat": _repeat}
 KINDS = tuple(PERTURBATIONS)
+# what a pair holds in a pairs file (save_pairs, load_pairs): the chosen record in evidence format, its rejection
+PAIR_FIELDS = ("task", "source", "video", "duration", "prompt", "response", "spans", "question_spans", "rejected", "kind")
 
 
 def perturb(record, kind, rng, vocab=None, borrowed=()):
@@ -249,59 +251,81 @@ def make_pairs(records, seed: int = 0, per_sample: int = 1, kinds=KINDS) -> Pair
 
 def save_pairs(pairs, path):
     """JSON list, seconds only (frames are recomputed at the model's fps when read); temp + rename."""
-    keep = ("task", "source", "video", "duration", "prompt", "response", "spans", "question_spans", "rejected", "kind")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("[\n" + ",\n".join(json.dumps({k: p[k] for k in keep}) for p in pairs) + "\n]\n", encoding="utf-8")
+    tmp.write_text("[\n" + ",\n".join(json.dumps({k: p[k] for k in PAIR_FIELDS}) for p in pairs) + "\n]\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def load_pairs(path, fps: float = 1.0) -> list:
-    """Read a pairs file written by save_pairs, check it, and add the frame spans at `fps`. A bad
-    pair raises one line naming the file, the pair and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pairs file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(raw, list):
-        raise ValueError(f"{path}: expected a JSON list of pairs")
+    """Read a pairs file written by save_pairs, check every pair (_check_pair: the fields a record
+    holds, checked as data.to_evidence checks them, and the <evi> counts), and add the frame spans
+    at `fps`. A bad pair raises one line naming the file, the pair and the field."""
+    raw = read_json(path, "pairs file")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{path}: expected a non-empty JSON list of pairs")
     out = []
     for i, p in enumerate(raw):
-        def bad(field, why):
-            return ValueError(f"{path}: pair {i}: field '{field}': {why}")
-        for f in ("task", "source", "video", "duration", "prompt", "response", "spans", "question_spans", "rejected", "kind"):
-            if not isinstance(p, dict) or f not in p:
-                raise bad(f, "missing")
-        rej = p["rejected"]
-        if not isinstance(rej, dict) or not all(k in rej for k in ("response", "spans", "evi_spans")):
-            raise bad("rejected", "expected an object with response, spans and evi_spans")
-        if p["kind"] not in KINDS:
-            raise bad("kind", f"{p['kind']!r} is not one of {KINDS}")
-        if p["response"].count(EVI) != 2 * len(p["spans"]):
-            raise bad("response", f"{p['response'].count(EVI)} {EVI} for {len(p['spans'])} spans (expected 2 per span)")
-        if rej["response"].count(EVI) != len(rej["evi_spans"]):
-            raise bad("rejected", f"{rej['response'].count(EVI)} {EVI} but {len(rej['evi_spans'])} evi_spans")
-        for field, spans in (("spans", p["spans"]), ("question_spans", p["question_spans"]),
-                             ("rejected", rej["evi_spans"])):
-            for s, e in spans:
-                if not 0 <= s <= e <= p["duration"] + data.DURATION_TOLERANCE:
-                    raise bad(field, f"span [{s}, {e}] is not inside the video (0 - {p['duration']} s)")
+        try:
+            _check_pair(p)
+        except data.BadRecord as e:
+            raise ValueError(f"{path}: pair {i}: {e}") from None
         out.append({**p, "frames": data.to_frames(p["spans"], fps), "question_frames": data.to_frames(p["question_spans"], fps)})
     return out
 
 
+def _check_pair(p) -> None:
+    """data.BadRecord naming the field of the first thing wrong with a pair of save_pairs' format."""
+    if not isinstance(p, dict):
+        raise data.BadRecord("pair", f"expected an object, got {type(p).__name__}")
+    for f in PAIR_FIELDS:
+        if f not in p:
+            raise data.BadRecord(f, "missing")
+    if p["task"] not in data.INSTRUCT_TASKS + data.BENCH_TASKS:
+        raise data.BadRecord("task", "not a task of E.T.Instruct-164K or E.T.Bench")
+    if p["kind"] not in KINDS:
+        raise data.BadRecord("kind", f"not one of {', '.join(KINDS)}")
+    data.check_text(p["source"], "source")
+    data.check_video_path(p["video"])
+    duration = data.check_number(p["duration"], "duration")
+    data.check_text(p["prompt"], "prompt", allow=(EVI,))
+    data.check_text(p["response"], "response", allow=(EVI, EVI_END))
+    rej = p["rejected"]
+    if not isinstance(rej, dict) or not all(k in rej for k in ("response", "spans", "evi_spans")):
+        raise data.BadRecord("rejected", "expected an object with response, spans and evi_spans")
+    data.check_text(rej["response"], "rejected", allow=(EVI, EVI_END))
+    counts = (("response", p["response"].count(EVI), 2 * len(_spans(p["spans"], "spans", duration))),
+              ("prompt", p["prompt"].count(EVI), len(_spans(p["question_spans"], "question_spans", duration))),
+              ("rejected", rej["response"].count(EVI), len(_spans(rej["evi_spans"], "rejected", duration))))
+    _spans(rej["spans"], "rejected", duration)
+    for field, have, want in counts:
+        if have != want:
+            raise data.BadRecord(field, f"{have} {EVI} where its spans need {want}")
+
+
+def _spans(x, field, duration) -> list:
+    """x, when it is a list of [start, end] in seconds inside the video (0 <= start <= end <= duration)."""
+    if not isinstance(x, list):
+        raise data.BadRecord(field, f"expected a list of spans [start, end], got {type(x).__name__}")
+    for v in x:
+        if not isinstance(v, list) or len(v) != 2:
+            raise data.BadRecord(field, "expected a list of spans [start, end]")
+        s, e = data.check_number(v[0], field), data.check_number(v[1], field)
+        if not 0 <= s <= e <= duration + data.DURATION_TOLERANCE:
+            raise data.BadRecord(field, f"span [{s:g}, {e:g}] is not inside the video (0 - {duration:g} s)")
+    return x
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Make factorized preference pairs from an annotation file.")
+    ap = cli.ArgumentParser(description="Make factorized preference pairs from an annotation file.")
     ap.add_argument("--data", required=True, help="E.T.Instruct-164K (txt / vid) or synthetic train.json")
     ap.add_argument("--out", required=True, help="pairs JSON to write")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--per-sample", type=int, default=1)
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    ap.add_argument("--per-sample", type=cli.at_least(1), default=1)
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     args = ap.parse_args(argv)
+    cli.check_outputs({"--out": args.out}, {"--data": args.data})
     recs = data.load_records(args.data, args.on_error)
     pairs = make_pairs([data.to_evidence(r) for r in recs], args.seed, args.per_sample, tuple(args.kinds))
     save_pairs(pairs, args.out)

@@ -26,17 +26,17 @@ runs/<name>/<stage>/log.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GP
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
+    ap = cli.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
     ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="the config (default: tiny; d2vlm-3.8b with a released --init, whose widths it reads)")
@@ -79,20 +79,29 @@ def get_args(argv=None):
     ap.add_argument("--pairs", help="fpo: preference pairs from synth.py (default: made from --data, seeded)")
     ap.add_argument("--ref", choices=["none", "sft"], default="none",
                     help="fpo reference: none (as released) or the SFT model (log-probs computed once, before step 1)")
-    ap.add_argument("--beta", type=float, help="fpo: the DPO temperature (default cfg.beta = 0.1)")
+    ap.add_argument("--beta", type=cli.positive, help="fpo: the DPO temperature (default cfg.beta = 0.1)")
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: stop or skip and count")
     ap.add_argument("--name", default=ckpt.DEFAULT_NAME, help="run name: checkpoints and log under runs/<name>/<stage>")
     ap.add_argument("--out", default=ckpt.RUNS)
-    ap.add_argument("--max-steps", type=int, help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
-    ap.add_argument("--stop-after", type=int, help="save and exit after this step, as if interrupted (--resume goes on)")
+    ap.add_argument("--max-steps", type=cli.at_least(1),
+                    help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
+    ap.add_argument("--stop-after", type=cli.at_least(1), help="save and exit after this step, as if interrupted "
+                                                               "(--resume goes on)")
     ap.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint of the run, or from DIR")
-    ap.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (and one at the end)")
-    ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--workers", type=int, help="data-loading processes per rank")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"], help="accelerator peak for MFU (H100 bf16 dense)")
-    return ap.parse_args(argv)
+    ap.add_argument("--save-every", type=cli.at_least(1), default=200, help="steps between checkpoints (and one at the end)")
+    ap.add_argument("--keep", type=cli.at_least(1), default=3, help="checkpoints to keep")
+    ap.add_argument("--log-every", type=cli.at_least(1), default=10)
+    ap.add_argument("--workers", type=cli.at_least(0), help="data-loading processes per rank")
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    ap.add_argument("--peak-tflops", type=cli.positive, default=PEAK_TFLOPS["H100"],
+                    help="accelerator peak for MFU (H100 bf16 dense)")
+    args = ap.parse_args(argv)
+    name = PurePath(args.name)
+    if not args.name or name.is_absolute() or ".." in name.parts:
+        raise SystemExit(f"--name {args.name!r}: a run name is a folder inside --out (relative, without '..')")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out}: not a folder (the runs go under it)")
+    return args
 
 
 def make_optimizer(model, cfg, fused=False, scale=1.0):
@@ -319,7 +328,7 @@ def training_data(args, cfg, tokenizer, run_dir, master):
         raise SystemExit(f"{args.pairs or args.data}: no records left to train on (filters, or no pair could be made)")
     ds = data.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
-        raise SystemExit(f"{args.data}: no usable records")
+        raise SystemExit(f"{args.pairs or args.data}: no usable records ({ds.skipped_text()} left out)")
     return ds
 
 
@@ -338,20 +347,13 @@ def main(argv=None):
             cut_log(run_dir / "log.jsonl", int(resume.name.split("_")[-1]))
     resolve_data(args, master, ddp)
 
-    # ---- model, optimizer, data, schedule
+    # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
+    tokenizer = run_tokenizer(args, cfg, init, resume)
+    ds = training_data(args, cfg, tokenizer, run_dir, master)
+
+    # ---- model, optimizer, schedule
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if init is not None and released.is_released(init):
-        model, fresh = released.load(init, cfg, args.qformer_tokenizer)
-        if master:
-            print(f"{args.stage}: starting from {init} (released layout); fresh: {', '.join(fresh + ['LoRA'])}",
-                  file=sys.stderr)
-        model = model.to(device)
-    elif init is not None:
-        model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg).to(device)
-    else:
-        model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights,
-                                  tokenizer_dir=resume / ckpt.TOKENIZER if resume else None,
-                                  qformer_tokenizer_dir=_qformer_tokenizer(resume)).to(device)
+    model = starting_model(args, cfg, init, resume, tokenizer, master).to(device)
     if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
         modeling.merge_and_fresh_lora(model)
     if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
@@ -360,7 +362,6 @@ def main(argv=None):
     full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
-    ds = training_data(args, cfg, model.tokenizer, run_dir, master)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
@@ -385,16 +386,14 @@ def main(argv=None):
     stream = micro_batches(ds, sampler, cfg.batch_size, collate, workers, cuda, epoch, micro)
     if master:
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-        print(f"{args.stage}: {len(ds)} samples ({ds.skipped['too_long']} too long, {ds.skipped['invalid']} invalid, "
-              f"{ds.skipped['missing_video']} without video, {ds.skipped['bad_video']} with an unreadable video skipped; "
-              f"{len(ds.past_end)} with a span past their video's end), {world} process(es) x batch {cfg.batch_size} x "
-              f"accumulation {cfg.grad_accum}, {total} steps, {n_train:,} trained parameters, device {device.type}",
-              file=sys.stderr)
+        print(f"{args.stage}: {len(ds)} samples ({ds.skipped_text()} left out; {len(ds.past_end)} with a span past "
+              f"their video's end), {world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum}, "
+              f"{total} steps, {n_train:,} trained parameters, device {device.type}", file=sys.stderr)
         log = open(run_dir / "log.jsonl", "a" if resume else "w")
     bar = tqdm(total=total, initial=step, disable=not master, desc=args.stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     t_start = t_log = time.time()
-    first_step, n_acc, saved_to, last, last_good, skipped = step, 0, resume, None, None, 0
+    first_step, n_acc, saved_to, last, skipped, replaced = step, 0, resume, None, 0, 0
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
     model.train(args.stage == "sft" or cfg.fpo_dropout)  # FPO: no dropout (TRL's DPO) unless as released
@@ -405,24 +404,17 @@ def main(argv=None):
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(k):
-            batch = next(stream)
-            for message in batch.pop("failed", []):  # a video that broke after the pre-flight check
-                skipped += 1
+            batch, failed, empty = readable(stream, micro_per_epoch)
+            for message in failed:  # a video that broke after the pre-flight check
                 print(f"skipped: {message}", file=sys.stderr)
-            weight = 1.0
-            if "input_ids" in batch:
-                batch = last_good = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
-            elif last_good is not None:  # nothing left of this micro-batch: a zero-weight pass keeps DDP in step
-                batch, weight = last_good, 0.0
-            else:
-                raise SystemExit("the run's first micro-batch could not be read (see the skipped lines above)")
+            skipped, replaced = skipped + len(failed), replaced + empty
+            batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
             with model.no_sync() if ddp and i < k - 1 else nullcontext(), autocast:
                 terms = objective(model(batch), batch)
-            (terms["loss"] * weight / k).backward()
-            stats += torch.stack([terms[t].detach().double() for t in keys]) * weight / k
-            step_loss += terms["loss"].detach().double() * weight
-            if weight:
-                work += batch_work(batch, cfg)
+            (terms["loss"] / k).backward()
+            stats += torch.stack([terms[t].detach().double() for t in keys]) / k
+            step_loss += terms["loss"].detach().double()
+            work += batch_work(batch, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double()
         if ddp:
@@ -448,9 +440,9 @@ def main(argv=None):
             dt = time.time() - t_log
             mfu = train_flops(raw, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world) if cuda else None
             last = log_row(step, epoch, keys, stats / (n_acc * world), work, dt, n_acc, grad_norm, opt, mfu)
-            total_skipped = sum(gather(skipped, world))
-            if total_skipped:
-                last["skipped_samples"] = total_skipped  # since the run (or its resume) started
+            total_skipped, total_replaced = map(sum, zip(*gather((skipped, replaced), world)))
+            if total_skipped:  # since the run (or its resume) started
+                last["skipped_samples"], last["replaced_batches"] = total_skipped, total_replaced
             if master:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
@@ -488,6 +480,43 @@ def main(argv=None):
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
 
 
+def readable(stream, limit):
+    """The next micro-batch of `stream` that holds a sample, the messages of the samples that failed
+    on the way (videos broken since the pre-flight check), and how many micro-batches held none (each
+    replaced by the next: every rank still runs its accumulation's passes). SystemExit after `limit`
+    micro-batches in a row with nothing readable."""
+    failed = []
+    for n in range(limit):
+        batch = next(stream)
+        failed += batch.pop("failed", [])
+        if "input_ids" in batch:
+            return batch, failed, n
+    raise SystemExit(f"{limit} micro-batches in a row could not be read, an epoch's worth: the videos have failed "
+                     f"since the pre-flight check (first: {failed[0]})")
+
+
+def run_tokenizer(args, cfg, init, resume):
+    """The LLM tokenizer of the model starting_model will build (the data is checked with it first)."""
+    if init is not None:
+        return ckpt.tokenizer_of(init, args.vision_weights, args.llm_weights)
+    return ckpt.llm_tokenizer(cfg, args.llm_weights, resume / ckpt.TOKENIZER if resume else None)
+
+
+def starting_model(args, cfg, init, resume, tokenizer, master):
+    """The model the run starts from: a released --init, our SFT checkpoint (FPO), or the weight
+    directories / random weights (the tokenizer and Q-Former tokenizer of a resumed run: its own)."""
+    if init is not None and released.is_released(init):
+        model, fresh = released.load(init, cfg, args.qformer_tokenizer, tokenizer)
+        if master:
+            print(f"{args.stage}: starting from {init} (released layout); fresh: {', '.join(fresh + ['LoRA'])}",
+                  file=sys.stderr)
+        return model
+    if init is not None:
+        return ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg, tokenizer=tokenizer)
+    return ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
+                             tokenizer=tokenizer)
+
+
 def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
     """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
     while True:
@@ -505,7 +534,17 @@ def restore(resume, model, opt, rank, device, **expected):
     Returns the trainer state (step, epoch, micro, ...); {} when `resume` is None."""
     if resume is None:
         return {}
-    st = torch.load(resume / ckpt.STATE, weights_only=True)
+    try:
+        st = torch.load(resume / ckpt.STATE, weights_only=True)
+    except Exception as e:  # a pickle of other objects, a truncated or foreign file: torch raises several kinds
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines() if x.strip()] or [""]
+        why = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])  # names the object found
+        raise ValueError(f"{resume / ckpt.STATE}: not a trainer state of plain tensors and values "
+                         f"({type(e).__name__}: {why.split('. ')[0]})") from None
+    need = ("step", "epoch", "micro", "rng", "optimizer", *expected)
+    if not isinstance(st, dict) or any(k not in st for k in need):
+        got = sorted(st) if isinstance(st, dict) else type(st).__name__
+        raise ValueError(f"{resume / ckpt.STATE}: a trainer state holds {', '.join(need)}; this one: {got}")
     for k, v in expected.items():
         if st[k] != v:
             raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")

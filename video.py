@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,13 +22,17 @@ import av
 import numpy as np
 import torch
 
-from files import atomic_path
+from files import atomic_path, read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TAIL = 3.0              # seconds before the declared end where probe() starts decoding
 TRUNCATION_SLACK = 1.0  # seconds of declared duration a video may lack before it counts as truncated
 CACHE_ENV = "D2VLM_CACHE"  # the folder of probe_all's cache (default ~/.cache/d2vlm)
+# FFmpeg's demuxers of single pictures (the *_pipe ones too: png_pipe, jpeg_pipe, ...): a PNG renamed .mp4
+# opens as a 1-frame "video", and is refused as the picture it is
+STILL_IMAGE_FORMATS = ("image2", "image2pipe")
+PROGRESS_DELAY = 2.0  # seconds before the check's progress bar shows: a quick check prints nothing
 
 def _open(path: Path):
     """(the open container, its first video stream), or one error naming the file."""
@@ -39,6 +45,10 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
+    if container.format.name in STILL_IMAGE_FORMATS or container.format.name.endswith("_pipe"):
+        name = container.format.name
+        container.close()
+        raise ValueError(f"{path}: a still image ({name}), not a video")
     return container, container.streams.video[0]
 
 
@@ -133,13 +143,15 @@ def probe(path) -> dict:
         declared = (float(stream.duration * tb) if stream.duration else
                     float(container.duration / av.time_base) if container.duration else None)
         try:
-            first = next((f for f in container.decode(stream) if f.pts is not None), None)
+            frames = container.decode(stream)
+            first = next((f for f in frames if f.pts is not None), None)
             if first is None:
                 raise ValueError(f"{path}: no decodable video frames")
             t0, end = first.time, first.time
-            if declared is not None and declared > TAIL:
+            if declared is not None and declared > TAIL:  # on to the last seconds
                 container.seek(int((float(first.time) + declared - TAIL) / tb), stream=stream, backward=True)
-            for frame in container.decode(stream):
+                frames = container.decode(stream)
+            for frame in frames:  # a short video goes on with the same decoder (a new one would read "End of file")
                 if frame.pts is not None:
                     end = max(end, frame.time)
         except av.FFmpegError as e:
@@ -159,10 +171,7 @@ def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
 
     from tqdm import tqdm
     cache_file = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "d2vlm") / "probe.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache(cache_file)
 
     def key(p):
         st = Path(p).stat()
@@ -180,7 +189,7 @@ def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
     todo = sum(1 for p in paths if Path(p).is_file() and key(p) not in cache)
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         out = dict(tqdm(pool.map(one, paths), total=len(paths), desc="check videos", disable=not progress or todo < 2,
-                        mininterval=1))
+                        mininterval=1, delay=PROGRESS_DELAY))
     if todo:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +198,26 @@ def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
         except OSError:  # a read-only home: no cache, the check itself still ran
             pass
     return out
+
+
+def _read_cache(path: Path) -> dict:
+    """probe_all's cache: {key: probe's dict}. One that cannot be read, or is not of that shape
+    (a damaged or foreign file), is said so in one line and started again; entries that are not
+    probe results are dropped (their files are probed again)."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = read_json(path)
+    except ValueError as e:
+        doc = e
+    if not isinstance(doc, dict):
+        print(f"{path}: not a video-check cache ({doc if isinstance(doc, ValueError) else type(doc).__name__}); "
+              "starting it again", file=sys.stderr)
+        return {}
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return {k: v for k, v in doc.items() if isinstance(v, dict) and number(v.get("end"))
+            and (v.get("declared") is None or number(v.get("declared")))}
 
 
 def resize_crop(frame, size: int):

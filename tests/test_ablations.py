@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -189,7 +188,7 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     assert checkpoint.read_config(tmp_path / "A1-s0" / "sft" / "step_000002").response_format == "coupled"
     assert (tmp_path / "A1-s0" / "curves.png").is_file()
     for r in res:
-        preds = json.loads((Path(r["checkpoint"]) / "predictions_ablate.json").read_text())
+        preds = json.loads((checkpoint.results_dir(r["checkpoint"]) / ablations.PREDICTIONS).read_text())
         assert all(p["a"] == ablations.answer_of(p["response"]) for p in preds)
         _, merged = etbench.summary(etbench.score_etbench(preds, "etchat"))
         assert all(r[k] == merged[k] for k in ablations.METRICS)

@@ -211,7 +211,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json: annotation file not found"):
         data.load_records(tmp_path / "missing.json")
     (tmp_path / "a.json").write_text('[{"task": ')
-    with pytest.raises(ValueError, match=r"a.json: not valid JSON \(line 1"):
+    with pytest.raises(ValueError, match=r"a.json: line 1: not valid JSON"):
         data.load_records(tmp_path / "a.json")
     (tmp_path / "b.json").write_text('{"task": "tvg"}')
     with pytest.raises(ValueError, match="b.json: expected a JSON list of records, got dict"):
@@ -230,7 +230,7 @@ def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
     cfg = config.PRESETS["tiny"]
     tok = model.build_tiny_tokenizer(cfg.tiny_vocab)
     ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
-    assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "bad_video": 0, "too_long": 0}
+    assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "bad_video": 0, "bad_duration": 0, "too_long": 0}
     s = ds[0]
     assert s["frames"].dtype == torch.uint8 and s["frames"].shape[1:] == (3, cfg.image_size, cfg.image_size)
     assert s["frames"].shape[0] == math.ceil(s["evidence"]["duration"])

@@ -32,11 +32,13 @@ def test_inference_writes_a_scorable_predictions_file(tiny_ckpt, capsys):
     ckpt, test, videos = tiny_ckpt
     ev.main(["--ckpt", str(ckpt), "--data", str(test), "--videos", str(videos),
              "--max-new-tokens", "12", "--batch-size", "4"])
-    preds = etbench.load_predictions(ckpt / "predictions_test.json")
+    results = checkpoint.results_dir(ckpt)
+    assert results.parent.parent == ckpt.parent  # beside the checkpoint, never inside it
+    preds = etbench.load_predictions(results / "predictions_test.json")
     truth = json.loads(test.read_text())
     assert [p["idx"] for p in preds] == [t["idx"] for t in truth]
     assert all(isinstance(p["a"], str) for p in preds)
-    metrics = json.loads((ckpt / "metrics.json").read_text())
+    metrics = json.loads((results / "metrics.json").read_text())
     assert set(metrics) == {r["task"] for r in truth} and metrics["tvg"]["synthetic"]["Total"] == 1
     assert "TVG" in capsys.readouterr().out
     # the metrics file is the score of the predictions file written next to it
@@ -66,7 +68,7 @@ def test_one_video_answer(tiny_ckpt, capsys):
     ev.main(["--ckpt", str(ckpt), "--video", str(clip), "--question", q, "--max-new-tokens", "16"])
     out = capsys.readouterr().out.splitlines()
     m = checkpoint.from_checkpoint(ckpt).eval()
-    answer = ev.answer_video(m, clip, q, max_new_tokens=16)
+    answer = ev.answer_video(m, ev.video_question(clip, q, m.cfg, m.tokenizer, 16), max_new_tokens=16)
     assert out[0] == answer["text"].splitlines()[0]
     n = len(video.sample_frames(clip, m.cfg.fps, m.cfg.image_size))
     assert answer["frames"] == n and all(len(p) == n for p in answer["probs"])

@@ -98,14 +98,14 @@ def test_bad_videos_stop_the_dataset_or_are_counted(synthetic, bad_videos, tmp_p
     with pytest.raises(ValueError, match=r"record 1: field 'video': .*broken.mp4: cannot open as a video .*\(1 records"):
         data.VideoDataset(recs, folder, tok, cfg)
     ds = data.VideoDataset(recs, folder, tok, cfg, on_error="skip")
-    assert len(ds) == 2 and ds.skipped["bad_video"] == 1 and "whose video cannot be read" in capsys.readouterr().err
+    assert len(ds) == 2 and ds.skipped["bad_video"] == 1 and "1 with an unreadable video" in capsys.readouterr().err
 
 
 def test_spans_past_the_end_of_the_video_are_counted(synthetic, capsys):
     recs = _records(synthetic)
     end = video.probe(synthetic / "videos" / recs[0]["video"])["end"]
-    answer = {"from": "gpt", "value": f"The event happens in {end + 5:.1f} - {end + 9:.1f} seconds."}
-    recs[0] = {**recs[0], "duration": end + 20, "conversations": [recs[0]["conversations"][0], answer]}
+    answer = {"from": "gpt", "value": f"The event happens in {end + 1.2:.1f} - {end + 2.5:.1f} seconds."}
+    recs[0] = {**recs[0], "duration": end + 3, "conversations": [recs[0]["conversations"][0], answer]}  # within the slack
     ds = data.VideoDataset(recs, synthetic / "videos", build_tiny_tokenizer(1000), config.PRESETS["tiny"])
     assert len(ds) == 3 and [i for i, _ in ds.past_end] == [0]
     assert "1 records have a span past the last frame" in capsys.readouterr().err
@@ -255,7 +255,7 @@ def test_commands_end_with_one_line_and_exit_code_2(argv, says, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:], "--out", str(tmp_path)] if argv[0] == "train.py"
                        else [sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
                        cwd=tmp_path, env=env)
-    lines = [x for x in r.stderr.splitlines() if x.strip() and "Warning" not in x and "warnings.warn" not in x]
+    lines = r.stderr.splitlines()  # nothing else: no library warning, no progress bar
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), r.stderr
     debug = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
                            cwd=tmp_path, env={**env, "D2VLM_DEBUG": "1"})
@@ -268,10 +268,10 @@ def test_a_video_longer_than_its_annotation_is_never_cut(synthetic):
     rec = _records(synthetic, 1)[0]
     end = video.probe(synthetic / "videos" / rec["video"])["end"]
     answer = {"from": "gpt", "value": "The event happens in 1.0 - 2.0 seconds."}
-    short = {**rec, "duration": 5.0, "conversations": [rec["conversations"][0], answer]}
+    short = {**rec, "duration": end - 3, "conversations": [rec["conversations"][0], answer]}  # within the slack
     cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
     ds = data.VideoDataset([short], synthetic / "videos", tok, cfg)
-    assert len(ds[0]["frames"]) == int(end * cfg.fps) + 1 > 5
+    assert len(ds[0]["frames"]) == int(end * cfg.fps) + 1 > short["duration"] + 1
     ev = data.to_evidence(short, cfg.fps)
     n_text = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
                  (data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), data.CHAT[1].format(response=ev["response"])))
@@ -279,4 +279,4 @@ def test_a_video_longer_than_its_annotation_is_never_cut(synthetic):
     fits = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need}"]))
     assert len(fits) == 1 and len(fits[0]["frames"]) == len(ds[0]["frames"])
     tight = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need - 1}"]))
-    assert len(tight) == 0 and tight.skipped["too_long"] == 1  # with the annotated 5 s it would have fit
+    assert len(tight) == 0 and tight.skipped["too_long"] == 1  # with the annotated duration it would have fit

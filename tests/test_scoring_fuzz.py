@@ -56,7 +56,7 @@ class PlainCaptionScorers:
     def tokenize(self, sentences):
         return {k: [" ".join(v.lower().split())] for k, v in sentences.items()}
 
-    def video(self, gts, res):
+    def video(self, gts, res, vectors):
         return dict.fromkeys(CAPTION_KEYS, 0.0)
 
 
