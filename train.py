@@ -350,6 +350,11 @@ def main(argv=None):
     # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
     tokenizer = run_tokenizer(args, cfg, init, resume)
     ds = training_data(args, cfg, tokenizer, run_dir, master)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
+    total = args.max_steps or max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
+    st = resume_state(resume, world_size=world, total=total, seed=args.seed, ref=args.ref)  # the run resumed matches
 
     # ---- model, optimizer, schedule
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -362,11 +367,8 @@ def main(argv=None):
     full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
-    total = args.max_steps or max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
-    st = restore(resume, model, opt, rank, device, world_size=world, total=total, seed=args.seed, ref=args.ref)
+    if resume:
+        restore(resume, st, model, opt, rank, device)
     step, epoch, micro = (st["step"], st["epoch"], st["micro"]) if resume else (0, 0, 0)
     raw = model
     if ddp:
@@ -528,10 +530,10 @@ def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, 
         epoch, micro = epoch + 1, 0
 
 
-def restore(resume, model, opt, rank, device, **expected):
-    """For an exact resume: a checkpoint's weights, optimizer state and this rank's RNG state into
-    `model`, `opt` and the process. The run must match `expected` (world_size, total, seed, ref).
-    Returns the trainer state (step, epoch, micro, ...); {} when `resume` is None."""
+def resume_state(resume, **expected):
+    """The trainer state (step, epoch, micro, rng, optimizer, ...) of the checkpoint a run resumes,
+    read before any weight is loaded: the run must match `expected` (world_size, total, seed, ref)
+    for an exact resume. {} when `resume` is None."""
     if resume is None:
         return {}
     try:
@@ -548,12 +550,17 @@ def restore(resume, model, opt, rank, device, **expected):
     for k, v in expected.items():
         if st[k] != v:
             raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
+    return st
+
+
+def restore(resume, st, model, opt, rank, device) -> None:
+    """For an exact resume: the checkpoint's weights, its optimizer state and this rank's RNG state
+    (st: resume_state's) into `model`, `opt` and the process."""
     ckpt.load_weights(model, resume)
     opt.load_state_dict(st["optimizer"])
     torch.set_rng_state(st["rng"][rank]["cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
-    return st
 
 
 def log_row(step, epoch, keys, means, work, dt, n_steps, grad_norm, opt, mfu):

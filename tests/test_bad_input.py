@@ -331,10 +331,10 @@ def test_a_trainer_state_of_other_objects_is_refused_by_name(run, tmp_path):
     ckpt = shutil.copytree(run[0] / "step_000002", tmp_path / "ckpt")
     torch.save({"x": fractions.Fraction(1, 3)}, ckpt / checkpoint.STATE)
     with pytest.raises(ValueError, match=r"ckpt/trainer_state.pt: not a trainer state of plain tensors .*UnpicklingError"):
-        train.restore(ckpt, None, None, 0, torch.device("cpu"))
+        train.resume_state(ckpt)
     torch.save({"step": 1}, ckpt / checkpoint.STATE)
     with pytest.raises(ValueError, match=r"trainer_state.pt: a trainer state holds step, epoch, micro"):
-        train.restore(ckpt, None, None, 0, torch.device("cpu"))
+        train.resume_state(ckpt)
 
 
 def test_a_damaged_probe_cache_is_started_again(synthetic, tmp_path, monkeypatch, capsys):
@@ -442,14 +442,22 @@ def test_a_dense_caption_answer_of_4000_segments_is_scored():
 # ---------------------------------------------------------------------------------------------
 # One line means one line
 
-def test_an_error_after_the_model_is_built_is_still_one_line(synthetic, run, tmp_path):
-    """Resuming with another schedule fails after the model is built (where peft warns): stderr is the
-    one error line, no library warning before it."""
+def test_a_resume_that_cannot_be_exact_stops_before_any_weight_is_loaded(synthetic, run, tmp_path, monkeypatch):
     shutil.copytree(run[0].parent, tmp_path / "r")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(synthetic / "tvg.json"), "--videos",
-                        str(synthetic / "videos"), "--out", str(tmp_path), "--name", "r", "--max-steps", "5", "--set",
-                        "batch_size=2", "--workers", "0", "--resume"],
+    _no_weights(monkeypatch)
+    with pytest.raises(SystemExit, match=r"step_000002: was run with total=3, this run has 5; an exact resume"):
+        _train(synthetic, tmp_path, "r", "--max-steps", "5", "--set", "batch_size=2", "--resume")
+
+
+def test_an_error_after_the_model_is_built_is_still_one_line(synthetic, run, tmp_path):
+    """A checkpoint whose adapter is truncated fails after the model is built (where peft warns):
+    stderr is the one error line, with no library warning or progress bar before it."""
+    ckpt = shutil.copytree(run[0] / "step_000002", tmp_path / "ckpt")
+    adapter = ckpt / checkpoint.ADAPTER / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--data", str(run[1]),
+                        "--videos", str(synthetic / "videos")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
-    ckpt = tmp_path / "r" / "sft" / "step_000002"
-    assert r.returncode == 2 and r.stderr.splitlines() == [
-        f"error: {ckpt}: was run with total=3, this run has 5; an exact resume needs the same"], r.stderr
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {adapter}: not a readable safetensors file, truncated or damaged (")
