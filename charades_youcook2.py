@@ -21,10 +21,9 @@ import numpy as np
 
 from captions import CaptionScorers, dvc_format_d2vlm, pair_captions
 from evidence import EVI_END
-from files import read_json
-from data import is_text
-from scoring import (BadField, Embedder, Unparsable, check_span, check_spans, check_text, dense_iou, is_number, show,
-                     tvg_format, written_pairs)
+from files import is_number, is_text, read_json, show
+from scoring import (BadField, Embedder, Unparsable, check_span, check_spans, check_text, dense_iou, tvg_format,
+                     written_pairs)
 
 # ---------------------------------------------------------------------------------------------
 # TimeChat's .caption_coco_format.json

@@ -24,14 +24,13 @@ import os
 import shutil
 import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Phi3ForCausalLM
 
 from config import D2VLMConfig
-from files import atomic_path, read_json
+from files import atomic_path, read_json, read_tensors, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
 
 WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
@@ -137,36 +136,6 @@ def load_exactly(module, tensors: dict, source, prefix: str, only=None) -> None:
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
-
-
-def weight_map(index: Path) -> dict:
-    """{tensor: shard file} of a model.safetensors.index.json; one error naming it when it is not one."""
-    doc = read_json(index)
-    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(f, str) and "/" not in f and f != ".." for f in wmap.values()):
-        raise ValueError(f"{index}: not a safetensors index (a 'weight_map' of tensor -> shard file in this folder)")
-    return wmap
-
-
-@contextmanager
-def safetensors_file(path):
-    """safetensors' safe_open(path) (headers read, tensors on demand), with a truncated or foreign
-    file refused in one line naming it (at open or at a tensor read)."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from None
-
-
-def read_tensors(path) -> dict:
-    """Every tensor of a safetensors file, {name: tensor}; one error naming a bad file."""
-    with safetensors_file(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def check_exactly(expected: dict, given: dict, source, shown) -> None:

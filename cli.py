@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
+from config import SHOWN
+from files import is_number, show
+
 EXIT_BAD_INPUT = 2  # argparse's code for a bad command line; ours for bad input of any kind
 DEBUG_FLAG, DEBUG_ENV = "--debug", "D2VLM_DEBUG"
 EXPECTED = (ValueError, OSError, json.JSONDecodeError)  # what our checks raise (FileNotFoundError is an OSError)
 SEED_MAX = 2**32 - 1  # the largest seed every generator we seed takes (numpy's bound)
-SHOWN = 40  # characters of a bad flag value quoted in its error
 # (category, message start) of library warnings a user cannot act on: transformers 5 deprecates a
 # name that peft 0.21 still calls when it wraps the LLM
 QUIET = ((FutureWarning, "`is_gradient_checkpointing` is deprecated"),)
@@ -78,8 +79,8 @@ def _number(text, kind):
         v = kind(text)
     except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
-                                         f"{text[:SHOWN]!r}{'...' if len(text) > SHOWN else ''}") from None
-    if isinstance(v, float) and not math.isfinite(v):
+                                         f"{show(text, SHOWN)}") from None
+    if isinstance(v, float) and not is_number(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
+
+from files import is_number, show
 
 
 @dataclass
@@ -120,12 +121,12 @@ class D2VLMConfig:
             kind = type(fields[k].default)
             if kind is tuple:
                 if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                    raise ValueError(f"{where}: field '{k}' must be a list of names, got {v!r:.60}")
+                    raise ValueError(f"{where}: field '{k}' must be a list of names, got {show(v)}")
                 v = tuple(v)
             elif kind is float and type(v) is int:
                 v = float(v)
             elif type(v) is not kind:
-                raise ValueError(f"{where}: field '{k}' must be of type {kind.__name__}, got {v!r:.60}")
+                raise ValueError(f"{where}: field '{k}' must be of type {kind.__name__}, got {show(v)}")
             out[k] = v
         cfg = cls(**out)
         problem = check(cfg) or check_size(cfg)
@@ -162,7 +163,7 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
 
 
 FPO_STARTS = ("continue", "merged")
-SHOWN = 40  # characters of a bad value quoted in a message
+SHOWN = 40  # characters of a bad setting or flag value quoted in its one-line error (cli.py's too)
 RESPONSE_FORMATS = ("factorized", "coupled", "factorized_text")
 EVIDENCE_LEVELS = ("event", "frame")
 # the allowed range of each numeric field: (low, high, low included, high included); None = unbounded
@@ -185,13 +186,6 @@ RANGES = {
 }
 
 
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer beyond float's range
-        return False
-
-
 def check(cfg: D2VLMConfig) -> str | None:
     """The first problem with cfg's values, as one line naming the field, or None: every number
     finite and in its RANGES, the image a whole number of patches, each width a multiple of its heads."""
@@ -200,11 +194,10 @@ def check(cfg: D2VLMConfig) -> str | None:
         if f.name not in RANGES:
             continue
         lo, hi, lo_in, hi_in = RANGES[f.name]
-        if not _finite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
+        if not is_number(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
                 or (hi is not None and (v > hi or (v == hi and not hi_in))):
             span = f"{'[' if lo_in else '('}{lo:g}, {'∞)' if hi is None else f'{hi:g}' + (']' if hi_in else ')')}"
-            shown = repr(v) if len(repr(v)) <= SHOWN else repr(v)[:SHOWN] + "..."
-            return f"{f.name}={shown} is outside {span}"
+            return f"{f.name}={show(v, SHOWN)} is outside {span}"
     for field, allowed in (("fpo_start", FPO_STARTS), ("response_format", RESPONSE_FORMATS),
                            ("evidence_level", EVIDENCE_LEVELS)):
         if getattr(cfg, field) not in allowed:

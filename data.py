@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from evidence import EVI, EVI_END
-from files import parse_json, read_text
+from files import is_number, is_text, parse_json, read_text, show
 from video import FrameCache, normalize, probe_all
 
 VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
@@ -131,33 +131,11 @@ def filter_records(records: Records, cfg) -> tuple:
 def check_number(x, field: str) -> float:
     """x as a float, when it is a finite number (not a bool, not an integer beyond float's range);
     BadRecord naming the field otherwise."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise BadRecord(field, f"expected a finite number, got {_shown(x)}")
-    try:
-        v = float(x)
-    except OverflowError:  # an integer beyond float's range
-        raise BadRecord(field, f"expected a finite number, got an integer of {len(str(x))} digits") from None
-    if not math.isfinite(v):
-        raise BadRecord(field, f"expected a finite number, got {x!r}")
-    return v
-
-
-def _shown(x, n: int = 60) -> str:
-    """repr(x), cut to n characters."""
-    r = repr(x)
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def is_text(x) -> bool:
-    """x is a str that UTF-8 can encode. JSON lets a lone surrogate ("\\ud800") through; tokenizers,
-    MiniLM and the Java scoring tools reject it."""
-    if not isinstance(x, str):
-        return False
-    try:
-        x.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    if is_number(x):
+        return float(x)
+    if isinstance(x, int) and not isinstance(x, bool):  # finite, but beyond float's range
+        raise BadRecord(field, f"expected a finite number, got an integer of {len(str(x))} digits")
+    raise BadRecord(field, f"expected a finite number, got {show(x)}")
 
 
 def check_text(v, field: str, allow=()) -> str:
@@ -179,16 +157,16 @@ def check_text(v, field: str, allow=()) -> str:
 
 def _span(x, field, duration):
     if not isinstance(x, (list, tuple)) or len(x) != 2:
-        raise BadRecord(field, f"expected a span [start, end], got {_shown(x)}")
+        raise BadRecord(field, f"expected a span [start, end], got {show(x)}")
     return _check_spans([[check_number(x[0], field), check_number(x[1], field)]], field, duration)[0]
 
 
-def _spans(x, field, duration):
-    if not isinstance(x, list) or not x:
-        raise BadRecord(field, f"expected a non-empty list of spans, got {_shown(x)}")
+def check_spans(x, field: str, duration: float, empty: bool = False) -> list:
+    """x as [[start, end], ...] in seconds, each finite and 0 <= start <= end <= duration (+ the
+    tolerance); an empty list only when `empty`. BadRecord naming the field otherwise."""
+    if not isinstance(x, list) or not (x or empty):
+        raise BadRecord(field, f"expected a {'' if empty else 'non-empty '}list of spans, got {show(x)}")
     return [_span(v, field, duration) for v in x]
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,17 +307,17 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
     src = record.get("src")
     if src is not None:
         if not isinstance(src, list):
-            raise BadRecord("src", f"expected a flat list of seconds, got {_shown(src)}")
+            raise BadRecord("src", f"expected a flat list of seconds, got {show(src)}")
         src = [check_number(v, "src") for v in src]
     if "conversations" in record:
         if task not in INSTRUCT_TASKS + BENCH_TASKS:
-            raise BadRecord("task", f"unknown task {_shown(task)} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
+            raise BadRecord("task", f"unknown task {show(task)} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
                                     f"E.T.Bench: {', '.join(BENCH_TASKS)})")
         question, answer = _instruct_turns(record)
         tgt = record.get("tgt")
         if tgt is not None:
             if not isinstance(tgt, list):
-                raise BadRecord("tgt", f"expected a flat list of seconds, got {_shown(tgt)}")
+                raise BadRecord("tgt", f"expected a flat list of seconds, got {show(tgt)}")
             tgt = [check_number(v, "tgt") for v in tgt]
         if VID in answer or tgt:
             template, spans = _extract(answer, tgt or [], "tgt")
@@ -347,7 +325,7 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
             template, spans = _extract(answer, None, "conversations")
         if not spans and task in GROUNDED_TASKS:  # it would train as an answer about no event
             raise BadRecord("conversations", f"a {task} answer must give its events' times (as 's - e seconds'), "
-                                             f"this one gives none: {_shown(answer)}")
+                                             f"this one gives none: {show(answer)}")
         _check_spans(spans, "tgt" if tgt else "conversations", duration)
         qfield = "src" if VID in question else "conversations"
     elif "q" in record:
@@ -431,10 +409,10 @@ def check_video_path(v) -> str:
     BadRecord naming the field 'video' otherwise. (Symbolic links are followed and checked by
     VideoDataset, on disk.)"""
     if not isinstance(v, str) or not v or not is_text(v) or "\x00" in v:
-        raise BadRecord("video", f"missing or not a path: {_shown(v)}")
+        raise BadRecord("video", f"missing or not a path: {show(v)}")
     path = PurePosixPath(v.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or re.match(r"[A-Za-z]:", v):
-        raise BadRecord("video", f"{_shown(v)} must be a relative path inside the video folder")
+        raise BadRecord("video", f"{show(v)} must be a relative path inside the video folder")
     return v
 
 
@@ -450,14 +428,14 @@ def _instruct_turns(record):
 def _options(record):
     o, p = record.get("o"), record.get("p")
     if not isinstance(o, list) or len(o) not in (4, 5):
-        raise BadRecord("o", f"expected a list of 4 or 5 options, got {_shown(o)}")
+        raise BadRecord("o", f"expected a list of 4 or 5 options, got {show(o)}")
     for v in o:
         if isinstance(v, list) and len(v) == 2:
             check_number(v[0], "o"), check_number(v[1], "o")
         else:
             check_text(v, "o")
     if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < len(o):
-        raise BadRecord("p", f"expected an option index in 0..{len(o) - 1}, got {_shown(p)}")
+        raise BadRecord("p", f"expected an option index in 0..{len(o) - 1}, got {show(p)}")
     opt = o[p] if isinstance(o[p], str) else "{} - {}".format(*o[p])
     return f"({LETTERS[p]}) {opt}"
 
@@ -473,22 +451,22 @@ def _bench_answer(record, task, duration):
         return f"{_options(record)}. The evidence is in {EVI} seconds.", [_span(tgt, "tgt", duration)]
     if task == "vhd":
         if isinstance(tgt, list) and tgt and isinstance(tgt[0], list) and tgt[0] and isinstance(tgt[0][0], list):
-            spans = [s for ann in tgt for s in _spans(ann, "tgt", duration)]
+            spans = [s for ann in tgt for s in check_spans(ann, "tgt", duration)]
         else:
-            spans = _spans(tgt, "tgt", duration)
+            spans = check_spans(tgt, "tgt", duration)
         s, e = max(spans, key=lambda x: x[1] - x[0])  # a point inside the longest highlight span
         return f"The highlight is at {EVI} seconds.", [[round((s + e) / 2, 1)] * 2]
     if task in SPAN_LIST_TASKS:
-        spans = _spans(tgt, "tgt", duration)
+        spans = check_spans(tgt, "tgt", duration)
         if task in CAPTION_TASKS:
             g = record.get("g")
             if not isinstance(g, list) or len(g) != len(spans):
-                raise BadRecord("g", f"expected {len(spans)} captions (one per tgt span), got {_shown(g)}")
+                raise BadRecord("g", f"expected {len(spans)} captions (one per tgt span), got {show(g)}")
             for c in g:
                 check_text(c, "g")
             return "\n".join(f"{EVI} seconds, {c.strip()}" for c in g), spans
         return ", ".join([EVI] * len(spans)) + " seconds.", spans
-    raise BadRecord("task", f"unknown E.T.Bench task {_shown(task)} (expected one of {', '.join(BENCH_TASKS)})")
+    raise BadRecord("task", f"unknown E.T.Bench task {show(task)} (expected one of {', '.join(BENCH_TASKS)})")
 
 
 # ---------------------------------------------------------------------------------------------

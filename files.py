@@ -8,15 +8,21 @@ fails with one line naming it, whatever is wrong with it.
     parse_json(text, path)    json.loads; one error naming the file (and line) for bad JSON, nesting too
                               deep for the parser, an integer with more digits than Python converts
     read_json(path, what)     the two together
+    is_text(x), is_number(x), show(x)   what a value read from JSON holds, and how an error quotes it
+    safetensors_file(path), read_tensors(path), weight_map(index)
+                              safetensors shards and their index, a truncated or foreign one refused by name
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+SHOWN = 60  # characters of a bad value quoted in an error message
 
 
 def _remove(path: Path) -> None:
@@ -74,3 +80,67 @@ def parse_json(text: str, path, line: int | None = None):
 def read_json(path, what: str = "file"):
     """parse_json(read_text(path)): the JSON value in `path`, or one error naming the file."""
     return parse_json(read_text(path, what), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a value read from JSON holds
+
+def is_text(x) -> bool:
+    """x is a str that UTF-8 can encode. JSON lets a lone surrogate ("\\ud800") through; tokenizers,
+    MiniLM and the Java scoring tools reject it."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_number(x) -> bool:
+    """x is a finite int or float (not a bool; not an integer beyond float's range)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def show(x, n: int = SHOWN) -> str:
+    """repr(x) on one line, cut to n characters."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+
+@contextmanager
+def safetensors_file(path):
+    """safetensors' safe_open(path) (headers read, tensors on demand), with a truncated or foreign
+    file refused in one line naming it (at open or at a tensor read)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from None
+
+
+def read_tensors(path) -> dict:
+    """Every tensor of a safetensors file, {name: tensor}; one error naming a bad file."""
+    with safetensors_file(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def weight_map(index) -> dict:
+    """{tensor: shard file} of a model.safetensors.index.json; one error naming it when it is not one."""
+    doc = read_json(index)
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(f, str) and "/" not in f and f != ".." for f in wmap.values()):
+        raise ValueError(f"{index}: not a safetensors index (a 'weight_map' of tensor -> shard file in this folder)")
+    return wmap

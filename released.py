@@ -29,7 +29,7 @@ import checkpoint
 import cli
 from config import PRESETS, D2VLMConfig
 from evidence import EVI, EVI_END
-from files import atomic_path, read_json
+from files import atomic_path, read_json, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model
 
 MODEL_TYPE = "etchat_phi3"
@@ -128,7 +128,7 @@ def is_released(directory) -> bool:
 
 def _shards(d: Path) -> list:
     if (d / INDEX).is_file():
-        return sorted(set(checkpoint.weight_map(d / INDEX).values()))
+        return sorted(set(weight_map(d / INDEX).values()))
     if (d / checkpoint.WEIGHTS).is_file():
         return [checkpoint.WEIGHTS]
     raise FileNotFoundError(f"{d}: no {INDEX} or {checkpoint.WEIGHTS}")
@@ -140,7 +140,7 @@ def _shapes(d: Path) -> dict:
     for shard in _shards(d):
         if not (d / shard).is_file():
             raise FileNotFoundError(f"{d / shard}: shard named in {INDEX} not found")
-        with checkpoint.safetensors_file(d / shard) as f:
+        with safetensors_file(d / shard) as f:
             out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return out
 
@@ -277,7 +277,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, toke
     halves = {}
     with torch.no_grad():
         for shard in _shards(d):
-            with checkpoint.safetensors_file(d / shard) as f:
+            with safetensors_file(d / shard) as f:
                 for k in f.keys():
                     if k not in plan:
                         continue

@@ -21,7 +21,8 @@ import string
 import numpy as np
 import torch
 
-from data import LETTERS, is_text
+from data import LETTERS
+from files import is_number, is_text, show
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
@@ -41,7 +42,6 @@ LETTER_MAP_SIZES = (4, 5)  # the official multiple-choice letter map knows 4 and
 LONE_LETTER_END = "., )"  # what may follow a leading letter for it to count as the answer
 EVS_BINS = 1000  # EVS: one bin per second, the first 1000 s
 RANDOM_CAPTION_LEN = (10, 20)  # letters of the random caption for an unmatched prediction
-SHOWN = 60  # characters of a bad value quoted in an error message
 
 
 class Unscorable(Exception):
@@ -59,22 +59,6 @@ class BadField(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"field '{field}' {problem}")
         self.field = field
-
-
-def show(x) -> str:
-    """repr(x) on one line, cut to SHOWN characters."""
-    r = repr(x)
-    return r if len(r) <= SHOWN else r[:SHOWN] + "..."
-
-
-def is_number(x) -> bool:
-    """x is a finite int or float (not a bool; not an integer beyond float's range)."""
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
 
 
 def check_span(x, field: str) -> None:

@@ -294,26 +294,15 @@ def _check_pair(p) -> None:
     if not isinstance(rej, dict) or not all(k in rej for k in ("response", "spans", "evi_spans")):
         raise data.BadRecord("rejected", "expected an object with response, spans and evi_spans")
     data.check_text(rej["response"], "rejected", allow=(EVI, EVI_END))
-    counts = (("response", p["response"].count(EVI), 2 * len(_spans(p["spans"], "spans", duration))),
-              ("prompt", p["prompt"].count(EVI), len(_spans(p["question_spans"], "question_spans", duration))),
-              ("rejected", rej["response"].count(EVI), len(_spans(rej["evi_spans"], "rejected", duration))))
-    _spans(rej["spans"], "rejected", duration)
+    spans = {f: data.check_spans(x, f, duration, empty=True) for f, x in
+             (("spans", p["spans"]), ("question_spans", p["question_spans"]), ("rejected", rej["spans"]))}
+    counts = (("response", p["response"].count(EVI), 2 * len(spans["spans"])),
+              ("prompt", p["prompt"].count(EVI), len(spans["question_spans"])),
+              ("rejected", rej["response"].count(EVI), len(data.check_spans(rej["evi_spans"], "rejected", duration,
+                                                                            empty=True))))
     for field, have, want in counts:
         if have != want:
             raise data.BadRecord(field, f"{have} {EVI} where its spans need {want}")
-
-
-def _spans(x, field, duration) -> list:
-    """x, when it is a list of [start, end] in seconds inside the video (0 <= start <= end <= duration)."""
-    if not isinstance(x, list):
-        raise data.BadRecord(field, f"expected a list of spans [start, end], got {type(x).__name__}")
-    for v in x:
-        if not isinstance(v, list) or len(v) != 2:
-            raise data.BadRecord(field, "expected a list of spans [start, end]")
-        s, e = data.check_number(v[0], field), data.check_number(v[1], field)
-        if not 0 <= s <= e <= duration + data.DURATION_TOLERANCE:
-            raise data.BadRecord(field, f"span [{s:g}, {e:g}] is not inside the video (0 - {duration:g} s)")
-    return x
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import sys
 from collections import OrderedDict
@@ -22,7 +21,7 @@ import av
 import numpy as np
 import torch
 
-from files import atomic_path, read_json
+from files import atomic_path, is_number, read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -214,10 +213,8 @@ def _read_cache(path: Path) -> dict:
         print(f"{path}: not a video-check cache ({doc if isinstance(doc, ValueError) else type(doc).__name__}); "
               "starting it again", file=sys.stderr)
         return {}
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return {k: v for k, v in doc.items() if isinstance(v, dict) and number(v.get("end"))
-            and (v.get("declared") is None or number(v.get("declared")))}
+    return {k: v for k, v in doc.items() if isinstance(v, dict) and is_number(v.get("end"))
+            and (v.get("declared") is None or is_number(v.get("declared")))}
 
 
 def resize_crop(frame, size: int):
