@@ -79,6 +79,15 @@ class D2VLMConfig:
     # FPO (fpo.py): L = the SFT objective on the chosen response + w_fpo * L_FPO
     beta: float = 0.1
     w_fpo: float = 1.0
+    # the miniature's starting point (pretrain.py; train.py --stage pretrain): phase 1, the image-text
+    # contrastive alignment of the encoder (batch of frames, passes, learning rate, projection width, temperature)
+    itc_batch: int = 64
+    itc_epochs: float = 1.0
+    itc_lr: float = 1e-3
+    itc_dim: int = 32
+    itc_temperature: float = 0.07
+    itm: bool = True  # and BLIP-2's image-text matching, the Q-Former reading an instruction with the frame
+    pretrain_epochs: float = 1.0  # phase 2 (captions and questions): passes over the pretraining records
     # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
     lr_lora: float = 5e-5
     lr_other: float = 2e-5
@@ -174,9 +183,10 @@ RANGES = {
                      "qformer_vocab", "qformer_max_text", "num_query_tokens", "llm_width", "llm_layers", "llm_heads",
                      "llm_mlp", "llm_vocab", "llm_max_positions", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                      "epochs", "max_len", "tiny_vocab", "init_range", "qformer_ln_eps", "rope_theta", "beta",
-                     "grad_clip", "fpo_epochs"), _POSITIVE),
+                     "grad_clip", "fpo_epochs", "itc_batch", "itc_epochs", "itc_lr", "itc_dim",
+                     "itc_temperature"), _POSITIVE),
     **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale",
-                     "min_duration", "max_duration", "max_answer_words"), _NON_NEGATIVE),
+                     "min_duration", "max_duration", "max_answer_words", "pretrain_epochs"), _NON_NEGATIVE),
     **dict.fromkeys(("qformer_dropout", "lora_dropout", "warmup"), _FRACTION),
     "select_ratio": (0, 1, False, True),
     "alpha": (1, None, False, False),  # soft targets alpha^-distance must fall with the distance
@@ -259,7 +269,11 @@ PRESETS = {
                         lora_alpha=32, lora_dropout=0.0, max_len=512, tiny_vocab=1000, qformer_vocab=1000,
                         # from scratch, so far larger steps than a LoRA fine-tune of pretrained weights,
                         # and two passes over the 200 synthetic videos (one leaves the grounding half-learnt)
-                        lr_lora=3e-3, lr_other=3e-3, batch_size=4, epochs=2, fpo_epochs=0.5, fpo_lr_scale=0.3),
+                        lr_lora=3e-3, lr_other=3e-3, batch_size=4, epochs=2, fpo_epochs=0.5, fpo_lr_scale=0.3,
+                        # the starting point (train.py --stage pretrain): three passes of the encoder's
+                        # alignment over the clips' frames; no captions-and-questions phase (it lowered
+                        # every grounding score: docs/training.md)
+                        itc_epochs=3.0, itc_lr=3e-3, pretrain_epochs=0.0),
     # between the two, for speed figures on a CPU (bench.py): LLM cost no longer hidden by overheads
     "mid": D2VLMConfig(image_size=112, patch_size=14, vision_width=384, vision_layers=4, vision_heads=6,
                        vision_mlp=1536, qformer_width=384, qformer_layers=4, qformer_heads=6, qformer_mlp=1536,

@@ -39,6 +39,9 @@ BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "s
 # E.T.Instruct-164K's nine: the grounding and dense-captioning tasks above, and two more captioning
 # tasks the release's FPO builder names (tvc, rvc); records in its format may also use E.T.Bench's
 INSTRUCT_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tvc", "rvc")
+# the pretraining set's (event_videos.make_pretrain; E.T.Chat's stages 1 and 2 in miniature): an answer in
+# words alone, trained as it is, with no evidence (no <evi>, no </evi>), as a model that knows no <evi> answers
+PLAIN_TASKS = ("caption", "qa")
 # tasks whose answer names when its events happen: an answer of one of them without a time is refused
 GROUNDED_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
 LETTERS = "ABCDE"  # multiple-choice options, in order
@@ -289,7 +292,7 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
 
     prompt            the user question, question timestamps replaced by <evi>
     response          K <evi>, </evi>, then the answer with one <evi> per event (2K <evi> in all);
-                      empty stage 1 for multiple choice
+                      empty stage 1 for multiple choice; the answer alone for PLAIN_TASKS
     spans, frames     the K answer events, [s, e] in seconds / in frame indices at `fps`
     question_spans, question_frames   the same for the question's <evi>
     Raises BadRecord (naming the field) on anything it cannot convert.
@@ -310,9 +313,9 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
             raise BadRecord("src", f"expected a flat list of seconds, got {show(src)}")
         src = [check_number(v, "src") for v in src]
     if "conversations" in record:
-        if task not in INSTRUCT_TASKS + BENCH_TASKS:
+        if task not in INSTRUCT_TASKS + BENCH_TASKS + PLAIN_TASKS:
             raise BadRecord("task", f"unknown task {show(task)} (E.T.Instruct-164K: {', '.join(INSTRUCT_TASKS)}; "
-                                    f"E.T.Bench: {', '.join(BENCH_TASKS)})")
+                                    f"E.T.Bench: {', '.join(BENCH_TASKS)}; pretraining: {', '.join(PLAIN_TASKS)})")
         question, answer = _instruct_turns(record)
         tgt = record.get("tgt")
         if tgt is not None:
@@ -323,6 +326,8 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
             template, spans = _extract(answer, tgt or [], "tgt")
         else:
             template, spans = _extract(answer, None, "conversations")
+        if spans and task in PLAIN_TASKS:
+            raise BadRecord("conversations", f"a {task} answer is words alone, this one gives times: {show(answer)}")
         if not spans and task in GROUNDED_TASKS:  # it would train as an answer about no event
             raise BadRecord("conversations", f"a {task} answer must give its events' times (as 's - e seconds'), "
                                              f"this one gives none: {show(answer)}")
@@ -336,7 +341,7 @@ def to_evidence(record: dict, fps: float = 1.0) -> dict:
         raise BadRecord("conversations", "record has neither 'conversations' (E.T.Instruct) nor 'q' (E.T.Bench)")
     prompt, qspans = _extract(question, (src or []) if VID in question else None, qfield)
     _check_spans(qspans, qfield, duration)
-    response = EVI * len(spans) + EVI_END + template
+    response = template if task in PLAIN_TASKS else EVI * len(spans) + EVI_END + template
     return {"task": task, "source": record["source"], "video": record["video"], "duration": duration,
             "prompt": prompt, "response": response, "spans": spans, "frames": to_frames(spans, fps),
             "question_spans": qspans, "question_frames": to_frames(qspans, fps)}
@@ -355,6 +360,8 @@ def arrange(ev: dict, response_format: str = "factorized", evidence_level: str =
     in order: the event's span, or at frame level the boundary frame [t, t]. Question <evi> are left
     as they are (they carry the question's times, not the model's evidence)."""
     K, frames = len(ev["spans"]), ev["frames"]
+    if ev["task"] in PLAIN_TASKS:  # no evidence to arrange
+        return {**ev, "evi_frames": []}
     if "rejected" in ev and (response_format, evidence_level) != ("factorized", "event"):
         raise ValueError("preference pairs are made for the factorized, event-level response only")
     if ev["response"].count(EVI) != 2 * K or ev["response"][:len(EVI * K + EVI_END)] != EVI * K + EVI_END:

@@ -45,12 +45,18 @@ SYN_STEPS = {"appears": "show the {c} {s}", "moves left": "move the {c} {s} to t
              "blinks": "flash the {c} {s}"}
 SYN_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc")
 SYN_SOURCE = "synthetic"
-_INTRO = "You are given a video of coloured shapes on a textured background. Watch the video carefully and "
+# the clips of the pretraining set (make_pretrain): shorter than the SFT videos, other scenes
+PRE_CLIPS, PRE_DURATION = 600, (10, 24)
+PRETRAIN = "pretrain.json"  # its annotation file, beside train.json and test.json
+PRETRAIN_FRAMES = "pretrain_frames.json"  # what each of its clips' 1-fps frames shows: image-text pairs
+NO_SHAPE = "no shape"  # the text of a frame that shows the background alone
+INTRO = "You are given a video of coloured shapes on a textured background. Watch the video carefully and "
 
 
-def _scene(rng):
-    """Draw one video: duration, background and 1-4 non-overlapping events with distinct colours."""
-    duration = int(rng.integers(SYN_DURATION[0], SYN_DURATION[1] + 1))
+def _scene(rng, durations=SYN_DURATION):
+    """Draw one video: duration (seconds, in `durations`), background and 1-4 non-overlapping events
+    with distinct colours."""
+    duration = int(rng.integers(durations[0], durations[1] + 1))
     k = int(rng.integers(1, SYN_MAX_EVENTS + 1))
     lens = [int(rng.integers(SYN_EVENT_LEN[0], SYN_EVENT_LEN[1] + 1)) for _ in range(k)]
     while sum(lens) + SYN_GAP * (len(lens) - 1) > duration - 1:  # all must end by the last frame
@@ -108,7 +114,7 @@ def _caption(ev):
 
 
 def _tvg(ev):
-    return (_INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
+    return (INTRO + f"find a visual event described by the sentence: '{_caption(ev)}'. The format of your "
             "response should be: 'The event happens in <start time> - <end time>'.",
             f"The event happens in {span_text(ev['span'])} seconds.", ev["span"], None)
 
@@ -120,38 +126,101 @@ def _questions(scene, rng):
     out = {}
     out["tvg"] = _tvg(evs[int(rng.integers(len(evs)))])
     ev = evs[int(rng.integers(len(evs)))]
-    out["epm"] = (_INTRO + f"answer the question from my point of view: 'When did I see the {ev['colour']} "
+    out["epm"] = (INTRO + f"answer the question from my point of view: 'When did I see the {ev['colour']} "
                   f"{ev['shape']}?' The format of your response should be: 'The event happens in <start time> - "
                   "<end time>'.", f"The event happens in {span_text(ev['span'])} seconds.", ev["span"], None)
     action = evs[int(rng.integers(len(evs)))]["action"]
     spans = [e["span"] for e in evs if e["action"] == action]
-    out["tal"] = (_INTRO + f"find all the moments of the action 'a shape {action}'. The format of your response "
+    out["tal"] = (INTRO + f"find all the moments of the action 'a shape {action}'. The format of your response "
                   "should be: 'The action happens in <start time> - <end time>, <start time> - <end time>, and "
                   "<start time> - <end time>'.",
                   "The action happens in " + ", ".join(map(span_text, spans)) + " seconds.", spans, None)
-    out["evs"] = (_INTRO + "summarize it by selecting its most important segments. The format of your response "
+    out["evs"] = (INTRO + "summarize it by selecting its most important segments. The format of your response "
                   "should be: 'The key segments are <start time> - <end time>, <start time> - <end time>'.",
                   "The key segments are " + ", ".join(span_text(e["span"]) for e in evs)
                   + " seconds.", [e["span"] for e in evs], None)
     shape = evs[int(rng.integers(len(evs)))]["shape"]
     spans = [e["span"] for e in evs if e["shape"] == shape]
     s, e = max(spans, key=lambda x: x[1] - x[0])
-    out["vhd"] = (_INTRO + f"find the highlight moment for the query: 'a {shape}'. The format of your response "
+    out["vhd"] = (INTRO + f"find the highlight moment for the query: 'a {shape}'. The format of your response "
                   "should be: 'The highlight is at <time> seconds'.",
                   f"The highlight is at {fmt_time((s + e) / 2)} seconds.", spans, None)
     caps = [_caption(e) + "." for e in evs]
-    out["dvc"] = (_INTRO + "densely describe all the events. For each event, you need to determine the start and "
+    out["dvc"] = (INTRO + "densely describe all the events. For each event, you need to determine the start and "
                   "end times and provide a concise description. The format of your response should be: "
                   "'<start time> - <end time>, <description>'.",
                   "\n".join(f"{span_text(e['span'])} seconds, {c}" for e, c in zip(evs, caps)),
                   [e["span"] for e in evs], caps)
     steps = [SYN_STEPS[e["action"]].format(c=e["colour"], s=e["shape"]) + "." for e in evs]
-    out["slc"] = (_INTRO + "localize the steps of the procedure it shows. For each step, you need to determine the "
+    out["slc"] = (INTRO + "localize the steps of the procedure it shows. For each step, you need to determine the "
                   "start and end times and provide a concise description. The format of your response should be: "
                   "'<start time> - <end time>, <description>'.",
                   "\n".join(f"{span_text(e['span'])} seconds, {c}" for e, c in zip(evs, steps)),
                   [e["span"] for e in evs], steps)
     return out
+
+
+def _pretrain_questions(scene, rng):
+    """What the pretraining set asks of one clip, in the E.T.Instruct-164K txt schema's two turns,
+    never when: a caption of the whole clip ("caption"), and ("qa") for each event one question that
+    names it by some of its colour, shape and action and is answered by the rest, and whether a shape
+    is there. Each answer begins with what has to be found in the frames."""
+    evs = scene["events"]
+    out = [("caption", "describe what happens in the video.", ". ".join(_caption(e) for e in evs) + ".")]
+    for ev in evs:
+        c, s, a = ev["colour"], ev["shape"], ev["action"]
+        alike = sum(e["shape"] == s and e["action"] == a for e in evs)
+        kind = int(rng.integers(3 if alike == 1 else 2))
+        if kind == 0:
+            out.append(("qa", f"answer the question: 'What is the {c} shape, and what does it do?'", f"{s}, it {a}."))
+        elif kind == 1:
+            out.append(("qa", f"answer the question: 'What does the {c} {s} do?'", f"it {a}."))
+        else:
+            out.append(("qa", f"answer the question: 'What colour is the {s} that {a}?'",
+                        f"{c}."))
+    shown = {e["colour"] for e in evs}
+    if rng.random() < 0.5:
+        ev = evs[int(rng.integers(len(evs)))]
+        out.append(("qa", f"answer the question: 'Is there a {ev['colour']} {ev['shape']}?'", f"yes, it {ev['action']}."))
+    else:
+        c = str(rng.choice([x for x in SYN_COLOURS if x not in shown]))
+        out.append(("qa", f"answer the question: 'Is there a {c} {rng.choice(SYN_SHAPES)}?'", "no."))
+    return [(task, INTRO + q, a) for task, q, a in out]
+
+
+def _pretrain_one(args):
+    """Render, encode and annotate one pretraining clip (runs in a worker process)."""
+    root, i, seed = args
+    rng = np.random.default_rng([seed, 2, i])  # stream 2: neither the train (0) nor the test (1) videos
+    scene = _scene(rng, PRE_DURATION)
+    name = f"pretrain_{i:04d}.mp4"
+    write_video(Path(root) / "videos" / name, _render(scene), SYN_FPS)
+    shown = [NO_SHAPE] * (scene["duration"] + 1)  # frame k (1 fps) shows second k
+    during = [""] * (scene["duration"] + 1)
+    for ev in scene["events"]:
+        s, e = map(int, ev["span"])
+        shown[s:e + 1] = [f"a {ev['colour']} {ev['shape']}"] * (e - s + 1)
+        during[s:e + 1] = [_caption(ev)] * (e - s + 1)
+    recs = [{"task": task, "source": SYN_SOURCE, "video": name, "duration": float(scene["duration"]),
+             "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+            for task, q, a in _pretrain_questions(scene, rng)]
+    return recs, {"video": name, "duration": float(scene["duration"]), "frames": shown, "events": during}
+
+
+def make_pretrain(root, n_clips: int = PRE_CLIPS, seed: int = 0, workers: int | None = None):
+    """Write `n_clips` pretraining clips under root/videos, their records to root/PRETRAIN (the
+    E.T.Instruct-164K txt schema, tasks "caption" and "qa": data.PLAIN_TASKS) and what each of their
+    1-fps frames shows to root/PRETRAIN_FRAMES ({"video", "duration", "frames": [text per frame],
+    "events": [the caption of the event each frame is part of, "" for none]}). Their scenes are drawn
+    from their own random stream, apart from make_synthetic's train and test videos. Returns the path."""
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        done = list(pool.map(_pretrain_one, [(str(root), i, seed) for i in range(n_clips)], chunksize=8))
+    for name, rows in ((PRETRAIN_FRAMES, [f for _, f in done]), (PRETRAIN, [r for rs, _ in done for r in rs])):
+        with atomic_path(root / name) as tmp:  # PRETRAIN last: its presence means the set is complete
+            tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
+    return root / PRETRAIN
 
 
 def _synth_one(args):

@@ -51,17 +51,19 @@ import event_videos
 import fpo
 import losses
 import model as modeling
+import pretrain
 import released
 import synth
 from config import PRESETS, configure
 from files import atomic_path
 
+START = "start"  # the run name of the miniature's starting point: <out>/start/pretrain (miniature_start)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
 
 def get_args(argv=None):
     ap = cli.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
-    ap.add_argument("--stage", choices=["sft", "fpo"], default="sft")
+    ap.add_argument("--stage", choices=["pretrain", "sft", "fpo"], default="sft")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="the config (default: tiny; d2vlm-3.8b with a released --init, whose widths it reads)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
@@ -81,7 +83,8 @@ def get_args(argv=None):
                     help="fpo reference: none (as released) or the SFT model (log-probs computed once, before step 1)")
     ap.add_argument("--beta", type=cli.positive, help="fpo: the DPO temperature (default cfg.beta = 0.1)")
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: stop or skip and count")
-    ap.add_argument("--name", default=ckpt.DEFAULT_NAME, help="run name: checkpoints and log under runs/<name>/<stage>")
+    ap.add_argument("--name", help=f"run name: checkpoints and log under runs/<name>/<stage> (default: {ckpt.DEFAULT_NAME}; "
+                                   f"pretrain: {START}, the starting point tiny SFT runs on the synthetic set start from)")
     ap.add_argument("--out", default=ckpt.RUNS)
     ap.add_argument("--max-steps", type=cli.at_least(1),
                     help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
@@ -96,6 +99,8 @@ def get_args(argv=None):
     ap.add_argument("--peak-tflops", type=cli.positive, default=PEAK_TFLOPS["H100"],
                     help="accelerator peak for MFU (H100 bf16 dense)")
     args = ap.parse_args(argv)
+    if args.name is None:
+        args.name = START if args.stage == "pretrain" else ckpt.DEFAULT_NAME
     name = PurePath(args.name)
     if not args.name or name.is_absolute() or ".." in name.parts:
         raise SystemExit(f"--name {args.name!r}: a run name is a folder inside --out (relative, without '..')")
@@ -209,6 +214,11 @@ def starting_point(args, run_dir):
                              "(run `torchrun train.py --stage sft` first, or give --init DIR)")
         init = found[-1]
         base = ckpt.read_config(init)
+    elif args.init and args.stage == "pretrain":
+        raise SystemExit(f"--init {args.init}: the pretrain stage starts from random weights (or --resume)")
+    elif args.init and args.stage == "sft" and (Path(args.init) / ckpt.CONFIG).is_file():
+        init = Path(args.init)
+        base = PRESETS[args.preset or "tiny"]
     elif args.init:
         raise SystemExit(f"--init {args.init}: sft starts from a released directory (config.json of model_type "
                          f"{released.MODEL_TYPE}); to continue one of our runs use --resume")
@@ -220,8 +230,7 @@ def starting_point(args, run_dir):
                          f"response_format={cfg.response_format}, evidence_level={cfg.evidence_level} (the ablations "
                          "A1, A2 and B1 are SFT only, as in the paper)")
     if not args.resume:
-        if ckpt.checkpoints(run_dir):  # never write over another run's checkpoints
-            raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
+        refuse_used(run_dir)
         return cfg, init, None, []
     found = ckpt.checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
     passed = []  # damaged checkpoints skipped on the way to the newest intact one
@@ -241,6 +250,12 @@ def starting_point(args, run_dir):
     if differ:
         raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
     return cfg, init, resume, passed
+
+
+def refuse_used(run_dir) -> None:
+    """A fresh run never writes over another run's checkpoints: SystemExit when run_dir holds some."""
+    if ckpt.checkpoints(run_dir):
+        raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
 
 
 def filtered(records, cfg, master):
@@ -302,9 +317,12 @@ def resolve_data(args, master, ddp):
     if args.data is None:
         if master:
             event_videos.ensure_synthetic(event_videos.SYNTHETIC)
+            if args.stage == "pretrain" and not (event_videos.SYNTHETIC / event_videos.PRETRAIN).is_file():
+                event_videos.make_pretrain(event_videos.SYNTHETIC)
         if ddp:
             dist.barrier()
-        args.data, args.videos = str(event_videos.SYNTHETIC / "train.json"), args.videos or str(event_videos.SYNTHETIC / "videos")
+        name = event_videos.PRETRAIN if args.stage == "pretrain" else "train.json"
+        args.data, args.videos = str(event_videos.SYNTHETIC / name), args.videos or str(event_videos.SYNTHETIC / "videos")
     if args.videos is None:
         raise SystemExit("--videos is required with --data (the folder the records' `video` paths are relative to)")
 
@@ -335,6 +353,39 @@ def training_data(args, cfg, tokenizer, run_dir, master):
 def main(argv=None):
     args = get_args(argv)
     ddp, rank, world, local, device = setup_distributed()
+    if args.stage == "sft" and args.data is None and args.init is None and not args.resume \
+            and args.vision_weights is None and args.llm_weights is None and (args.preset or "tiny") == "tiny":
+        args.init = str(miniature_start(args, ddp, rank, world, local, device))
+    if args.init == "none":  # random weights, as before the starting point existed
+        args.init = None
+    train(args, ddp, rank, world, local, device)
+    if ddp:
+        dist.barrier()  # let every rank finish its part before the group goes away
+        dist.destroy_process_group()
+
+
+def miniature_start(args, ddp, rank, world, local, device) -> Path:
+    """The starting point of a tiny SFT run: the newest intact checkpoint of <out>/start/pretrain
+    (pretrain.py), built there first when it has none (`train.py --stage pretrain`, seed 0), as the
+    synthetic set is made on first use. One line says which."""
+    start = Path(args.out) / START / "pretrain"
+    found = [d for d in ckpt.checkpoints(start) if ckpt.damaged(d) is None]
+    if not found:  # what would stop the SFT run is said before minutes go into its starting point
+        configure(PRESETS["tiny"], args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
+        refuse_used(Path(args.out) / args.name / args.stage)
+        if rank == 0:
+            print(f"sft: building the miniature's starting point in {start} first (once; `--init none` starts "
+                  "from random weights)", file=sys.stderr)
+        train(get_args(["--stage", "pretrain", "--name", START, "--out", args.out]), ddp, rank, world, local, device)
+        found = ckpt.checkpoints(start)
+    elif rank == 0:
+        print(f"sft: starting from the miniature's starting point {found[-1]} (`--init none`: random weights)",
+              file=sys.stderr)
+    return found[-1]
+
+
+def train(args, ddp, rank, world, local, device):
+    """One stage of training (args: get_args's) in the process group set up by main."""
     cuda, master = device.type == "cuda", rank == 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     run_dir = Path(args.out) / args.name / args.stage
@@ -352,8 +403,8 @@ def main(argv=None):
     ds = training_data(args, cfg, tokenizer, run_dir, master)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    epochs = cfg.fpo_epochs if args.stage == "fpo" else cfg.epochs
-    total = args.max_steps or max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
+    epochs = {"pretrain": cfg.pretrain_epochs, "sft": cfg.epochs, "fpo": cfg.fpo_epochs}[args.stage]
+    total = args.max_steps or (max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum))) if epochs else 0)
     st = resume_state(resume, world_size=world, total=total, seed=args.seed, ref=args.ref)  # the run resumed matches
 
     # ---- model, optimizer, schedule
@@ -361,6 +412,11 @@ def main(argv=None):
     model = starting_model(args, cfg, init, resume, tokenizer, master).to(device)
     if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
         modeling.merge_and_fresh_lora(model)
+    if args.stage == "pretrain":
+        if not resume:  # phase 1: the encoder's image-text alignment (the same on every rank)
+            pretrain.align_encoder(model, Path(args.data).with_name(event_videos.PRETRAIN_FRAMES), args.videos, cfg,
+                                   args.seed, lr_factor)
+        pretrain.set_trainable(model)  # phase 2: captions and questions, the ViT frozen again
     if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
         modeling.hold_frozen_in(model, torch.bfloat16)
     # random frozen parts, or an LLM changed by merging, go into checkpoints
@@ -375,7 +431,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local] if cuda else None)
     collate = partial(data.collate, tokenizer=raw.tokenizer, qformer_tokenizer=raw.qformer_tokenizer, cfg=cfg)
     keys = ("loss", "sft", "gnd", "cons")
-    if args.stage == "sft":
+    if args.stage != "fpo":
         objective = partial(losses.sft_objective, cfg=cfg)
     else:
         ref = None
@@ -398,7 +454,13 @@ def main(argv=None):
     first_step, n_acc, saved_to, last, skipped, replaced = step, 0, resume, None, 0, 0
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
-    model.train(args.stage == "sft" or cfg.fpo_dropout)  # FPO: no dropout (TRL's DPO) unless as released
+    model.train(args.stage != "fpo" or cfg.fpo_dropout)  # FPO: no dropout (TRL's DPO) unless as released
+    state = {"world_size": world, "total": total, "seed": args.seed, "ref": args.ref, "stage": args.stage}
+    if args.stage == "fpo" and args.ref == "sft":
+        state["ref_logprobs"] = ref.cpu()
+    if total == 0:  # the pretrain stage's encoder alignment alone (pretrain_epochs=0): its checkpoint is step 0
+        saved_to = save(run_dir, raw, opt, {**state, "step": 0, "epoch": 0, "micro": 0}, full, args.keep,
+                        world, device, master, ddp)
     while step < total:
         # ---- one optimizer step: up to grad_accum micro-batches, never across an epoch's end
         k = min(cfg.grad_accum, micro_per_epoch - micro)
@@ -455,16 +517,8 @@ def main(argv=None):
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == total or stop:
-            rng = gather(rng_state(device), world)
-            if master:
-                state = {"epoch": epoch, "micro": micro, "rng": rng, "world_size": world, "total": total,
-                         "seed": args.seed, "ref": args.ref, "stage": args.stage}
-                if args.stage == "fpo" and args.ref == "sft":
-                    state["ref_logprobs"] = ref.cpu()
-                saved_to = ckpt.save_checkpoint(run_dir, step, raw, {**state, "step": step, "optimizer": opt.state_dict()},
-                                                full, args.keep)
-            if ddp:
-                dist.barrier()
+            saved_to = save(run_dir, raw, opt, {**state, "step": step, "epoch": epoch, "micro": micro}, full, args.keep,
+                            world, device, master, ddp)
         if stop:
             break
     bar.close()
@@ -474,12 +528,24 @@ def main(argv=None):
     if master:
         summarize(log, args.stage, step, total, step - first_step, time.time() - t_start, last, saved_to, digests)
     if ddp:
-        dist.barrier()  # let every rank finish its part before the group goes away
-        dist.destroy_process_group()
+        dist.barrier()
     if lock is not None:
         lock.close()
     if len(set(digests)) > 1:
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
+
+
+def save(run_dir, raw, opt, state, full, keep, world, device, master, ddp):
+    """A checkpoint of the run at state["step"] (state: the trainer state but the RNG and the optimizer):
+    rank 0 writes it, with every rank's RNG state; the others wait. Returns its directory (rank 0) or None."""
+    rng = gather(rng_state(device), world)
+    saved = None
+    if master:
+        saved = ckpt.save_checkpoint(run_dir, state["step"], raw, {**state, "rng": rng, "optimizer": opt.state_dict()},
+                                     full, keep)
+    if ddp:
+        dist.barrier()
+    return saved
 
 
 def readable(stream, limit):
@@ -514,7 +580,8 @@ def starting_model(args, cfg, init, resume, tokenizer, master):
                   file=sys.stderr)
         return model
     if init is not None:
-        return ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg, tokenizer=tokenizer)
+        model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg, tokenizer=tokenizer)
+        return modeling.merge_and_fresh_lora(model) if args.stage == "sft" else model
     return ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
                              tokenizer=tokenizer)
 
