@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from event_videos import INTRO
-from files import read_json
+from data import BadRecord, check_video_path
+from files import read_json, show
 from video import normalize, sample_frames
 
 
@@ -110,10 +111,16 @@ class FrameTexts:
         frames, labels, events = [], [], []
         index, caps = {}, {}
         for i, row in enumerate(rows):
-            f = sample_frames(Path(videos) / row["video"], cfg.fps, cfg.image_size)
-            for field in ("frames", "events"):
-                if len(row[field]) < len(f):
-                    raise ValueError(f"{path}: record {i}: field '{field}': {len(row[field])} texts for {len(f)} frames")
+            try:
+                if not isinstance(row, dict):
+                    raise BadRecord("record", f"expected an object, got {type(row).__name__}")
+                f = sample_frames(Path(videos) / check_video_path(row.get("video")), cfg.fps, cfg.image_size)
+                for field in ("frames", "events"):
+                    texts = row.get(field)
+                    if not isinstance(texts, list) or len(texts) < len(f) or not all(isinstance(t, str) for t in texts):
+                        raise BadRecord(field, f"expected a text for each of the video's {len(f)} frames, got {show(texts)}")
+            except (ValueError, OSError) as e:  # BadRecord, or a video PyAV cannot read
+                raise ValueError(f"{path}: record {i}: {e}") from None
             frames.append(f)
             labels += [index.setdefault(t, len(index)) for t in row["frames"][:len(f)]]
             events += [caps.setdefault(c, len(caps)) if c else -1 for c in row["events"][:len(f)]]
@@ -134,7 +141,7 @@ def align_encoder(model, path, videos, cfg, seed: int, schedule, log=sys.stderr)
     # as BLIP-2's first stage: the image encoder frozen, what reads it trained
     params = [*model.vision.post_layernorm.parameters(), model.query_tokens, *model.qformer.parameters(),
               *heads.parameters()]
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         p.requires_grad = False
     for p in params:
         p.requires_grad = True

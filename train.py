@@ -2,8 +2,9 @@
 Preference Optimization"; DESIGN.md §5, §6, §8.
 
 With no arguments the SFT stage trains the tiny preset on the synthetic event videos (generated
-under data/synthetic on first use); on a 2-core CPU that takes a few minutes and the grounding loss
-falls. `--stage fpo` then continues from the newest SFT checkpoint of the run on preference pairs
+under data/synthetic on first use), from the miniature's starting point runs/start/pretrain (built
+first when missing: `--stage pretrain`, pretrain.py; `--init none` starts from random weights); on a
+2-core CPU that takes a few minutes and the model grounds the event a question names. `--stage fpo` then continues from the newest SFT checkpoint of the run on preference pairs
 made from the same data (synth.py), or read from --pairs. Both stages share this loop; they differ
 in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the objective
 (losses.sft_objective / fpo.objective). The real-size run on E.T.Instruct-164K, 4 GPUs:

@@ -87,6 +87,18 @@ def test_pretraining_set_is_words_only_and_its_frames_are_labelled(clips, synthe
         data.to_evidence(bad)
 
 
+def test_a_bad_frames_file_is_named(clips, tmp_path):
+    rows = json.loads((clips / event_videos.PRETRAIN_FRAMES).read_text())
+    cfg = config.PRESETS["tiny"]
+    for bad, said in (({**rows[0], "video": "../x.mp4"}, "record 1: field 'video'"),
+                      ({**rows[0], "frames": ["a red circle"]}, "record 1: field 'frames'"),
+                      ({**rows[0], "video": "gone.mp4"}, "record 1: .*gone.mp4")):
+        path = tmp_path / "frames.json"
+        path.write_text(json.dumps([rows[0], bad]))
+        with pytest.raises(ValueError, match=f"frames.json: {said}"):
+            pretrain.FrameTexts(path, clips / "videos", cfg)
+
+
 def test_a_short_pretraining_run_lowers_both_losses_and_sft_starts_from_it(clips, synthetic, tmp_path):
     cfg = config.configure(config.PRESETS["tiny"], ["itc_batch=16", "itc_epochs=6"])
     torch.manual_seed(0)
