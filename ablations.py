@@ -106,17 +106,18 @@ def _trained(stage_dir: Path) -> bool:
     return bool(lines) and json.loads(lines[-1]).get("summary", False)
 
 
-def _train(run: Path, stage: str, overrides, seed: int, data_root: Path, extra) -> float:
+def _train(run: Path, stage: str, overrides, seed: int, data_root: Path, extra, start: str) -> float:
     """Train one stage of one run unless it has ended; go on from its newest checkpoint if it was cut
-    short. Returns the seconds spent."""
+    short. SFT starts from `start` (a checkpoint directory, or "none": random weights). Returns the
+    seconds spent."""
     stage_dir = run / stage
     if _trained(stage_dir):
         return 0.0
     t = time.perf_counter()
     args = ["--stage", stage, "--out", str(run.parent), "--name", run.name, "--seed", str(seed),
             "--data", str(data_root / "train.json"), "--videos", str(data_root / "videos"), *extra]
-    if stage == "sft" and overrides:
-        args += ["--set", *overrides]
+    if stage == "sft":
+        args += ["--init", start] + (["--set", *overrides] if overrides else [])
     if checkpoint.checkpoints(stage_dir):
         args += ["--resume"]
     train.main(args)
@@ -125,16 +126,20 @@ def _train(run: Path, stage: str, overrides, seed: int, data_root: Path, extra) 
 
 
 def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_DATA, extra=(), batch_size: int = 8,
-            max_new_tokens: int | None = None):
-    """Train (if needed), predict and score one row with one seed; the result is kept in
-    root/results/<row>-s<seed>.json and read back from there on the next call (if it was made
-    with the same train.py arguments `extra` and the same config: the preset with RECIPE and the
-    row's switch on top, so a changed preset or RECIPE is not mixed with results made before)."""
+            max_new_tokens: int | None = None, start: str = "none"):
+    """Train (if needed), predict and score one row with one seed, its SFT from `start` (a checkpoint
+    directory, or "none": random weights); the result is kept in root/results/<row>-s<seed>.json and
+    read back from there on the next call (if it was made from the same start, with the same train.py
+    arguments `extra` and the same config: the preset with RECIPE and the row's switch on top, so a
+    changed preset or RECIPE is not mixed with results made before)."""
     out = result_path(root, row, seed)
     _, switch, stage, name, _ = ROWS[row]
     overrides = [*RECIPE, *switch]
     if out.is_file():
         result = read_json(out)
+        if result["start"] != start:
+            raise SystemExit(f"{out}: made from the starting point {result['start']}, not {start}: remove {root} "
+                             "(or move it) first")
         if result["args"] != list(extra):
             raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
                              f"[{' '.join(extra)}]: remove {root} (or move it) first")
@@ -144,9 +149,9 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
             raise SystemExit(f"{out}: made with {', '.join(differ)}: remove {root} (or move it) first")
         return result
     run = root / f"{name}-s{seed}"
-    took = _train(run, "sft", overrides, seed, data_root, extra)
+    took = _train(run, "sft", overrides, seed, data_root, extra, start)
     if stage == "fpo":
-        took += _train(run, "fpo", overrides, seed, data_root, extra)
+        took += _train(run, "fpo", overrides, seed, data_root, extra, start)
     ckpt = checkpoint.checkpoints(run / stage)[-1]
     t = time.perf_counter()
     m = checkpoint.from_checkpoint(ckpt).eval()
@@ -160,7 +165,7 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     task, merged = etbench.summary(etbench.score_etbench(scored, "etchat"))
     result = {"row": row, "seed": seed, "checkpoint": str(ckpt), **{k: merged[k] for k in METRICS},
               "tasks": {k: round(100 * v, 2) for k, v in task.items()},
-              "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "args": list(extra),
+              "train_s": round(took, 1), "eval_s": round(time.perf_counter() - t, 1), "set": overrides, "start": start, "args": list(extra),
               "config": _as_json(checkpoint.read_config(ckpt)), "tvg_picks": tvg_picks(scored, test)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
@@ -169,28 +174,44 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
     return result
 
 
-def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens) -> None:
+def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens, start) -> None:
     """run_one for the rows of one training run (A4 before A5), in a worker process on RUN_THREADS threads."""
     torch.set_num_threads(RUN_THREADS)
     for row in sorted(rows, key=lambda r: ROWS[r][2] == "fpo"):
-        run_one(row, seed, root, data_root, extra, batch_size, max_new_tokens)
+        run_one(row, seed, root, data_root, extra, batch_size, max_new_tokens, start)
+
+
+def miniature_start(kept_only: bool = False) -> str:
+    """The newest checkpoint of the miniature's starting point (<runs>/start/pretrain, where the
+    quickstart's SFT starts), built first when there is none, unless only kept results are read."""
+    start = Path(checkpoint.RUNS) / train.START / "pretrain"
+    if not checkpoint.checkpoints(start) and not kept_only:
+        train.main(["--stage", "pretrain"])
+    found = checkpoint.checkpoints(start)
+    if not found:
+        raise SystemExit(f"{start}: no starting point, so no kept result made from it (run without --kept)")
+    return str(found[-1])
 
 
 def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra=(), batch_size: int = 8,
-            max_new_tokens: int | None = None, kept_only: bool = False, jobs: int | None = None):
+            max_new_tokens: int | None = None, kept_only: bool = False, jobs: int | None = None,
+            start: str | None = None):
     """Every (row, seed) of `rows` x range(seeds): what is not kept yet is run by `jobs` worker
     processes (default: one per core), a training run at a time each (A5 after A4 in A4's run; B3 is
     A4's result), the longest (those with FPO) first; the first failure starts nothing more and is
     raised. data_root None: the ablation set, generated on first use. kept_only: only the results
-    already kept (train and predict nothing). Returns the results, seed by seed in the order of `rows`."""
+    already kept (train and predict nothing). Every SFT run starts from `start` (a checkpoint
+    directory, or "none": random weights); None: the miniature's starting point, as the quickstart's.
+    Returns the results, seed by seed in the order of `rows`."""
     root = Path(root)
+    start = start or miniature_start(kept_only)
     if data_root is None:
         data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent
     data_root = Path(data_root)
     rows = list(dict.fromkeys(kept_as(r) for r in rows))
     pairs = [(row, seed) for seed in range(seeds) for row in rows]
     # read first: a kept result made otherwise stops the call before anything runs
-    done = {(row, seed): run_one(row, seed, root, data_root, extra) for row, seed in pairs
+    done = {(row, seed): run_one(row, seed, root, data_root, extra, start=start) for row, seed in pairs
             if result_path(root, row, seed).is_file()}
     missing = [pair for pair in pairs if pair not in done]
     if missing and not kept_only:
@@ -199,7 +220,7 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
             groups.setdefault((ROWS[row][3], seed), []).append(row)
         todo = sorted(groups.items(), key=lambda g: not any(ROWS[r][2] == "fpo" for r in g[1]))
         with ProcessPoolExecutor(jobs or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = [pool.submit(_run_group, group, seed, root, data_root, tuple(extra), batch_size, max_new_tokens)
+            runs = [pool.submit(_run_group, group, seed, root, data_root, tuple(extra), batch_size, max_new_tokens, start)
                     for (_, seed), group in todo]
             try:
                 for f in as_completed(runs):
@@ -207,7 +228,7 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
             except BaseException:  # the first failure: start nothing more (what runs ends, its result kept)
                 pool.shutdown(cancel_futures=True)
                 raise
-        done.update({(row, seed): run_one(row, seed, root, data_root, extra) for row, seed in missing})
+        done.update({(row, seed): run_one(row, seed, root, data_root, extra, start=start) for row, seed in missing})
     return [done[pair] for pair in pairs if pair in done]
 
 

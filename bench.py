@@ -10,9 +10,11 @@ this machine, between things that do the same work.
     python bench.py kills [--kills 10]    train.py killed (kill -9) at random moments and resumed: how
                                           many end with the uninterrupted run's weights, bit for bit
     python bench.py ablate [--seeds 3] [--only A1,B2] [--json FILE] [--kept] [--set FIELD=VALUE ...]
+                           [--init DIR|none]
                                           the paper's ablation tables in miniature (ablations.py): each
-                                          row trained, predicted and scored per seed on the ablation
-                                          split; resumable; runs/ablate/ablations.png + curves per run
+                                          row trained (SFT from the miniature's starting point, or --init),
+                                          predicted and scored per seed on the ablation split; resumable;
+                                          runs/ablate/ablations.png + curves per run
     python bench.py realwidth [--layers 2 --frames 8]   the real widths with few layers on the CPU
                                           (bf16), from an E.T.Chat stage-2 directory: load, SFT step,
                                           FPO step, save, reload, generation, export
@@ -447,7 +449,7 @@ def ablate(args):
         raise SystemExit(f"--jobs {args.jobs}: at least 1")
     t = time.perf_counter()
     results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept,
-                                jobs=args.jobs)
+                                jobs=args.jobs, start=args.init)
     summary = ablations.tables(results)
     steps = ablations.orderings(results)
     print(ablations.show(summary))
@@ -472,6 +474,8 @@ def main(argv=None):
     ap.add_argument("--only", default=",".join(ablations.ROWS), help="ablate: comma-separated rows (A1-A5, B1-B3)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                     help="ablate: recipe changes applied to every row (train.py --set)")
+    ap.add_argument("--init", metavar="DIR|none", help="ablate: where every row's SFT starts (default: the miniature's "
+                    "starting point, built on first use; none: random weights)")
     ap.add_argument("--kills", type=cli.at_least(1), default=10, help="kills: how many runs to kill and resume")
     ap.add_argument("--layers", type=cli.at_least(1), default=2, help="realwidth: layers in each of ViT, Q-Former and LLM")
     ap.add_argument("--frames", type=cli.at_least(1), default=8, help="realwidth: frames of the test clip")

@@ -182,7 +182,7 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     """bench.py ablate's machinery on the test set: A5 goes on from A4's SFT run, B3 is A4's result,
     each row is scored on its answer, and a second call trains and predicts nothing."""
     extra = ["--max-steps", "2", "--workers", "0"]
-    res = ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra, max_new_tokens=8)
+    res = ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra, max_new_tokens=8, start="none")
     assert [r["row"] for r in res] == ["A1", "A5", "A4"]
     assert (tmp_path / "A4-s0" / "fpo").is_dir() and not (tmp_path / "B3-s0").exists()
     assert checkpoint.read_config(tmp_path / "A1-s0" / "sft" / "step_000002").response_format == "coupled"
@@ -196,20 +196,20 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
         assert r["tvg_picks"]["single"][1] + r["tvg_picks"]["multi"][1] == sum(t["task"] == "tvg" for t in test)
     monkeypatch.setattr(ablations.train, "main", lambda *a: pytest.fail("trained again"))
     monkeypatch.setattr(ablations.evaluate, "predict", lambda *a, **k: pytest.fail("predicted again"))
-    assert ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra) == res
+    assert ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra, start="none") == res
     # kept only: what is missing (A2, every seed 1) is left out, not run
-    assert ablations.run_all(["A1", "A2", "A5", "B3"], 2, root=tmp_path, extra=extra, kept_only=True) == res
+    assert ablations.run_all(["A1", "A2", "A5", "B3"], 2, root=tmp_path, extra=extra, kept_only=True, start="none") == res
     with pytest.raises(SystemExit, match=r"made with the train.py arguments \[--max-steps 2 --workers 0\], not \[--max-steps 3\]"):
-        ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=["--max-steps", "3"])
+        ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=["--max-steps", "3"], start="none")
     # a changed RECIPE or preset: the kept result was made otherwise, and says how
     monkeypatch.setattr(ablations, "RECIPE", (*ablations.RECIPE, "w_gnd=5"))
     with pytest.raises(SystemExit, match=r"A1-s0.json: made with w_gnd=10.0 \(now 5.0\)"):
-        ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=extra)
+        ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=extra, start="none")
     monkeypatch.undo()
     tiny = ablations.PRESETS["tiny"]
     monkeypatch.setitem(ablations.PRESETS, "tiny", dataclasses.replace(tiny, batch_size=tiny.batch_size + 1))
     with pytest.raises(SystemExit, match=rf"made with batch_size={tiny.batch_size} \(now {tiny.batch_size + 1}\)"):
-        ablations.run_all(["A5"], 1, root=tmp_path, data_root=synthetic, extra=extra)
+        ablations.run_all(["A5"], 1, root=tmp_path, data_root=synthetic, extra=extra, start="none")
     monkeypatch.undo()
     # two more seeds of A1, made up: the table's mean and sample std, B3 filled from A4
     fake = [dict(res[0], seed=s, **{"F1 (gnd)": v}) for s, v in ((1, 30.0), (2, 36.0))]
@@ -223,11 +223,29 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_ablate_sft_starts_from_the_start_and_fpo_from_its_sft(tmp_path, monkeypatch):
+    """Each row's SFT run gets the starting point as --init; FPO goes on from the run's own SFT (no --init),
+    and a kept result made from another start is refused."""
+    calls = []
+    monkeypatch.setattr(ablations.train, "main", calls.append)
+    monkeypatch.setattr(ablations.plots, "curves", lambda *a: None)
+    for stage in ("sft", "fpo"):
+        ablations._train(tmp_path / "A4-s0", stage, ["w_cons=0"], 0, tmp_path, ["--max-steps", "2"], "runs/x/step_9")
+    sft, fpo = calls
+    assert sft[sft.index("--init") + 1] == "runs/x/step_9" and sft[sft.index("--set") + 1] == "w_cons=0"
+    assert "--init" not in fpo and "--set" not in fpo and fpo[fpo.index("--stage") + 1] == "fpo"
+    out = ablations.result_path(tmp_path, "A1", 0)
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({"start": "none", "args": []}))
+    with pytest.raises(SystemExit, match=r"A1-s0.json: made from the starting point none, not runs/x/step_9"):
+        ablations.run_one("A1", 0, root=tmp_path, start="runs/x/step_9")
+
+
 def test_ablate_stops_at_the_first_failed_run(synthetic, tmp_path):
     """A run that fails in its worker process is raised in the caller, and nothing is kept for it."""
     extra = ["--max-steps", "2", "--workers", "0", "--set", "no_such_field=1"]
     with pytest.raises(SystemExit, match="--set no_such_field=1: expected FIELD=VALUE"):
-        ablations.run_all(["A1", "A2", "A3"], 1, root=tmp_path, data_root=synthetic, extra=extra, jobs=1)
+        ablations.run_all(["A1", "A2", "A3"], 1, root=tmp_path, data_root=synthetic, extra=extra, jobs=1, start="none")
     assert not (tmp_path / "results").exists()
 
 
