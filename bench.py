@@ -3,7 +3,13 @@ this machine, between things that do the same work.
 
     python bench.py [--json FILE]         one table: frame sampling, the <evi> overhead of a training
                                           step, FPO step / SFT step, generation tokens/s at batch
-                                          1 / 8 / 32, and (CUDA only) the real-size model
+                                          1 / 8 / 32, the GPU proxies (aten ops and host reads per
+                                          step and per token, distinct LLM shapes per epoch:
+                                          bench_gpu.py), and (CUDA only) the real-size model
+    python bench.py gpu [--json FILE]     every GPU figure in one run (bench_gpu.gpu_figures): the tiny
+                                          recipe on the GPU against 2 CPU threads, the real size's steps,
+                                          MFU and memory at micro-batch 1 and 4, generation tokens/s at
+                                          batch 1 / 8 / 32, projected E.T.Instruct and E.T.Bench hours
     python bench.py learn [--json FILE]   the embedded default end to end: SFT -> evaluate -> FPO ->
                                           evaluate on the synthetic test split, per-task metrics and
                                           the wall time of each stage; runs/<name>/curves.png
@@ -47,6 +53,7 @@ import event_videos
 import fpo
 import losses
 import ablations
+import bench_gpu
 import model
 import plots
 import released
@@ -59,7 +66,9 @@ from files import atomic_path, read_json
 
 TARGETS = {"evi_overhead": ("<=", 1.15), "fpo_over_sft": ("<=", 1.6), "etinstruct_hours": ("<=", 6.0),
            "learn_s": ("<=", 600.0), "tvg_f1": (">=", 80.0), "dvc_f1": (">=", 60.0), "fpo_gnd_change": (">=", -1.0),
-           "tvg_picks": (">=", 85.0)}
+           "tvg_picks": (">=", 85.0), "mfu_batch1": (">=", 0.25), "mfu_chosen": (">=", 0.45),
+           "tiny_gpu_over_cpu": (">=", 5.0), "tokens_s_batch1": (">=", 80.0), "tokens_s_batch8": (">=", 500.0),
+           "etbench_hours": ("<=", 0.5)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,28 +156,45 @@ def step_figures(preset, frames, repeat):
             (g, "  unpacked (two forwards) / SFT step", t_two / t_sft, "x", None)]
 
 
-def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32):
-    """Greedy generation tokens/s (new tokens, all samples) at several batch sizes, random weights."""
+def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32, device="cpu", targets=None):
+    """Greedy generation tokens/s (new tokens, all samples) at several batch sizes, random weights, the
+    model as evaluate.py runs it on `device` (model.for_inference), and at the middle batch size the
+    time of a batch's prompt (the video encoded, pass 1: one new token) and of each new token after it.
+    targets: {batch size: TARGETS key} for the tokens/s rows."""
+    import evaluate
     cfg = PRESETS[preset]
     torch.manual_seed(0)
-    m = model.build_model(cfg).eval()
+    with torch.device(device):
+        m = model.for_inference(model.build_model(cfg), device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
-    rows, per = [], {}
+    g = f"generation, {preset}, {frames} frames, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
+    rows, per, split = [], {}, {}
     for bs in batch_sizes:
         clips = [torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8) for _ in range(bs)]
-        b = data.collate([{"evidence": ev, "frames": c} for c in clips], m.tokenizer, m.qformer_tokenizer, cfg,
-                         with_response=False)
-        with torch.no_grad():
-            decoding.generate(m, b, 2)  # warm-up
+        b = evaluate.on_device(m, data.collate([{"evidence": ev, "frames": c} for c in clips], m.tokenizer,
+                                               m.qformer_tokenizer, cfg, with_response=False))
+
+        def run(n):
+            sync()
             t = time.perf_counter()
-            out = decoding.generate(m, b, new_tokens)
-            dt = time.perf_counter() - t
-        per[bs] = sum(len(o["tokens"]) for o in out) / dt
-        rows.append((f"generation, {preset}, {frames} frames", f"batch {bs}: greedy, {new_tokens} new tokens",
-                     per[bs], "tokens/s", None))
-    rows.append((f"generation, {preset}, {frames} frames", f"batch {batch_sizes[-1]} / batch {batch_sizes[0]}",
-                 per[batch_sizes[-1]] / per[batch_sizes[0]], "x", None))
-    return rows
+            with torch.no_grad(), evaluate.autocast(m):
+                out = decoding.generate(m, b, n)
+            sync()
+            return time.perf_counter() - t, sum(len(o["tokens"]) for o in out)
+        run(2)  # warm-up
+        dt, n = run(new_tokens)
+        per[bs] = n / dt
+        rows.append((g, f"batch {bs}: greedy, {new_tokens} new tokens", per[bs], "tokens/s",
+                     TARGETS[targets[bs]] if targets and bs in targets else None))
+        if bs == batch_sizes[len(batch_sizes) // 2]:
+            t_one, _ = run(1)
+            split[bs] = (t_one, (dt - t_one) / (new_tokens - 1))
+    rows.append((g, f"batch {batch_sizes[-1]} / batch {batch_sizes[0]}", per[batch_sizes[-1]] / per[batch_sizes[0]], "x", None))
+    for bs, (t_prompt, t_token) in split.items():
+        rows += [(g, f"batch {bs}: the prompt (video encoded, pass 1)", t_prompt * 1e3, "ms", None),
+                 (g, f"batch {bs}: each new token after it", t_token * 1e3, "ms", None)]
+    return rows, split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,18 +233,20 @@ def memory_figures(preset="d2vlm-3.8b"):
              (after + grads + adam) / gib, "GiB", None, (before + grads + adam) / gib)]
 
 
-def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), device="cuda"):
+def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), device="cuda", batch=None):
     """SFT and FPO step of `preset` with random weights under bf16 autocast, as train.py runs it
     (AdamW over the trained tensors, gradient clipping): s/step, samples/s, tokens/s, peak memory,
     MFU from train.train_flops (ViT forward (+ backward if trained), Q-Former and aggregator,
     LLM forward + backward, heads; 2 FLOPs per weight per token forward, 4 backward for trained
     weights, 2 for frozen ones, attention scores left out), and the projected SFT + FPO time of one
-    epoch each over E.T.Instruct-164K (one preference pair per sample) on N GPUs."""
-    cfg = PRESETS[preset]
+    epoch each over E.T.Instruct-164K (one preference pair per sample) on N GPUs. batch: the
+    micro-batch (default: the preset's)."""
+    cfg = dataclasses.replace(PRESETS[preset], batch_size=batch or PRESETS[preset].batch_size)
     frames = frames or int(ETINSTRUCT["video_s"] * cfg.fps)
     cuda = device == "cuda"
     torch.manual_seed(0)
-    m = model.build_model(cfg).to(device)
+    with torch.device(device):  # the weights made where they run
+        m = model.build_model(cfg)
     if cuda:
         model.hold_frozen_in(m, torch.bfloat16)  # as train.py
     m.train()
@@ -239,13 +267,13 @@ def realsize_figures(preset="d2vlm-3.8b", frames=None, steps=5, gpus=(1, 4, 8), 
     flops = train.train_flops(m, *work[1:])
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak_tflops = next((v for k, v in train.PEAK_TFLOPS.items() if k in name), math.nan)
-    g = f"real size: {preset}, bf16, {frames} frames, {name}"
+    g = f"real size: {preset}, bf16, {frames} frames, batch {cfg.batch_size}, {name}"
     rows = [(g, "SFT step", t_sft, "s", None),
             (g, "samples/s", work[0] / t_sft, "samples/s", None),
             (g, "LLM tokens/s", work[1] / t_sft, "tokens/s", None),
             (g, "peak memory (SFT)", peak, "GiB", None),
             (g, f"MFU (SFT, {flops / 1e12:.1f} TFLOP per step, peak {peak_tflops:g} TFLOPS)",
-             flops / t_sft / (peak_tflops * 1e12), "", None),
+             flops / t_sft / (peak_tflops * 1e12), "", TARGETS["mfu_batch1" if cfg.batch_size == 1 else "mfu_chosen"]),
             (g, "FPO step (packed pair)", t_fpo, "s", None)]
     for n in gpus:
         rows.append((g, f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)",
@@ -467,7 +495,7 @@ def ablate(args):
 
 def main(argv=None):
     ap = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate"])
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "learn", "realwidth", "kills", "ablate", "gpu"])
     ap.add_argument("--seeds", type=cli.at_least(1), default=3, help="ablate: seeds per row (0, 1, ...)")
     ap.add_argument("--kept", action="store_true", help="ablate: tabulate the results kept so far; train nothing")
     ap.add_argument("--jobs", type=cli.at_least(1), help="ablate: runs at a time, one thread each (default: one per core)")
@@ -484,7 +512,8 @@ def main(argv=None):
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
     ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
     ap.add_argument("--seed", type=cli.seed, default=0, help="learn: the seed of SFT and FPO (the starting point's is 0)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,memory,steps,generate,realsize")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,memory,steps,generate,"
+                                               "host,shapes,realsize")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t = time.perf_counter()
@@ -494,6 +523,10 @@ def main(argv=None):
         rows = realwidth_figures(args.layers, args.frames, out_dir=Path(args.clips) / "realwidth")
     elif args.what == "kills":
         rows = kill_figures(args.kills, out_dir=Path(args.clips) / "kills")
+    elif args.what == "gpu":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py gpu: no CUDA GPU here (the CPU proxies of the GPU figures: python bench.py)")
+        rows = bench_gpu.gpu_figures(Path(args.clips) / "gpu")
     elif args.what == "learn":
         name, times, metrics, picks = learn(args.name, args.seed)
         rows = learn_rows(times, metrics, picks)
@@ -509,7 +542,11 @@ def main(argv=None):
         if "steps" not in skip:
             rows += step_figures("tiny", 32, args.repeat) + step_figures("mid", 16, args.repeat)
         if "generate" not in skip:
-            rows += generation_figures("tiny", 16)
+            rows += generation_figures("tiny", 16)[0]
+        if "host" not in skip:
+            rows += bench_gpu.host_figures("mid")
+        if "shapes" not in skip:
+            rows += bench_gpu.shape_figures("tiny")
         if "realsize" not in skip:
             if torch.cuda.is_available():
                 rows += realsize_figures()

@@ -105,6 +105,9 @@ class D2VLMConfig:
     # data
     fps: float = 1.0
     max_len: int = 2048
+    # the LLM's prefix and suffix columns rounded up to a multiple of this: on a GPU a new sequence shape
+    # costs a new kernel plan, so few distinct shapes run faster; on a CPU padding is only more work
+    seq_multiple: int = 1
     # training-data filters, 0 = none (ours); the release: 5, 350 and 200 (data.filter_records)
     min_duration: float = 0.0    # seconds of video at least
     max_duration: float = 0.0    # seconds of video at most
@@ -184,7 +187,7 @@ RANGES = {
                      "llm_mlp", "llm_vocab", "llm_max_positions", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                      "epochs", "max_len", "tiny_vocab", "init_range", "qformer_ln_eps", "rope_theta", "beta",
                      "grad_clip", "fpo_epochs", "itc_batch", "itc_epochs", "itc_lr", "itc_dim",
-                     "itc_temperature"), _POSITIVE),
+                     "itc_temperature", "seq_multiple"), _POSITIVE),
     **dict.fromkeys(("w_sft", "w_gnd", "w_cons", "w_fpo", "lr_lora", "lr_other", "weight_decay", "fpo_lr_scale",
                      "min_duration", "max_duration", "max_answer_words", "pretrain_epochs"), _NON_NEGATIVE),
     **dict.fromkeys(("qformer_dropout", "lora_dropout", "warmup"), _FRACTION),
@@ -261,7 +264,8 @@ def check_size(cfg: D2VLMConfig) -> str | None:
 
 
 PRESETS = {
-    "d2vlm-3.8b": D2VLMConfig(qformer_special_tokens=True),  # the real weights were trained with them
+    # the real weights were trained with the Q-Former's special tokens; the real size runs on GPUs
+    "d2vlm-3.8b": D2VLMConfig(qformer_special_tokens=True, seq_multiple=64),
     "tiny": D2VLMConfig(image_size=112, patch_size=16, vision_width=96, vision_layers=2, vision_heads=4,
                         vision_mlp=192, qformer_width=64, qformer_layers=2, qformer_heads=4, qformer_mlp=128,
                         qformer_max_text=96, num_query_tokens=8, llm_width=128, llm_layers=4, llm_heads=4,

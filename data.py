@@ -498,7 +498,7 @@ class VideoDataset(torch.utils.data.Dataset):
         videos = Path(videos)
         if not videos.is_dir():
             raise FileNotFoundError(f"{videos}: video folder not found")
-        self.videos, self.cfg, self.with_response = videos, cfg, with_response
+        self.videos, self.cfg, self.with_response, self.tokenizer = videos, cfg, with_response, tokenizer
         self.frames = FrameCache(FRAME_CACHE_BYTES)  # the tasks of one video share its frames
         evs = [r if "response" in r else to_evidence(r, cfg.fps) for r in recs]
         if with_response:  # the response format and evidence level of cfg (the ablations)
@@ -521,7 +521,7 @@ class VideoDataset(torch.utils.data.Dataset):
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(resp, add_special_tokens=False)["input_ids"])]
             rej = [CHAT[1].format(response=ev["rejected"]["response"]) if "rejected" in ev else "" for ev in evs]
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(rej, add_special_tokens=False)["input_ids"])]
-        self.items, self.budget, self.kept, too_long = [], [], [], 0
+        self.items, self.budget, self.kept, self.n_frames, too_long = [], [], [], [], 0
         for i, (ev, n) in enumerate(zip(evs, n_text)):
             if i in gone:
                 continue
@@ -531,6 +531,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 continue
             self.items.append(ev)
             self.kept.append(i)  # the record's position in `records`
+            self.n_frames.append(frames)  # what __getitem__ samples
             self.budget.append(cfg.max_len - n + 1)  # frames that still fit
         self.where = where
         self.skipped = {"invalid": len(getattr(recs, "skipped", ())), "missing_video": len(missing),

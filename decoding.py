@@ -52,6 +52,7 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     B = batch["input_ids"].shape[0]
     gens = [torch.Generator().manual_seed(int(x)) for x in (range(B) if seeds is None else seeds)]
     penalized = torch.tensor([False] * B if penalize is None else list(penalize), device=batch["input_ids"].device)
+    penalizing = penalty != 1.0 and penalize is not None and any(penalize)
     ids = batch["input_ids"]
     seen = torch.zeros(B, model.lm_head.weight.shape[0], dtype=torch.bool, device=ids.device)
     keep = batch["attention_mask"].bool() & (ids != tid[VIDEO]) & (ids != tid[EVI])
@@ -64,7 +65,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     m_last = hs[cfg.match_layer][torch.arange(B), last]
     past = torch.cat([pr.pre_mask, suf_mask], 1)
     done = torch.zeros(B, dtype=torch.bool, device=suffix.device)
-    tokens, spans, probs, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], []
+    spans, probs, new_embs = [[] for _ in range(B)], [[] for _ in range(B)], []
+    chosen, alive = [], []  # each step's tokens (B,) and which samples were still going, read back at the end
     n_frames = pr.frame_mask.sum(1).tolist()
     # positions left in the LLM's context (the video placeholder became n_frames tokens)
     room = cfg.llm_max_positions - (pr.lengths - 1 + pr.frame_mask.sum(1))
@@ -74,14 +76,22 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     frame_level = cfg.evidence_level == "frame"
     for _ in range(max_new_tokens):
         logits = model.lm_head(h_last).float()
-        if penalty != 1.0 and penalized.any():
+        if penalizing:
             logits = torch.where(penalized[:, None], repetition_penalty(logits, seen, penalty), logits)
         tok = _choose(logits, temperature, top_p, gens)
         tok = torch.where(done, pad, tok)
         seen[torch.arange(B, device=tok.device), tok] |= (tok != tid[EVI]) & ~done
         emb = model.decoder.embed_tokens(tok)
         is_evi = (tok == tid[EVI]) & ~done
-        if is_evi.any():
+        live = ~done
+        chosen.append(tok)
+        alive.append(live)
+        done = done | (tok == tid[END])
+        n_new += live
+        full = full | (~done & (n_new >= room))
+        done = done | full
+        any_evi, finished = torch.stack([is_evi.any(), done.all()]).tolist()  # the step's one read by the host
+        if any_evi:
             sim = evidence.similarity(model.evi_head(m_last)[:, None], pr.frm)
             if frame_level:  # one boundary frame: the argmax of the softmax over the frames
                 span = evidence.select_frame(sim, pr.frame_mask)
@@ -89,18 +99,13 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
                 span = evidence.select_interval(sim, cfg.select_ratio, pr.frame_mask)  # (B, 1, 2)
             if cfg.semantic_capture:
                 emb = emb + evidence.pool_evidence(pr.inject, span)[:, 0] * is_evi[:, None]
-            for i in is_evi.nonzero()[:, 0].tolist():
-                spans[i].append([v / cfg.fps for v in span[i, 0].tolist()])
-                row = sim[i, 0, :n_frames[i]].float()
-                probs[i].append((row.softmax(-1) if frame_level else row.sigmoid()).tolist())
-        for i in (~done).nonzero()[:, 0].tolist():
-            tokens[i].append(int(tok[i]))
-        live = ~done
-        done = done | (tok == tid[END])
-        n_new += live
-        full = full | (~done & (n_new >= room))
-        done = done | full
-        if done.all():
+            row = sim[:, 0].float()
+            p = row.masked_fill(~pr.frame_mask, -torch.inf).softmax(-1) if frame_level else row.sigmoid()
+            rows, span, p = is_evi.nonzero()[:, 0].tolist(), span[:, 0].tolist(), p.tolist()
+            for i in rows:
+                spans[i].append([v / cfg.fps for v in span[i]])
+                probs[i].append(p[i][:n_frames[i]])
+        if finished:
             break
         new_embs.append(emb)
         if use_cache:
@@ -114,6 +119,9 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
             hs = model.run(torch.cat([pr.suffix, torch.stack(new_embs, 1)], 1),
                            torch.cat([suf_mask, gen_mask], 1), pr.cache, pr.pre_mask)
             h_last, m_last = hs[-1][:, -1], hs[cfg.match_layer][:, -1]
+    picked, went_on = (torch.stack(x, 1).tolist() if x else [[]] * B for x in (chosen, alive))
+    tokens = [[t for t, on in zip(picked[i], went_on[i]) if on] for i in range(B)]
+    full = full.tolist()
     out = []
     for i in range(B):
         toks = tokens[i][:-1] if tokens[i] and tokens[i][-1] == tid[END] else tokens[i]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import checkpoint
@@ -27,6 +29,7 @@ import cli
 import data
 import decoding
 import event_videos
+import model as modeling
 from charades_youcook2 import charades_records, score_timechat, youcook2_records
 from config import configure
 from etbench import PROTOCOLS, load_predictions, score_etbench, table
@@ -65,12 +68,13 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
         ok = [s for s in samples if "failed" not in s]
         if not ok:
             continue
-        batch = data.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
+        batch = on_device(m, data.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
         rec = [ds.kept[x["index"]] for x in ok]
-        outs = decoding.generate(m, batch, proto["max_new_tokens"], proto["temperature"],
-                                 seeds=[seed * len(records) + j for j in rec], penalty=proto["repetition_penalty"],
-                                 penalize=[records[j].get("task") in decoding.PENALIZED_TASKS for j in rec],
-                                 span_style=proto["span_style"])
+        with autocast(m):
+            outs = decoding.generate(m, batch, proto["max_new_tokens"], proto["temperature"],
+                                     seeds=[seed * len(records) + j for j in rec], penalty=proto["repetition_penalty"],
+                                     penalize=[records[j].get("task") in decoding.PENALIZED_TASKS for j in rec],
+                                     span_style=proto["span_style"])
         for j, g in zip(rec, outs):
             answers[j] = g["text"]
             if g["stopped"] != "end":
@@ -87,6 +91,18 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
               f"unreadable video, {ds.skipped['bad_duration']} whose duration is not their video's, "
               f"{len(failed)} whose video failed during the run", file=sys.stderr)
     return [{**r, "a": a} for r, a in zip(records, answers)]
+
+
+def on_device(m, batch) -> dict:
+    """A collated batch on the model's device."""
+    device = next(m.parameters()).device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(m):
+    """bf16 autocast for a model on CUDA (model.for_inference holds its frozen weights in bf16), else nothing."""
+    device = next(m.parameters()).device
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
@@ -114,8 +130,9 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
 
 def answer_video(m, sample, max_new_tokens=256, temperature=0.0):
     """Answer video_question's sample. Returns generate()'s dict for it, plus "frames" (how many)."""
-    batch = data.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False)
-    out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
+    batch = on_device(m, data.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
+    with autocast(m):
+        out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
     return {**out, "frames": len(sample["frames"])}
 
 
@@ -143,9 +160,14 @@ def plot_evidence(answer, fps, path):
 
 def load_model(ckpt, args, cfg, tokenizer):
     """The model of a checkpoint directory (ours or released) with `cfg` (its own, --set applied) and
-    the tokenizer the data was checked with, in eval mode."""
-    return checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights, cfg=cfg,
-                                      qformer_tokenizer=args.qformer_tokenizer, tokenizer=tokenizer).eval()
+    the tokenizer the data was checked with, ready for inference (model.for_inference) on the GPU
+    when there is one, else on the CPU."""
+    m = checkpoint.from_checkpoint(ckpt, args.vision_weights, args.llm_weights, cfg=cfg,
+                                   qformer_tokenizer=args.qformer_tokenizer, tokenizer=tokenizer)
+    if torch.cuda.is_available():
+        modeling.use_cuda_settings()
+        return modeling.for_inference(m, "cuda")
+    return modeling.for_inference(m, "cpu")
 
 
 def get_args(argv=None):

@@ -194,7 +194,7 @@ def setup_distributed():
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        modeling.use_cuda_settings()
     return ddp, rank, world, local, device
 
 

@@ -7,6 +7,10 @@ import pytest
 import torch
 
 import bench
+import bench_gpu
+import config
+import data
+import model
 import plots
 import bench_decode
 import released
@@ -101,3 +105,51 @@ def test_training_curves_are_drawn_from_the_logs(tmp_path):
     drawn = plots.curves(tmp_path, tmp_path / "curves.png")
     assert drawn["sft"]["gnd"] == ([10, 20], [0.6, 0.5]) and drawn["fpo"]["rewards/accuracies"] == ([5], [0.5])
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (350, 1200)
+
+
+def test_host_work_counts_ops_and_reads_by_hand():
+    """HostWork counts every aten op, and as host reads: a value read back (.item(), bool()), a size
+    that depends on values (nonzero, indexing by a boolean mask) and a copy to the host (.tolist())."""
+    x = torch.arange(-2.0, 3.0)
+    with bench_gpu.HostWork() as w:
+        y = x * 2            # mul
+        bool(y.sum() > 0)    # sum, gt, _local_scalar_dense
+        y.nonzero()          # nonzero
+        y[y > 0]             # gt, index (bool mask)
+        y.tolist()           # a copy to the host (no aten op on the CPU)
+    assert sum(w.ops.values()) == 7 and w.totals() == (7, 4)
+    assert set(w.reads) == {"aten._local_scalar_dense", "aten.nonzero", "aten.index (bool mask)", "Tensor.tolist"}
+    assert torch.Tensor.tolist.__name__ == "tolist"  # the methods are put back
+
+
+def test_llm_shapes_are_those_the_model_lays_out(synthetic):
+    """bench_gpu.llm_shapes, read off the token counts, gives the (prefix, suffix) columns that
+    model.layout computes on the collated batches of the same epoch, for multiples 1 and 8."""
+    cfg = config.PRESETS["tiny"]
+    tok = model.add_special_tokens(model.build_tiny_tokenizer(cfg.tiny_vocab))
+    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
+    order = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0))
+    for k in (1, 8):
+        laid = set()
+        for i in range(0, len(order), 3):
+            b = data.collate([ds[j] for j in order[i:i + 3]], tok, tok, cfg)
+            lay = model.layout(b["input_ids"], b["attention_mask"], b["frame_mask"], tok.convert_tokens_to_ids(data.VIDEO), k)
+            laid.add((lay.P, lay.S))
+        assert bench_gpu.llm_shapes(ds, 3, k) == laid
+        assert all(p % k == 0 and s % k == 0 for p, s in laid)
+    assert len(bench_gpu.llm_shapes(ds, 3, 1)) > len(bench_gpu.llm_shapes(ds, 3, 64)) == 1
+
+
+def test_gpu_figures_on_the_cpu(synthetic, tmp_path):
+    """bench.py gpu's code path at tiny size on the CPU: every figure comes out, the device/CPU
+    ratio is that of the two s/step rows, and the E.T.Bench projection follows from the measured
+    prompt and per-token times."""
+    rows = bench_gpu.gpu_figures(tmp_path, "cpu", "tiny", batches=(1,), frames=4, gen_batches=(1, 2, 3), new_tokens=3,
+                                 tiny_steps=8, cpu_threads=1, log_every=4,
+                                 data_args=("--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos")))
+    got = {what: value for _, what, value, *_ in rows}
+    assert got["steps/s: device / CPU"] == pytest.approx(got["s/step on 1 CPU threads"] / got["s/step on cpu"])
+    assert got["SFT step"] > 0 and got["batch 1: greedy, 3 new tokens"] > 0 and got["batch 3: greedy, 3 new tokens"] > 0
+    prompt, token = got["batch 2: the prompt (video encoded, pass 1)"], got["batch 2: each new token after it"]
+    hours = got["E.T.Bench (7289 questions, 64 new tokens each) at batch 2, one GPU (projected)"]
+    assert hours == pytest.approx(3645 * (prompt + 64 * token) / 1e3 / 3600)

@@ -78,6 +78,63 @@ def test_layout_by_hand():
         model.layout(ids, attn, torch.zeros(2, 3, dtype=torch.bool), V)
 
 
+def test_columns_padded_to_a_multiple_change_no_result(tiny, monkeypatch):
+    """cfg.seq_multiple pads the LLM's prefix and suffix to fewer distinct shapes: the logits at the
+    real positions, the <evi> similarities and features, and greedy answers stay those of the
+    unpadded layout."""
+    samples = [sample(8), sample(5, seed=1, q="Where is the box?")]
+    b, g = batch(tiny, samples), batch(tiny, samples, with_response=False)
+    with torch.no_grad():
+        ref, ref_gen, P = tiny(b), decoding.generate(tiny, g, 12), tiny.encode_prompt(b).P
+        monkeypatch.setattr(tiny, "cfg", dataclasses.replace(tiny.cfg, seq_multiple=16))
+        pr = tiny.encode_prompt(b)
+        out, gen = tiny(b), decoding.generate(tiny, g, 12)
+    assert pr.P % 16 == 0 and pr.suffix.shape[1] % 16 == 0 and pr.P > P
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(out["logits"][real], ref["logits"][real], atol=1e-5, rtol=1e-5)
+    for k in ("sim", "evi_feats"):
+        torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+    assert [x["tokens"] for x in gen] == [x["tokens"] for x in ref_gen]
+    assert [x["spans"] for x in gen] == [x["spans"] for x in ref_gen]
+
+
+def test_one_host_read_per_generated_token(tiny):
+    """decoding.generate reads one value back per new token (whether to stop, whether any <evi> came),
+    not one per sample: counted under bench_gpu.HostWork on steps without an <evi>."""
+    import bench_gpu
+    g = batch(tiny, [sample(8), sample(5, seed=1), sample(6, seed=2)], with_response=False)
+    reads = []
+    for n in (3, 9):
+        with torch.no_grad(), bench_gpu.HostWork() as w:
+            out = decoding.generate(tiny, g, n)
+        assert all(len(o["tokens"]) == n and not o["spans"] for o in out)  # no sample stopped, no <evi>
+        reads.append(w.totals()[1])
+    assert (reads[1] - reads[0]) / 6 == 1
+
+
+def test_merged_lora_answers_as_the_unmerged():
+    """model.for_inference merges the LoRA into the LLM's weights on CUDA: greedy answers stay token
+    for token (checked here on the CPU, with a LoRA far from zero)."""
+    torch.manual_seed(0)
+    m = model.build_model(CFG).eval()
+    g = batch(m, [sample(8), sample(5, seed=1), sample(6, seed=2)], with_response=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        # <evi> where the first answer token would win: the <evi> path runs too
+        first = decoding.generate(m, g, 1)[0]["tokens"][0]
+        m.lm_head.weight[m.token_id[EVI]] = 1.01 * m.lm_head.weight[first]
+        ref = decoding.generate(m, g, 16)
+        m.llm.merge_adapter()
+        out = decoding.generate(m, g, 16)
+    assert [o["tokens"] for o in out] == [o["tokens"] for o in ref] and [o["spans"] for o in out] == [o["spans"] for o in ref]
+    assert any(o["spans"] for o in ref)  # the <evi> path ran too
+    for o, r in zip(out, ref):
+        for p, q in zip(o["probs"], r["probs"]):
+            assert p == pytest.approx(q, abs=1e-4)
+
+
 def test_mask_video_bidirectional_text_causal(tiny):
     b = batch(tiny, [sample(8)])
     with torch.no_grad():
