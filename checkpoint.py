@@ -6,6 +6,7 @@
                                                      read_config also take a released one (released.py)
     save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
     checkpoints(run_dir), latest_checkpoint(root)    finding them again; damaged(dir): checked against its manifest
+    python checkpoint.py export --ckpt DIR --out DIR [--dtype bfloat16]   ours -> the released layout (released.export)
     lock_run(run_dir)                                one writer per run directory
 
 A checkpoint directory holds adapter/ (the LoRA adapter, a peft directory), model.safetensors (the
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -30,14 +32,15 @@ import torch
 from transformers import AutoTokenizer, Phi3ForCausalLM
 
 from config import D2VLMConfig
-from files import atomic_path, read_json, read_tensors, safetensors_file, weight_map
+import cli
+import released
+# WEIGHTS: the non-LoRA tensors; QFORMER_TOKENIZER: when the Q-Former's is not the LLM's
+from files import QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, read_tensors, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
 
-WEIGHTS = "model.safetensors"  # the non-LoRA tensors of a checkpoint directory
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
-QFORMER_TOKENIZER = "qformer_tokenizer"  # when it is not the LLM's (InstructBLIP's bert-base-uncased + [DEC])
 STATE = "trainer_state.pt"     # a training run's state (train.py)
 STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
 MANIFEST = "manifest.json"     # sha256 of every other file of a checkpoint, written last
@@ -63,7 +66,6 @@ def llm_tokenizer(cfg: D2VLMConfig, llm_weights=None, tokenizer_dir=None):
 def tokenizer_of(directory, vision_weights=None, llm_weights=None):
     """The LLM tokenizer of the model from_checkpoint(directory, vision_weights, llm_weights) loads
     (ours or a released directory), without reading any weight."""
-    import released
     d = Path(directory)
     if released.is_released(d):
         return released.tokenizer_of(d)
@@ -138,20 +140,6 @@ def load_exactly(module, tensors: dict, source, prefix: str, only=None) -> None:
             own[k].copy_(t)
 
 
-def check_exactly(expected: dict, given: dict, source, shown) -> None:
-    """expected / given: {name: shape}. Raises one error naming `source` and the first tensor (as
-    shown(name) names it) that is unknown, of another shape, or missing."""
-    for k, shape in given.items():
-        if k not in expected:
-            raise ValueError(f"{source}: tensor {shown(k)} has no place in this model")
-        if tuple(shape) != tuple(expected[k]):
-            raise ValueError(f"{source}: tensor {shown(k)} has shape {tuple(shape)}, this model "
-                             f"expects {tuple(expected[k])} (check the config's widths and vocabularies)")
-    missing = sorted(set(expected) - set(given))
-    if missing:
-        raise ValueError(f"{source}: tensor {shown(missing[0])} is missing ({len(missing)} in all)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Our checkpoint directories
 
@@ -189,7 +177,6 @@ def load_weights(model: D2VLM, directory) -> None:
 def read_config(directory) -> D2VLMConfig:
     """The D2VLMConfig a checkpoint directory was saved with; for a released directory, the one its
     weights determine (released.config_from)."""
-    import released
     d = Path(directory)
     if released.is_released(d):
         return released.config_from(d)
@@ -205,7 +192,6 @@ def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLM
     tokenizer directory when it holds none). A checkpoint that is not full also needs the weight
     directories the run was built from. `cfg` replaces the saved config (same architecture, other
     training settings: FPO after SFT). `tokenizer`: what tokenizer_of(directory, ...) gave."""
-    import released
     d = Path(directory)
     if released.is_released(d):
         return released.load(d, cfg, qformer_tokenizer, tokenizer)[0]
@@ -325,3 +311,29 @@ def lock_run(run_dir):
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
     return f
+
+
+# ---------------------------------------------------------------------------------------------
+# python checkpoint.py export
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def main(argv=None):
+    ap = cli.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout (released.py).")
+    ap.add_argument("action", choices=["export"])
+    ap.add_argument("--ckpt", required=True, help="our checkpoint directory (runs/<name>/<stage>/step_NNNNNN)")
+    ap.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="tensor dtype (the release: bfloat16)")
+    ap.add_argument("--vision-weights", help="as the run was trained from (checkpoints that hold only the trained tensors)")
+    ap.add_argument("--llm-weights")
+    args = ap.parse_args(argv)
+    if Path(args.out).exists():
+        raise SystemExit(f"{args.out}: already exists")
+    model = from_checkpoint(args.ckpt, args.vision_weights, args.llm_weights)
+    out = released.export(model, args.out, DTYPES[args.dtype])
+    print(f"exported {args.ckpt} -> {out} ({args.dtype}, LoRA merged)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)

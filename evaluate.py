@@ -10,9 +10,9 @@
     python evaluate.py --ckpt RELEASED_DIR --qformer-tokenizer BERT_DIR ...   the released D2VLM weights as
                                                 they are (released.py; our exports need no tokenizer flag)
 
-The scorers live in their own modules (docs/scoring.md): etbench.py (E.T.Bench, protocols etchat
-and strict; --protocol d2vlm through etbench_d2vlm.py), captions.py (dense captioning),
-charades_youcook2.py (Charades-STA, YouCook2), on the shared rules of scoring.py.
+The scorers live in the scoring package (docs/scoring.md): scoring/etbench.py (E.T.Bench, protocols
+etchat and strict; --protocol d2vlm through scoring/d2vlm.py), scoring/captions.py (dense captioning),
+scoring/charades_youcook2.py (Charades-STA, YouCook2), on the shared rules of scoring/rules.py.
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
+import batches
 import data
 import decoding
 import event_videos
 import model as modeling
-from charades_youcook2 import charades_records, score_timechat, youcook2_records
+from scoring.charades_youcook2 import charades_records, score_timechat, youcook2_records
 from config import configure
-from etbench import PROTOCOLS, load_predictions, score_etbench, table
+from scoring.etbench import PROTOCOLS, load_predictions, score_etbench, table
 from files import atomic_path
 from video import probe, sample_frames
 
@@ -49,7 +50,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     the repetition penalty on multiple choice, the release's span text); temperature and
     max_new_tokens override its values. Sampling draws from one generator per record, seeded by
     (seed, the record's index): the same answers in any batch size, another set per seed.
-    Every video is checked first (data.VideoDataset; `ds`: that dataset when it was built already,
+    Every video is checked first (batches.VideoDataset; `ds`: that dataset when it was built already,
     before the model was loaded): an unreadable one stops the run, or with on_error="skip" its
     records are left out. A record left out (too long for the model's max_len, text + one token per
     frame; a bad video; a video that fails during the run) gets an empty response, so the scorer
@@ -57,7 +58,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     proto = {**decoding.DECODINGS[decoding_name]}
     proto.update({k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None})
     if ds is None:
-        ds = data.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
+        ds = batches.VideoDataset(records, videos, m.tokenizer, m.cfg, on_error=on_error, with_response=False)
     answers = [""] * len(records)
     failed, unfinished = [], {"max_new_tokens": 0, "context": 0}
     # batches of one task each: answers of a kind end together (a batch runs until its longest one ends)
@@ -68,7 +69,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
         ok = [s for s in samples if "failed" not in s]
         if not ok:
             continue
-        batch = on_device(m, data.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
+        batch = on_device(m, batches.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
         rec = [ds.kept[x["index"]] for x in ok]
         with autocast(m):
             outs = decoding.generate(m, batch, proto["max_new_tokens"], proto["temperature"],
@@ -119,7 +120,7 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
     if late:
         raise SystemExit(f"--question: the time {late[0][0]:g} - {late[0][1]:g} s is past the end of {video} "
                          f"({end:.1f} s)")
-    chat = data.CHAT[0].format(system=cfg.system_prompt, prompt=prompt)
+    chat = batches.CHAT[0].format(system=cfg.system_prompt, prompt=prompt)
     budget = cfg.max_len - len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - max_new_tokens
     if budget < 1:
         raise SystemExit(f"--question and --max-new-tokens leave no room for frames in max_len={cfg.max_len}")
@@ -130,7 +131,7 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
 
 def answer_video(m, sample, max_new_tokens=256, temperature=0.0):
     """Answer video_question's sample. Returns generate()'s dict for it, plus "frames" (how many)."""
-    batch = on_device(m, data.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
+    batch = on_device(m, batches.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
     with autocast(m):
         out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
     return {**out, "frames": len(sample["frames"])}
@@ -284,7 +285,7 @@ def main(argv=None):
         raw = youcook2_records(args.data)
     else:
         raw = list(data.load_records(args.data))  # every record validated (one-line error naming it)
-    ds = data.VideoDataset(raw, args.videos, tokenizer, cfg, on_error=args.on_error, with_response=False)
+    ds = batches.VideoDataset(raw, args.videos, tokenizer, cfg, on_error=args.on_error, with_response=False)
     results.mkdir(parents=True, exist_ok=True)  # a folder that cannot be written fails now, not after inference
     m = load_model(ckpt, args, cfg, tokenizer)
     records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,

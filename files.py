@@ -11,6 +11,8 @@ fails with one line naming it, whatever is wrong with it.
     is_text(x), is_number(x), show(x)   what a value read from JSON holds, and how an error quotes it
     safetensors_file(path), read_tensors(path), weight_map(index)
                               safetensors shards and their index, a truncated or foreign one refused by name
+    check_exactly(expected, given, source, shown)   a file's tensor names and shapes against a model's
+    WEIGHTS, QFORMER_TOKENIZER  the names Hugging Face directories give them (ours and the released use them)
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SHOWN = 60  # characters of a bad value quoted in an error message
+WEIGHTS = "model.safetensors"  # the single-file weights of a Hugging Face directory (ours: the non-LoRA tensors)
+QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's Q-Former tokenizer folder (bert-base-uncased + [DEC])
 
 
 def _remove(path: Path) -> None:
@@ -144,3 +148,17 @@ def weight_map(index) -> dict:
     if not isinstance(wmap, dict) or not all(isinstance(f, str) and "/" not in f and f != ".." for f in wmap.values()):
         raise ValueError(f"{index}: not a safetensors index (a 'weight_map' of tensor -> shard file in this folder)")
     return wmap
+
+
+def check_exactly(expected: dict, given: dict, source, shown) -> None:
+    """expected / given: {name: shape}. Raises one error naming `source` and the first tensor (as
+    shown(name) names it) that is unknown, of another shape, or missing."""
+    for k, shape in given.items():
+        if k not in expected:
+            raise ValueError(f"{source}: tensor {shown(k)} has no place in this model")
+        if tuple(shape) != tuple(expected[k]):
+            raise ValueError(f"{source}: tensor {shown(k)} has shape {tuple(shape)}, this model "
+                             f"expects {tuple(expected[k])} (check the config's widths and vocabularies)")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(f"{source}: tensor {shown(missing[0])} is missing ({len(missing)} in all)")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import evidence
 import losses
-from data import IGNORE
+from batches import IGNORE
 
 EPS = 1e-10
 
@@ -55,7 +55,7 @@ FACTORS = ("text", "grounding")  # the two factors of log pi(R), in the order of
 
 
 def response_logprob(out: dict, batch: dict, branch: int, alpha: float) -> torch.Tensor:
-    """The two factors of log pi(R) for one branch of a packed preference batch (data.collate of
+    """The two factors of log pi(R) for one branch of a packed preference batch (batches.collate of
     pairs; 1 = chosen, 2 = rejected), from D2VLM.forward's output.
 
     Shape: (B, 2) = [text, grounding]; their sum over the last dim is log pi(R)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import evidence
-from data import IGNORE
+from batches import IGNORE
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor):
@@ -85,7 +85,7 @@ def _mean_over(per_sample, has):
 
 
 def sft_objective(out: dict, batch: dict, cfg) -> dict:
-    """out: D2VLM.forward's dict; batch: data.collate's. Returns {"loss": the weighted sum (scalar,
+    """out: D2VLM.forward's dict; batch: batches.collate's. Returns {"loss": the weighted sum (scalar,
     differentiable), "sft", "gnd", "cons": the unweighted terms (detached scalars)}."""
     sft = _mean_over(*token_ce(out["logits"], batch["labels"]))
     ground = grounding_ce if cfg.evidence_level == "frame" else grounding_bce

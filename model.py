@@ -27,7 +27,8 @@ from transformers import (DynamicCache, InstructBlipQFormerConfig, InstructBlipQ
 import event_videos
 import evidence
 from config import D2VLMConfig, check, check_size
-from data import END, IGNORE, VIDEO
+from data import END, VIDEO
+from batches import IGNORE
 from evidence import EVI, EVI_END
 
 
@@ -130,14 +131,14 @@ class D2VLM(nn.Module):
         return out
 
     def forward(self, batch):
-        """Training forward on a collated batch (data.collate). Returns a dict:
+        """Training forward on a collated batch (batches.collate). Returns a dict:
         logits     (B, L, V) next-token logits aligned with batch["input_ids"] (at the video
                    placeholder: those of the last video token)
         sim        (B, Na, T) similarity logits of each answer <evi> over the frames
         evi_feats  (B, Na, d) evi_head features, read at the position that predicts each answer <evi>
         evi_mask   (B, Na) real entries; frame_mask (B, T)
         evi_branch (B, Na) for preference batches: 1 chosen, 2 rejected
-        A preference batch (data.collate of pairs) packs prompt, chosen and rejected response in one
+        A preference batch (batches.collate of pairs) packs prompt, chosen and rejected response in one
         sequence: batch["branch"] (0 prompt, 1 chosen, 2 rejected) keeps the rejected tokens from
         seeing the chosen ones and restarts their positions where the response starts;
         batch["prev"] gives the position each token follows (its predictor).

@@ -6,7 +6,8 @@ starting point) and D2VLM (wenzhengzeng/D2VLM-Models). shared/upstream-facts.md 
     load(dir, cfg, qformer_tokenizer) our D2VLM with its weights: E.T.Chat stage 2 (frm_head, evi_head fresh)
                                       or released D2VLM; LoRA always fresh (the release is merged)
     export(model, out, dtype)         ours -> one self-contained directory in that layout, LoRA merged
-    python released.py export --ckpt DIR --out DIR [--dtype bfloat16]
+                                      (the command: python checkpoint.py export; checkpoint.py reads either
+                                      kind of directory, this module reads only the released one)
 
 The layout: a full merged model (no adapter) in upstream's names, sharded safetensors +
 model.safetensors.index.json, config.json (model_type etchat_phi3: Phi-3's fields and E.T.Chat's),
@@ -20,16 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-import checkpoint
-import cli
 from config import PRESETS, D2VLMConfig
 from evidence import EVI, EVI_END
-from files import atomic_path, read_json, safetensors_file, weight_map
+from files import QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model
 
 MODEL_TYPE = "etchat_phi3"
@@ -129,9 +127,9 @@ def is_released(directory) -> bool:
 def _shards(d: Path) -> list:
     if (d / INDEX).is_file():
         return sorted(set(weight_map(d / INDEX).values()))
-    if (d / checkpoint.WEIGHTS).is_file():
-        return [checkpoint.WEIGHTS]
-    raise FileNotFoundError(f"{d}: no {INDEX} or {checkpoint.WEIGHTS}")
+    if (d / WEIGHTS).is_file():
+        return [WEIGHTS]
+    raise FileNotFoundError(f"{d}: no {INDEX} or {WEIGHTS}")
 
 
 def _shapes(d: Path) -> dict:
@@ -235,7 +233,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, toke
     d = Path(directory)
     up = _read_config(d)
     cfg = cfg or config_from(d)
-    qdir = Path(qformer_tokenizer) if qformer_tokenizer else d / checkpoint.QFORMER_TOKENIZER
+    qdir = Path(qformer_tokenizer) if qformer_tokenizer else d / QFORMER_TOKENIZER
     if not qdir.is_dir():
         raise FileNotFoundError(f"{d}: holds no Q-Former tokenizer (upstream builds bert-base-uncased + [DEC] in code); "
                                 "give --qformer-tokenizer DIR (bert-base-uncased, or an InstructBLIP directory's "
@@ -271,7 +269,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, toke
     fresh = [h for h in HEADS if not any(o.startswith(h) for o in given)]
     expected = {k: tuple(t.shape) for k, t in own.items() if "lora_" not in k and not k.startswith(tuple(fresh))}
     shown = {o: k for k, o in plan.items()}
-    checkpoint.check_exactly(expected, given, d, lambda k: shown.get(k) or upstream_name(k))
+    check_exactly(expected, given, d, lambda k: shown.get(k) or upstream_name(k))
     model = build_model(cfg, tok, qtok)
     own = model.state_dict()
     halves = {}
@@ -369,7 +367,7 @@ def export(model: D2VLM, out, dtype: torch.dtype = torch.bfloat16) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        names = ([checkpoint.WEIGHTS] if len(shards) == 1 else
+        names = ([WEIGHTS] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, keys in zip(names, shards):
             save_file({k: tensors[k] for k in keys}, str(tmp / name), metadata={"format": "pt"})
@@ -379,28 +377,5 @@ def export(model: D2VLM, out, dtype: torch.dtype = torch.bfloat16) -> Path:
                                                  "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}, indent=2))
         (tmp / "config.json").write_text(json.dumps(released_config(model, dtype), indent=2))
         model.tokenizer.save_pretrained(tmp)
-        model.qformer_tokenizer.save_pretrained(tmp / checkpoint.QFORMER_TOKENIZER)
+        model.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
     return out
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def main(argv=None):
-    ap = cli.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout.")
-    ap.add_argument("action", choices=["export"])
-    ap.add_argument("--ckpt", required=True, help="our checkpoint directory (runs/<name>/<stage>/step_NNNNNN)")
-    ap.add_argument("--out", required=True, help="the directory to write (must not exist)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="tensor dtype (the release: bfloat16)")
-    ap.add_argument("--vision-weights", help="as the run was trained from (checkpoints that hold only the trained tensors)")
-    ap.add_argument("--llm-weights")
-    args = ap.parse_args(argv)
-    if Path(args.out).exists():
-        raise SystemExit(f"{args.out}: already exists")
-    model = checkpoint.from_checkpoint(args.ckpt, args.vision_weights, args.llm_weights)
-    out = export(model, args.out, DTYPES[args.dtype])
-    print(f"exported {args.ckpt} -> {out} ({args.dtype}, LoRA merged)", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    cli.run(main)

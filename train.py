@@ -27,12 +27,9 @@ runs/<name>/<stage>/log.jsonl.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -45,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import batches
 import checkpoint as ckpt
 import cli
 import data
@@ -53,10 +51,10 @@ import fpo
 import losses
 import model as modeling
 import pretrain
-import released
 import synth
 from config import PRESETS, configure
-from files import atomic_path
+from rundir import (claim, cut_log, gather, param_digest, refuse_used, restore, resume_state, run_tokenizer, save,
+                    starting_model, starting_point, summarize)
 
 START = "start"  # the run name of the miniature's starting point: <out>/start/pretrain (miniature_start)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
@@ -157,30 +155,6 @@ def batch_work(batch, cfg):
                         n_frames.sum(), qf_tokens]).double()
 
 
-def param_digest(model):
-    """sha256 over the trained tensors, by name: equal digests = bit-identical trained weights."""
-    h = hashlib.sha256()
-    for n, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
-        h.update(n.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def gather(obj, world):
-    """obj from every rank, in rank order."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-
-
 def setup_distributed():
     """DDP from torchrun's environment (gloo on CPU, NCCL on CUDA); one process without it.
     Returns (ddp, rank, world size, local rank, device)."""
@@ -198,67 +172,6 @@ def setup_distributed():
     return ddp, rank, world, local, device
 
 
-def starting_point(args, run_dir):
-    """(cfg, init, resume, passed): the config this run trains with (the preset; with a released --init the
-    preset with the directory's widths; for FPO from our SFT checkpoint, its config; --set on top);
-    the directory the model starts from (None: SFT from --vision-weights / --llm-weights, or random);
-    the checkpoint --resume continues (None for a fresh run; the newest intact one, checked against
-    its manifest), which must have run with the same config; the damaged ones passed over, with why."""
-    init = None
-    if args.init and released.is_released(args.init):
-        init = Path(args.init)
-        base = released.config_from(init, PRESETS[args.preset or "d2vlm-3.8b"])
-    elif args.stage == "fpo":
-        found = [Path(args.init)] if args.init else ckpt.checkpoints(Path(args.out) / args.name / "sft")
-        if not found or not (found[-1] / ckpt.CONFIG).is_file():
-            raise SystemExit(f"fpo starts from an SFT checkpoint: none in {args.init or Path(args.out) / args.name / 'sft'} "
-                             "(run `torchrun train.py --stage sft` first, or give --init DIR)")
-        init = found[-1]
-        base = ckpt.read_config(init)
-    elif args.init and args.stage == "pretrain":
-        raise SystemExit(f"--init {args.init}: the pretrain stage starts from random weights (or --resume)")
-    elif args.init and args.stage == "sft" and (Path(args.init) / ckpt.CONFIG).is_file():
-        init = Path(args.init)
-        base = PRESETS[args.preset or "tiny"]
-    elif args.init:
-        raise SystemExit(f"--init {args.init}: sft starts from a released directory (config.json of model_type "
-                         f"{released.MODEL_TYPE}); to continue one of our runs use --resume")
-    else:
-        base = PRESETS[args.preset or "tiny"]
-    cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
-    if args.stage == "fpo" and (cfg.response_format, cfg.evidence_level) != ("factorized", "event"):
-        raise SystemExit(f"fpo: preference pairs are made for the factorized, event-level response; this run has "
-                         f"response_format={cfg.response_format}, evidence_level={cfg.evidence_level} (the ablations "
-                         "A1, A2 and B1 are SFT only, as in the paper)")
-    if not args.resume:
-        refuse_used(run_dir)
-        return cfg, init, None, []
-    found = ckpt.checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
-    passed = []  # damaged checkpoints skipped on the way to the newest intact one
-    for d in reversed(found):
-        why = ckpt.damaged(d) if (d / ckpt.STATE).is_file() else f"no {ckpt.STATE}"
-        if why is None:
-            break
-        passed.append((d, why))
-    else:
-        where = run_dir if args.resume == "latest" else args.resume
-        raise SystemExit(f"--resume: no intact checkpoint in {where}"
-                         + (f" ({passed[0][0].name}: {passed[0][1]})" if passed else ""))
-    resume = d
-    saved = ckpt.read_config(resume)
-    differ = [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
-              if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)]
-    if differ:
-        raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
-    return cfg, init, resume, passed
-
-
-def refuse_used(run_dir) -> None:
-    """A fresh run never writes over another run's checkpoints: SystemExit when run_dir holds some."""
-    if ckpt.checkpoints(run_dir):
-        raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
-
-
 def filtered(records, cfg, master):
     """The records that pass cfg's training-data filters (data.filter_records), what they left out reported."""
     if not (cfg.min_duration or cfg.max_duration or cfg.max_answer_words):
@@ -269,48 +182,6 @@ def filtered(records, cfg, master):
               f"shorter than {cfg.min_duration:g} s, {n['long']} longer than {cfg.max_duration:g} s, {n['wordy']} "
               f"with answers over {cfg.max_answer_words} words", file=sys.stderr)
     return kept
-
-
-def claim(run_dir, master, ddp):
-    """Rank 0 creates the run directory and takes its lock (checkpoint.lock_run); every rank stops
-    with the same message when it cannot. Returns the lock (rank 0) or None."""
-    lock, problem = None, None
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = ckpt.lock_run(run_dir)
-        except SystemExit as e:
-            problem = str(e.code)
-    if ddp:
-        box = [problem]
-        dist.broadcast_object_list(box, 0)
-        problem = box[0]
-    if problem:
-        raise SystemExit(problem)
-    return lock
-
-
-def cut_log(path: Path, step: int) -> None:
-    """Keep the rows of log.jsonl up to `step`: a resumed run logs the steps after it again. A line
-    torn by a kill is dropped."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("steps", row.get("step", 0)) <= step:
-            keep.append(line + "\n")
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(keep), encoding="utf-8")
-
-
-def _qformer_tokenizer(resume):
-    """The Q-Former tokenizer a resumed run saved, if it has its own."""
-    d = resume / ckpt.QFORMER_TOKENIZER if resume else None
-    return d if d is not None and d.is_dir() else None
 
 
 def resolve_data(args, master, ddp):
@@ -345,7 +216,7 @@ def training_data(args, cfg, tokenizer, run_dir, master):
                   + f"), no kind applies to {records.unusable}; written to {run_dir / 'pairs.json'}", file=sys.stderr)
     if not records:
         raise SystemExit(f"{args.pairs or args.data}: no records left to train on (filters, or no pair could be made)")
-    ds = data.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
+    ds = batches.VideoDataset(records, args.videos, tokenizer, cfg, on_error=args.on_error)
     if len(ds) == 0:
         raise SystemExit(f"{args.pairs or args.data}: no usable records ({ds.skipped_text()} left out)")
     return ds
@@ -408,39 +279,12 @@ def train(args, ddp, rank, world, local, device):
     total = args.max_steps or (max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum))) if epochs else 0)
     st = resume_state(resume, world_size=world, total=total, seed=args.seed, ref=args.ref)  # the run resumed matches
 
-    # ---- model, optimizer, schedule
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = starting_model(args, cfg, init, resume, tokenizer, master).to(device)
-    if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
-        modeling.merge_and_fresh_lora(model)
-    if args.stage == "pretrain":
-        if not resume:  # phase 1: the encoder's image-text alignment (the same on every rank)
-            pretrain.align_encoder(model, Path(args.data).with_name(event_videos.PRETRAIN_FRAMES), args.videos, cfg,
-                                   args.seed, lr_factor)
-        pretrain.set_trainable(model)  # phase 2: captions and questions, the ViT frozen again
-    if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
-        modeling.hold_frozen_in(model, torch.bfloat16)
-    # random frozen parts, or an LLM changed by merging, go into checkpoints
-    full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
-    torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
-    opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
-    if resume:
-        restore(resume, st, model, opt, rank, device)
+    # ---- model, optimizer, objective
+    raw, opt, full = model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device)
     step, epoch, micro = (st["step"], st["epoch"], st["micro"]) if resume else (0, 0, 0)
-    raw = model
-    if ddp:
-        model = DDP(model, device_ids=[local] if cuda else None)
-    collate = partial(data.collate, tokenizer=raw.tokenizer, qformer_tokenizer=raw.qformer_tokenizer, cfg=cfg)
-    keys = ("loss", "sft", "gnd", "cons")
-    if args.stage != "fpo":
-        objective = partial(losses.sft_objective, cfg=cfg)
-    else:
-        ref = None
-        if args.ref == "sft":  # the starting model's log-probs, computed once (and kept in the checkpoints)
-            ref = (st["ref_logprobs"].to(device) if resume
-                   else fpo.reference_logprobs(raw, ds, collate, cfg, rank, world, device, autocast))
-        objective = partial(fpo.objective, cfg=cfg, ref=ref)
-        keys += fpo.METRICS
+    model = DDP(raw, device_ids=[local] if cuda else None) if ddp else raw
+    collate = partial(batches.collate, tokenizer=raw.tokenizer, qformer_tokenizer=raw.qformer_tokenizer, cfg=cfg)
+    objective, keys, ref = objective_of(args, cfg, raw, ds, collate, st, resume, rank, world, device, autocast)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) // world - 1))
     stream = micro_batches(ds, sampler, cfg.batch_size, collate, workers, cuda, epoch, micro)
     if master:
@@ -481,14 +325,7 @@ def train(args, ddp, rank, world, local, device):
             step_loss += terms["loss"].detach().double()
             work += batch_work(batch, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double()
-        if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():  # stop before the update: the weights, and the last checkpoint, stay good
-            raise SystemExit(f"step {step + 1}: the loss is {step_loss.item():g} and the gradient norm "
-                             f"{grad_norm.item():g} on rank {rank}; stopped before updating the weights. The last "
-                             f"good checkpoint is {saved_to or 'none (no step was saved)'}; check the data and --set "
-                             "values (learning rates, loss weights) of this run")
+        stop_if_not_finite(step, step_loss, grad_norm, rank, ddp, saved_to)  # before the update: the weights stay good
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, micro, n_acc = step + 1, micro + k, n_acc + 1
@@ -499,22 +336,13 @@ def train(args, ddp, rank, world, local, device):
 
         # ---- log: means over the ranks and the steps since the last log
         if step % args.log_every == 0 or step == total or stop:
-            if ddp:
-                dist.all_reduce(stats)
-                dist.all_reduce(work)
-            dt = time.time() - t_log
-            mfu = train_flops(raw, *work[1:].tolist()) / dt / (args.peak_tflops * 1e12 * world) if cuda else None
-            last = log_row(step, epoch, keys, stats / (n_acc * world), work, dt, n_acc, grad_norm, opt, mfu)
-            total_skipped, total_replaced = map(sum, zip(*gather((skipped, replaced), world)))
-            if total_skipped:  # since the run (or its resume) started
-                last["skipped_samples"], last["replaced_batches"] = total_skipped, total_replaced
+            last = log_row(step, epoch, keys, stats, work, time.time() - t_log, n_acc, grad_norm, opt, (skipped, replaced),
+                           raw, args.peak_tflops, cuda, ddp, world)
             if master:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix({t: last[t] for t in ("loss", "gnd", "sft", "rewards/accuracies") if t in last})
             n_acc, t_log = 0, time.time()
-            stats.zero_()
-            work.zero_()
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == total or stop:
@@ -536,19 +364,6 @@ def train(args, ddp, rank, world, local, device):
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
 
 
-def save(run_dir, raw, opt, state, full, keep, world, device, master, ddp):
-    """A checkpoint of the run at state["step"] (state: the trainer state but the RNG and the optimizer):
-    rank 0 writes it, with every rank's RNG state; the others wait. Returns its directory (rank 0) or None."""
-    rng = gather(rng_state(device), world)
-    saved = None
-    if master:
-        saved = ckpt.save_checkpoint(run_dir, state["step"], raw, {**state, "rng": rng, "optimizer": opt.state_dict()},
-                                     full, keep)
-    if ddp:
-        dist.barrier()
-    return saved
-
-
 def readable(stream, limit):
     """The next micro-batch of `stream` that holds a sample, the messages of the samples that failed
     on the way (videos broken since the pre-flight check), and how many micro-batches held none (each
@@ -564,29 +379,6 @@ def readable(stream, limit):
                      f"since the pre-flight check (first: {failed[0]})")
 
 
-def run_tokenizer(args, cfg, init, resume):
-    """The LLM tokenizer of the model starting_model will build (the data is checked with it first)."""
-    if init is not None:
-        return ckpt.tokenizer_of(init, args.vision_weights, args.llm_weights)
-    return ckpt.llm_tokenizer(cfg, args.llm_weights, resume / ckpt.TOKENIZER if resume else None)
-
-
-def starting_model(args, cfg, init, resume, tokenizer, master):
-    """The model the run starts from: a released --init, our SFT checkpoint (FPO), or the weight
-    directories / random weights (the tokenizer and Q-Former tokenizer of a resumed run: its own)."""
-    if init is not None and released.is_released(init):
-        model, fresh = released.load(init, cfg, args.qformer_tokenizer, tokenizer)
-        if master:
-            print(f"{args.stage}: starting from {init} (released layout); fresh: {', '.join(fresh + ['LoRA'])}",
-                  file=sys.stderr)
-        return model
-    if init is not None:
-        model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg, tokenizer=tokenizer)
-        return modeling.merge_and_fresh_lora(model) if args.stage == "sft" else model
-    return ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
-                             tokenizer=tokenizer)
-
-
 def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
     """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
     while True:
@@ -598,62 +390,80 @@ def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, 
         epoch, micro = epoch + 1, 0
 
 
-def resume_state(resume, **expected):
-    """The trainer state (step, epoch, micro, rng, optimizer, ...) of the checkpoint a run resumes,
-    read before any weight is loaded: the run must match `expected` (world_size, total, seed, ref)
-    for an exact resume. {} when `resume` is None."""
-    if resume is None:
-        return {}
-    try:
-        st = torch.load(resume / ckpt.STATE, weights_only=True)
-    except Exception as e:  # a pickle of other objects, a truncated or foreign file: torch raises several kinds
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines() if x.strip()] or [""]
-        why = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])  # names the object found
-        raise ValueError(f"{resume / ckpt.STATE}: not a trainer state of plain tensors and values "
-                         f"({type(e).__name__}: {why.split('. ')[0]})") from None
-    need = ("step", "epoch", "micro", "rng", "optimizer", *expected)
-    if not isinstance(st, dict) or any(k not in st for k in need):
-        got = sorted(st) if isinstance(st, dict) else type(st).__name__
-        raise ValueError(f"{resume / ckpt.STATE}: a trainer state holds {', '.join(need)}; this one: {got}")
-    for k, v in expected.items():
-        if st[k] != v:
-            raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
-    return st
+def model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device):
+    """(model, AdamW, full): the model the stage starts from on `device` (FPO as released: the SFT
+    LoRA merged, a fresh one; pretrain: the encoder aligned first), frozen weights in bf16 on CUDA,
+    its optimizer, both restored from `resume`; full: whether checkpoints must hold every tensor."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = starting_model(args, cfg, init, resume, tokenizer, rank == 0).to(device)
+    if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
+        modeling.merge_and_fresh_lora(model)
+    if args.stage == "pretrain":
+        if not resume:  # phase 1: the encoder's image-text alignment (the same on every rank)
+            pretrain.align_encoder(model, Path(args.data).with_name(event_videos.PRETRAIN_FRAMES), args.videos, cfg,
+                                   args.seed, lr_factor)
+        pretrain.set_trainable(model)  # phase 2: captions and questions, the ViT frozen again
+    if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
+        modeling.hold_frozen_in(model, torch.bfloat16)
+    # random frozen parts, or an LLM changed by merging, go into checkpoints
+    full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
+    torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
+    opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
+    if resume:
+        restore(resume, st, model, opt, rank, device)
+    return model, opt, full
 
 
-def restore(resume, st, model, opt, rank, device) -> None:
-    """For an exact resume: the checkpoint's weights, its optimizer state and this rank's RNG state
-    (st: resume_state's) into `model`, `opt` and the process."""
-    ckpt.load_weights(model, resume)
-    opt.load_state_dict(st["optimizer"])
-    torch.set_rng_state(st["rng"][rank]["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
+def objective_of(args, cfg, raw, ds, collate, st, resume, rank, world, device, autocast):
+    """(objective(out, batch) -> terms, the logged terms' names, FPO's reference log-probs or None):
+    SFT's (pretrain too), or FPO's with --ref sft's log-probs of the starting model, computed once
+    (kept in the checkpoints, read back on resume)."""
+    keys = ("loss", "sft", "gnd", "cons")
+    if args.stage != "fpo":
+        return partial(losses.sft_objective, cfg=cfg), keys, None
+    ref = None
+    if args.ref == "sft":
+        ref = (st["ref_logprobs"].to(device) if resume
+               else fpo.reference_logprobs(raw, ds, collate, cfg, rank, world, device, autocast))
+    return partial(fpo.objective, cfg=cfg, ref=ref), keys + fpo.METRICS, ref
 
 
-def log_row(step, epoch, keys, means, work, dt, n_steps, grad_norm, opt, mfu):
-    """One line of log.jsonl: the objective's terms (means), gradient norm, learning rates, throughput."""
+def stop_if_not_finite(step, step_loss, grad_norm, rank, ddp, saved_to) -> None:
+    """SystemExit naming the step, the loss, the gradient norm and the last good checkpoint when any
+    rank's loss or gradient norm is not finite."""
+    bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise SystemExit(f"step {step + 1}: the loss is {step_loss.item():g} and the gradient norm "
+                         f"{grad_norm.item():g} on rank {rank}; stopped before updating the weights. The last "
+                         f"good checkpoint is {saved_to or 'none (no step was saved)'}; check the data and --set "
+                         "values (learning rates, loss weights) of this run")
+
+
+def log_row(step, epoch, keys, stats, work, dt, n_steps, grad_norm, opt, skips, raw, peak_tflops, cuda, ddp, world):
+    """One line of log.jsonl: means over the ranks and the n_steps steps since the last log of the
+    objective's terms (stats, summed) and throughput (work), the gradient norm, learning rates, MFU
+    on CUDA, the samples skipped and batches replaced since the run started (when any). Zeroes
+    stats and work for the next interval."""
+    if ddp:
+        dist.all_reduce(stats)
+        dist.all_reduce(work)
+    mfu = train_flops(raw, *work[1:].tolist()) / dt / (peak_tflops * 1e12 * world) if cuda else None
+    means = stats / (n_steps * world)
     rec = {"step": step, "epoch": epoch, **{t: round(float(v), 5) for t, v in zip(keys, means)},
            "grad_norm": round(float(grad_norm), 4), "lr_lora": opt.param_groups[0]["lr"],
            "lr_other": opt.param_groups[1]["lr"], "samples_per_s": round(float(work[0]) / dt, 2),
            "tokens_per_s": round(float(work[1]) / dt, 1), "s_per_step": round(dt / n_steps, 4)}
     if mfu is not None:
         rec["mfu"] = round(mfu, 4)
+    total_skipped, total_replaced = map(sum, zip(*gather(skips, world)))
+    if total_skipped:
+        rec["skipped_samples"], rec["replaced_batches"] = total_skipped, total_replaced
+    stats.zero_()
+    work.zero_()
     return rec
-
-
-def summarize(log, stage, step, total, done, wall, last, saved_to, digests):
-    """The closing line of log.jsonl and of the run's output."""
-    summary = {"summary": True, "stage": stage, "steps": step, "wall_s": round(wall, 1),
-               "s_per_step": round(wall / max(done, 1), 4), "final": last if done else None,
-               "checkpoint": str(saved_to), "rank_digests": digests}
-    log.write(json.dumps(summary) + "\n")
-    log.close()
-    fin = (f"loss {last['loss']:.4f} (sft {last['sft']:.4f}, gnd {last['gnd']:.4f}, cons {last['cons']:.4f}"
-           + (f", fpo {last['fpo']:.4f}, reward accuracy {last['rewards/accuracies']:.3f}" if "fpo" in last else "")
-           + ")" if done else "no steps run")
-    print(f"{stage}: {done} steps to step {step}/{total} in {wall:.1f} s ({wall / max(done, 1):.3f} s/step), "
-          f"{fin}; checkpoint {saved_to}", file=sys.stderr)
 
 
 if __name__ == "__main__":

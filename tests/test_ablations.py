@@ -8,12 +8,13 @@ import statistics
 import pytest
 import torch
 
-import ablations
+from measure import ablations
 import checkpoint
 import config
+import batches
 import data
 import decoding
-import etbench
+from scoring import etbench
 import evaluate
 import evidence
 import losses
@@ -113,8 +114,8 @@ def _objective(fmt, level, dvc, synthetic):
     cfg = dataclasses.replace(CFG, response_format=fmt, evidence_level=level)
     torch.manual_seed(0)
     m = model.build_model(cfg)
-    ds = data.VideoDataset([dvc], synthetic / "videos", m.tokenizer, cfg)
-    b = data.collate([ds[0]], m.tokenizer, m.qformer_tokenizer, cfg)
+    ds = batches.VideoDataset([dvc], synthetic / "videos", m.tokenizer, cfg)
+    b = batches.collate([ds[0]], m.tokenizer, m.qformer_tokenizer, cfg)
     out = m(b)
     return cfg, b, out, losses.sft_objective(out, b, cfg)
 
@@ -166,8 +167,8 @@ def test_frame_level_generation_pairs_boundaries(synthetic, monkeypatch):
     m = model.build_model(cfg).eval()
     monkeypatch.setattr(decoding, "_choose", lambda logits, *_: torch.full(logits.shape[:1], m.token_id[EVI]))
     recs = [r for r in json.loads((synthetic / "test.json").read_text()) if r["task"] == "tvg"][:1]
-    ds = data.VideoDataset(recs, synthetic / "videos", m.tokenizer, cfg, with_response=False)
-    b = data.collate([ds[0]], m.tokenizer, m.qformer_tokenizer, cfg, with_response=False)
+    ds = batches.VideoDataset(recs, synthetic / "videos", m.tokenizer, cfg, with_response=False)
+    b = batches.collate([ds[0]], m.tokenizer, m.qformer_tokenizer, cfg, with_response=False)
     g = decoding.generate(m, b, max_new_tokens=5)[0]
     n = sum(t == m.token_id[EVI] for t in g["tokens"])
     assert n == 5 and len(g["probs"]) == 5 and len(g["spans"]) == 3  # 2 + 2 + 1 boundaries

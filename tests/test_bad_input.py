@@ -19,16 +19,17 @@ import torch
 import checkpoint
 import cli
 import config
+import batches
 import data
-import etbench
+from scoring import etbench
 import evaluate
 import synth
 import train
 import video
-from captions import cut_pairs, dvc_format, score_dvc
+from scoring.captions import cut_pairs, dvc_format, score_dvc
 from evidence import EVI
 from model import build_tiny_tokenizer
-from scoring import PAIR, BadField, check_span
+from scoring.rules import PAIR, BadField, check_span
 from test_reliability import _write as write_video
 from test_scoring_fuzz import HashEmbedder, PlainCaptionScorers
 
@@ -286,11 +287,11 @@ def test_duration_and_links_are_checked_against_the_video_folder(synthetic, tmp_
     cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
     recs = _tvg(synthetic)
     length = video.probe(synthetic / "videos" / recs[0]["video"])["declared"]
-    slack = max(data.DURATION_SLACK_S, data.DURATION_SLACK_FRACTION * length)
+    slack = max(batches.DURATION_SLACK_S, batches.DURATION_SLACK_FRACTION * length)
     off = [{**recs[0], "duration": 1e308}, {**recs[1], "duration": recs[1]["duration"] + slack * 0.9}, recs[2]]
     with pytest.raises(ValueError, match=r"record 0: field 'duration': 1e\+308 s, its video \S+ is 36.0 s long \(1 records"):
-        data.VideoDataset(off, synthetic / "videos", tok, cfg)
-    ds = data.VideoDataset(off, synthetic / "videos", tok, cfg, on_error="skip")  # within the slack: kept
+        batches.VideoDataset(off, synthetic / "videos", tok, cfg)
+    ds = batches.VideoDataset(off, synthetic / "videos", tok, cfg, on_error="skip")  # within the slack: kept
     assert ds.kept == [1, 2] and ds.skipped["bad_duration"] == 1
     assert "1 whose duration is not their video's" in capsys.readouterr().err
     folder = tmp_path / "videos"
@@ -303,8 +304,8 @@ def test_duration_and_links_are_checked_against_the_video_folder(synthetic, tmp_
     shutil.copy(synthetic / "videos" / recs[2]["video"], folder / "sub" / "v.mp4")
     os.symlink(folder / "sub" / "v.mp4", folder / recs[2]["video"])
     with pytest.raises(FileNotFoundError, match=rf"record 0: field 'video': \S+ links to {outside}, outside the video folder"):
-        data.VideoDataset(recs, folder, tok, cfg)
-    ds = data.VideoDataset(recs, folder, tok, cfg, on_error="skip")
+        batches.VideoDataset(recs, folder, tok, cfg)
+    ds = batches.VideoDataset(recs, folder, tok, cfg, on_error="skip")
     assert ds.kept == [2] and ds.skipped["missing_video"] == 2
 
 

@@ -1,4 +1,4 @@
-"""bench.py's comparisons are only fair if the alternatives do the same work: the seek-per-sample
+"""measure/: bench.py's comparisons are only fair if the alternatives do the same work: the seek-per-sample
 sampler must pick exactly the frames of video.sample_frames."""
 import json
 import re
@@ -6,15 +6,13 @@ import re
 import pytest
 import torch
 
-import bench
-import bench_gpu
 import config
+import batches
 import data
 import model
-import plots
-import bench_decode
 import released
 import video
+from measure import decode, gpu, plots, runs, steps
 from test_video import index_clip, read_index
 
 
@@ -22,45 +20,45 @@ from test_video import index_clip, read_index
 def test_seek_sampler_takes_the_frames_of_the_sequential_one(tmp_path, video_fps, fps, n):
     index_clip(tmp_path / "c.mp4", n, video_fps)
     ref = video.sample_frames(tmp_path / "c.mp4", fps=fps, size=48)
-    seek = bench_decode.sample_frames_seek(tmp_path / "c.mp4", fps=fps, size=48)
+    seek = decode.sample_frames_seek(tmp_path / "c.mp4", fps=fps, size=48)
     assert [read_index(f) for f in seek] == [read_index(f) for f in ref]
     assert torch.equal(seek, ref)
 
 
 def test_make_clip_streams_frames_and_is_reused(tmp_path):
-    clip = bench_decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10)
+    clip = decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10)
     frames = video.sample_frames(clip, fps=1.0, size=48)
     assert frames.shape == (3, 3, 48, 48)  # t = 0, 1, 2 s of a 3-s clip
     mtime = clip.stat().st_mtime_ns
-    assert bench_decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10).stat().st_mtime_ns == mtime
+    assert decode.make_clip(tmp_path / "m.mp4", 3, 64, 48, 10).stat().st_mtime_ns == mtime
 
 
 def test_projected_hours_by_hand():
     # 164,000 samples, SFT 2.0 s + FPO 2.5 s per step of 8 samples, 4 GPUs: 164000 / 8 * 4.5 / 4 s = 6.40625 h
-    assert bench.projected_hours(164_000, 2.0, 2.5, 8, 4) == pytest.approx(6.40625)
-    assert bench.projected_hours(164_000, 2.0, 2.5, 8, 1) == pytest.approx(4 * 6.40625)
+    assert steps.projected_hours(164_000, 2.0, 2.5, 8, 4) == pytest.approx(6.40625)
+    assert steps.projected_hours(164_000, 2.0, 2.5, 8, 1) == pytest.approx(4 * 6.40625)
 
 
 def test_realsize_rows_on_a_small_preset():
     """The real-size code path (CUDA in bench.py) at tiny size on the CPU: every figure comes out,
     positive and consistent with the others (samples/s from the step time and the batch; the
     projection from the measured SFT and FPO steps)."""
-    rows = {what: value for _, what, value, *_ in bench.realsize_figures("tiny", frames=8, steps=1, device="cpu")}
+    rows = {what: value for _, what, value, *_ in steps.realsize_figures("tiny", frames=8, steps=1, device="cpu")}
     sft, fpo = rows["SFT step"], rows["FPO step (packed pair)"]
     assert sft > 0 and fpo > 0 and rows["samples/s"] == pytest.approx(4 / sft)  # tiny: batch 4
     assert rows["LLM tokens/s"] > rows["samples/s"]
     hours = {n: rows[f"E.T.Instruct-164K SFT + FPO on {n} GPU(s) (projected, ideal scaling)"] for n in (1, 4, 8)}
-    assert hours[1] == pytest.approx(bench.projected_hours(bench_decode.ETINSTRUCT["samples"], sft, fpo, 4, 1))
+    assert hours[1] == pytest.approx(steps.projected_hours(decode.ETINSTRUCT["samples"], sft, fpo, 4, 1))
     assert hours[1] == pytest.approx(4 * hours[4]) == pytest.approx(8 * hours[8])
 
 
 def test_loader_row_at_real_size(tmp_path, monkeypatch):
     """The loader row on a small 146-s clip: the projected step of d2vlm-3.8b per sample is the
     FLOP count DESIGN §8 gives (≈ 93 TFLOP, 82 % of it the frozen ViT) at 50 % of an H100."""
-    monkeypatch.setitem(bench_decode.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
-    monkeypatch.setitem(bench_decode.ETINSTRUCT, "width", 64)
-    monkeypatch.setitem(bench_decode.ETINSTRUCT, "height", 36)
-    rows = {what: value for _, what, value, *_ in bench_decode.loader_figures(tmp_path, repeat=1)}
+    monkeypatch.setitem(decode.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
+    monkeypatch.setitem(decode.ETINSTRUCT, "width", 64)
+    monkeypatch.setitem(decode.ETINSTRUCT, "height", 36)
+    rows = {what: value for _, what, value, *_ in decode.loader_figures(tmp_path, repeat=1)}
     step = next(k for k in rows if k.startswith("projected training step"))
     tflop = float(re.search(r"\((\d+) TFLOP\)", step).group(1))
     assert 85 <= tflop <= 100
@@ -72,7 +70,7 @@ def test_loader_row_at_real_size(tmp_path, monkeypatch):
 def test_memory_rows_at_real_size():
     """Frozen weights in bf16 halve their bytes: with the ViT (985,952,256) and Phi-3's base
     weights (3,821,079,552) frozen, the parameters fall from over 19 GB to a bit over half that."""
-    rows = {what: value for _, what, value, *_ in bench.memory_figures()}
+    rows = {what: value for _, what, value, *_ in steps.memory_figures()}
     gib, frozen_known = 2 ** 30, 985_952_256 + 3_821_079_552
     before, after = rows["parameters, all fp32"] * gib, rows["parameters, frozen in bf16, trained in fp32"] * gib
     assert before >= 4 * (frozen_known + 185_660_160)
@@ -84,7 +82,7 @@ def test_realwidth_one_layer_on_the_cpu(tmp_path):
     """The real widths with one layer each, started from an E.T.Chat stage-2 directory, under bf16
     autocast: both steps run with finite losses, the saved checkpoint reloads bit for bit,
     generation produces tokens, and the export is a released-layout directory of the same depth."""
-    rows = {what: value for _, what, value, *_ in bench.realwidth_figures(layers=1, frames=4, new_tokens=2,
+    rows = {what: value for _, what, value, *_ in runs.realwidth_figures(layers=1, frames=4, new_tokens=2,
                                                                           out_dir=tmp_path / "rw")}
     assert rows["SFT step"] > 0 and rows["FPO step (packed pair)"] > 0
     assert rows["trained weights after from_checkpoint: bit-identical (1 = yes)"] == 1.0
@@ -111,7 +109,7 @@ def test_host_work_counts_ops_and_reads_by_hand():
     """HostWork counts every aten op, and as host reads: a value read back (.item(), bool()), a size
     that depends on values (nonzero, indexing by a boolean mask) and a copy to the host (.tolist())."""
     x = torch.arange(-2.0, 3.0)
-    with bench_gpu.HostWork() as w:
+    with gpu.HostWork() as w:
         y = x * 2            # mul
         bool(y.sum() > 0)    # sum, gt, _local_scalar_dense
         y.nonzero()          # nonzero
@@ -123,28 +121,28 @@ def test_host_work_counts_ops_and_reads_by_hand():
 
 
 def test_llm_shapes_are_those_the_model_lays_out(synthetic):
-    """bench_gpu.llm_shapes, read off the token counts, gives the (prefix, suffix) columns that
+    """gpu.llm_shapes, read off the token counts, gives the (prefix, suffix) columns that
     model.layout computes on the collated batches of the same epoch, for multiples 1 and 8."""
     cfg = config.PRESETS["tiny"]
     tok = model.add_special_tokens(model.build_tiny_tokenizer(cfg.tiny_vocab))
-    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
+    ds = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
     order = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0))
     for k in (1, 8):
         laid = set()
         for i in range(0, len(order), 3):
-            b = data.collate([ds[j] for j in order[i:i + 3]], tok, tok, cfg)
+            b = batches.collate([ds[j] for j in order[i:i + 3]], tok, tok, cfg)
             lay = model.layout(b["input_ids"], b["attention_mask"], b["frame_mask"], tok.convert_tokens_to_ids(data.VIDEO), k)
             laid.add((lay.P, lay.S))
-        assert bench_gpu.llm_shapes(ds, 3, k) == laid
+        assert gpu.llm_shapes(ds, 3, k) == laid
         assert all(p % k == 0 and s % k == 0 for p, s in laid)
-    assert len(bench_gpu.llm_shapes(ds, 3, 1)) > len(bench_gpu.llm_shapes(ds, 3, 64)) == 1
+    assert len(gpu.llm_shapes(ds, 3, 1)) > len(gpu.llm_shapes(ds, 3, 64)) == 1
 
 
 def test_gpu_figures_on_the_cpu(synthetic, tmp_path):
     """bench.py gpu's code path at tiny size on the CPU: every figure comes out, the device/CPU
     ratio is that of the two s/step rows, and the E.T.Bench projection follows from the measured
     prompt and per-token times."""
-    rows = bench_gpu.gpu_figures(tmp_path, "cpu", "tiny", batches=(1,), frames=4, gen_batches=(1, 2, 3), new_tokens=3,
+    rows = gpu.gpu_figures(tmp_path, "cpu", "tiny", batches=(1,), frames=4, gen_batches=(1, 2, 3), new_tokens=3,
                                  tiny_steps=8, cpu_threads=1, log_every=4,
                                  data_args=("--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos")))
     got = {what: value for _, what, value, *_ in rows}

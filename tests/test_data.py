@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import config
+import batches
 import data
 import model
 from data import EVI, EVI_END
@@ -229,7 +230,7 @@ def test_bad_files(tmp_path):
 def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
     cfg = config.PRESETS["tiny"]
     tok = model.build_tiny_tokenizer(cfg.tiny_vocab)
-    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
+    ds = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, cfg)
     assert len(ds) == 12 and ds.skipped == {"invalid": 0, "missing_video": 0, "bad_video": 0, "bad_duration": 0, "too_long": 0}
     s = ds[0]
     assert s["frames"].dtype == torch.uint8 and s["frames"].shape[1:] == (3, cfg.image_size, cfg.image_size)
@@ -237,12 +238,12 @@ def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
     # dvc answers are longer than tvg ones: a max_len between the two keeps only the tvg records
     lengths = []
     for ev in ds.items:
-        n = len(tok(data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) + data.CHAT[1].format(
+        n = len(tok(batches.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) + batches.CHAT[1].format(
             response=ev["response"]), add_special_tokens=False)["input_ids"])
         lengths.append(n - 1 + math.ceil(ev["duration"]))
     tvg = [n for n, ev in zip(lengths, ds.items) if ev["task"] == "tvg"]
     cut = max(tvg)
-    short = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, dataclasses.replace(cfg, max_len=cut))
+    short = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", tok, dataclasses.replace(cfg, max_len=cut))
     assert len(short) == sum(n <= cut for n in lengths) and short.skipped["too_long"] == sum(n > cut for n in lengths)
     assert short.skipped["too_long"] > 0 and "longer than max_len" in capsys.readouterr().err
     # a record whose video file is missing: one error naming the record, or a counted skip
@@ -251,8 +252,8 @@ def test_dataset_counts_and_skips(synthetic, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(recs))
     with pytest.raises(FileNotFoundError, match=r"record 2: field 'video': .*nope.mp4 not found"):
-        data.VideoDataset(bad, synthetic / "videos", tok, cfg)
-    assert data.VideoDataset(bad, synthetic / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1
+        batches.VideoDataset(bad, synthetic / "videos", tok, cfg)
+    assert batches.VideoDataset(bad, synthetic / "videos", tok, cfg, on_error="skip").skipped["missing_video"] == 1
 
 
 def test_the_release_training_data_filters(synthetic):
@@ -290,8 +291,8 @@ def test_qformer_instruction_as_the_release_tokenizes_it():
     assert config.PRESETS["d2vlm-3.8b"].qformer_special_tokens and not config.PRESETS["tiny"].qformer_special_tokens
     for n in (8, 256):
         cfg = dataclasses.replace(config.PRESETS["d2vlm-3.8b"], qformer_max_text=n)
-        ids = data.collate([s], tok, tok, cfg, with_response=False)["qformer_ids"][0].tolist()
+        ids = batches.collate([s], tok, tok, cfg, with_response=False)["qformer_ids"][0].tolist()
         assert ids == tok(q, truncation=True, max_length=n)["input_ids"] and ids[0] == 101 and ids[-1] == 102
     plain = dataclasses.replace(config.PRESETS["d2vlm-3.8b"], qformer_max_text=6, qformer_special_tokens=False)
-    assert data.collate([s], tok, tok, plain, with_response=False)["qformer_ids"][0].tolist() == \
+    assert batches.collate([s], tok, tok, plain, with_response=False)["qformer_ids"][0].tolist() == \
         tok(q, add_special_tokens=False)["input_ids"][-6:]

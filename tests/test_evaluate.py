@@ -8,7 +8,7 @@ import torch
 
 import checkpoint
 import config
-import etbench
+from scoring import etbench
 import evaluate as ev
 import model
 import video

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 import config
+import batches
 import data
 import evidence
 import fpo
 import model
 import synth
-from data import EVI, EVI_END, IGNORE
+from data import EVI, EVI_END
+from batches import IGNORE
 
 
 CFG = config.PRESETS["tiny"]
@@ -78,7 +80,7 @@ def test_packed_pair_equals_two_separate_forwards():
     for ev, kind, n in ((dvc, "delete", 14), (tvg, "shift", 9), (dvc, "tamper", 14)):
         ev = {**ev, "frames": data.to_frames(ev["spans"])}
         pairs.append({"evidence": {**ev, "rejected": synth.perturb(ev, kind, rng)}, "frames": clip(n, n)})
-    batch = data.collate(pairs, m.tokenizer, m.qformer_tokenizer, CFG)
+    batch = batches.collate(pairs, m.tokenizer, m.qformer_tokenizer, CFG)
     with torch.no_grad():
         out = m(batch)
     chosen, rejected = fpo.policy_logprobs(out, batch, CFG.alpha)
@@ -91,7 +93,7 @@ def test_packed_pair_equals_two_separate_forwards():
                 ev = {**ev, "response": r["response"], "spans": r["spans"], "frames": data.to_frames(r["spans"])}
             ev = {k: v for k, v in ev.items() if k != "rejected"}
             singles.append({"evidence": ev, "frames": p["frames"]})
-        b = data.collate(singles, m.tokenizer, m.qformer_tokenizer, CFG)  # plain batches, no packing
+        b = batches.collate(singles, m.tokenizer, m.qformer_tokenizer, CFG)  # plain batches, no packing
         with torch.no_grad():
             o = m(b)
         text = fpo.token_logprobs(o["logits"], b["labels"]).sum(1)

@@ -7,7 +7,7 @@ import torch
 
 import config
 import losses
-from data import IGNORE
+from batches import IGNORE
 
 
 CFG = config.PRESETS["tiny"]

@@ -9,6 +9,7 @@ from transformers import (InstructBlipConfig, InstructBlipForConditionalGenerati
 
 import checkpoint
 import config
+import batches
 import data
 import decoding
 import model
@@ -41,7 +42,7 @@ def sample(n, response=f"{EVI}{EVI_END}The event happens in {EVI} seconds.", spa
 
 
 def batch(m, samples, with_response=True):
-    return data.collate(samples, m.tokenizer, m.qformer_tokenizer, CFG, with_response=with_response)
+    return batches.collate(samples, m.tokenizer, m.qformer_tokenizer, CFG, with_response=with_response)
 
 
 def test_text_only_logits_equal_plain_phi3(tiny):
@@ -51,7 +52,7 @@ def test_text_only_logits_equal_plain_phi3(tiny):
     plain.load_state_dict(sd, strict=True)
     ids = tiny.tokenizer(["<|user|>\nwhere is the red square?<|end|>\n<|assistant|>\nat 3.0 - 5.0 seconds",
                           "<|user|>\nhello<|end|>"], add_special_tokens=False)["input_ids"]
-    input_ids, attn = data._pad(ids, tiny.tokenizer.pad_token_id)
+    input_ids, attn = batches._pad(ids, tiny.tokenizer.pad_token_id)
     b = {"input_ids": input_ids, "attention_mask": attn, "labels": torch.full_like(input_ids, -100),
          "answer_spans": torch.zeros(2, 0, 2, dtype=torch.long)}
     with torch.no_grad():
@@ -100,12 +101,12 @@ def test_columns_padded_to_a_multiple_change_no_result(tiny, monkeypatch):
 
 def test_one_host_read_per_generated_token(tiny):
     """decoding.generate reads one value back per new token (whether to stop, whether any <evi> came),
-    not one per sample: counted under bench_gpu.HostWork on steps without an <evi>."""
-    import bench_gpu
+    not one per sample: counted under gpu.HostWork on steps without an <evi>."""
+    from measure import gpu
     g = batch(tiny, [sample(8), sample(5, seed=1), sample(6, seed=2)], with_response=False)
     reads = []
     for n in (3, 9):
-        with torch.no_grad(), bench_gpu.HostWork() as w:
+        with torch.no_grad(), gpu.HostWork() as w:
             out = decoding.generate(tiny, g, n)
         assert all(len(o["tokens"]) == n and not o["spans"] for o in out)  # no sample stopped, no <evi>
         reads.append(w.totals()[1])
@@ -351,7 +352,7 @@ def test_seeded_sampling_is_repeatable_and_batch_invariant(evi_happy):
 
 
 def test_release_span_text_reads_back_through_the_scorers():
-    import etbench
+    from scoring import etbench
     text = data.render(f"{EVI}{EVI_END}The event happens in {EVI}.", [[12.0, 18.0]] * 2, "release")
     assert text == "12 - 18 </evi>The event happens in 12 - 18 ."
     rec = {"task": "tvg", "source": "s", "video": "v.mp4", "q": "q", "tgt": [12.0, 18.0], "a": text}
@@ -405,7 +406,7 @@ def test_semantic_capture_off_leaves_answer_evi_as_token_embeddings(evi_happy):
     m = evi_happy
     b = batch(m, [sample(6, seed=0, q=f"What happens after {EVI}?", qspans=((1, 2),))])
     pr = m.encode_prompt(b)
-    pos, mask = model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] != data.IGNORE))
+    pos, mask = model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] != batches.IGNORE))
     on = m.suffix_embeds(pr, pos, mask, b["answer_spans"])
     m.cfg = dataclasses.replace(CFG, semantic_capture=False)
     try:
@@ -415,7 +416,7 @@ def test_semantic_capture_off_leaves_answer_evi_as_token_embeddings(evi_happy):
         raw = m.decoder.embed_tokens(torch.tensor([m.token_id[EVI]]))[0]
         torch.testing.assert_close(off[0, cols], raw.expand(len(cols), -1), rtol=0, atol=0)
         assert not torch.equal(on[0, cols], off[0, cols])
-        q = model._gather_idx(pr.col, model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] == data.IGNORE))[0])
+        q = model._gather_idx(pr.col, model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] == batches.IGNORE))[0])
         assert not torch.equal(pr.suffix[0, q[0] - pr.P], raw)  # the question <evi> still takes in its span
         g = decoding.generate(m, batch(m, [sample(6, seed=0)], with_response=False), max_new_tokens=10)
         assert g[0]["spans"]  # <evi> are still emitted and grounded, only not fed their frames

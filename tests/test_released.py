@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import config
+import batches
 import data
 import evaluate
 import layouts
@@ -71,7 +72,7 @@ def test_phi3_sliding_window_is_not_applied():
     torch.manual_seed(0)
     m = build_model(cfg).eval()
     ids = torch.randint(10, 200, (1, 24))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, data.IGNORE),
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, batches.IGNORE),
              "answer_spans": torch.zeros(1, 0, 2, dtype=torch.long)}
     with torch.no_grad():
         full = m(batch)["logits"]
@@ -168,8 +169,8 @@ def test_export_round_trip_same_logits(tmp_path, synthetic):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     records = json.loads((synthetic / "train.json").read_text())[:3]
-    ds = data.VideoDataset(records, (synthetic / "videos"), m.tokenizer, cfg)
-    batch = data.collate([ds[i] for i in range(len(ds))], m.tokenizer, m.qformer_tokenizer, cfg)
+    ds = batches.VideoDataset(records, (synthetic / "videos"), m.tokenizer, cfg)
+    batch = batches.collate([ds[i] for i in range(len(ds))], m.tokenizer, m.qformer_tokenizer, cfg)
     with torch.no_grad():
         want = m(batch)
     out = released.export(m, tmp_path / "fp32", torch.float32)
@@ -205,7 +206,7 @@ def test_etchat_stage_2_to_sft_fpo_export_evaluate(weights, synthetic, tmp_path)
     fpo = tmp_path / "runs" / "et" / "fpo" / "step_000002"
     rows = [json.loads(line) for line in (fpo.parent / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
-    released.main(["export", "--ckpt", str(fpo), "--out", str(tmp_path / "exported")])
+    checkpoint.main(["export", "--ckpt", str(fpo), "--out", str(tmp_path / "exported")])
     test = json.loads((synthetic / "test.json").read_text())[:2]
     (tmp_path / "few.json").write_text(json.dumps(test))
     ev = ["--data", str(tmp_path / "few.json"), "--videos", str((synthetic / "videos")), "--max-new-tokens", "6"]

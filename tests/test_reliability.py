@@ -15,6 +15,7 @@ import pytest
 
 import checkpoint
 import config
+import batches
 import data
 import losses
 import train
@@ -96,8 +97,8 @@ def test_bad_videos_stop_the_dataset_or_are_counted(synthetic, bad_videos, tmp_p
     recs[1] = {**recs[1], "video": "broken.mp4"}
     cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
     with pytest.raises(ValueError, match=r"record 1: field 'video': .*broken.mp4: cannot open as a video .*\(1 records"):
-        data.VideoDataset(recs, folder, tok, cfg)
-    ds = data.VideoDataset(recs, folder, tok, cfg, on_error="skip")
+        batches.VideoDataset(recs, folder, tok, cfg)
+    ds = batches.VideoDataset(recs, folder, tok, cfg, on_error="skip")
     assert len(ds) == 2 and ds.skipped["bad_video"] == 1 and "1 with an unreadable video" in capsys.readouterr().err
 
 
@@ -106,7 +107,7 @@ def test_spans_past_the_end_of_the_video_are_counted(synthetic, capsys):
     end = video.probe(synthetic / "videos" / recs[0]["video"])["end"]
     answer = {"from": "gpt", "value": f"The event happens in {end + 1.2:.1f} - {end + 2.5:.1f} seconds."}
     recs[0] = {**recs[0], "duration": end + 3, "conversations": [recs[0]["conversations"][0], answer]}  # within the slack
-    ds = data.VideoDataset(recs, synthetic / "videos", build_tiny_tokenizer(1000), config.PRESETS["tiny"])
+    ds = batches.VideoDataset(recs, synthetic / "videos", build_tiny_tokenizer(1000), config.PRESETS["tiny"])
     assert len(ds) == 3 and [i for i, _ in ds.past_end] == [0]
     assert "1 records have a span past the last frame" in capsys.readouterr().err
 
@@ -116,13 +117,13 @@ def test_a_video_that_breaks_mid_run_is_skipped(synthetic, tmp_path):
     shutil.copytree(synthetic / "videos", folder)
     cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
     recs = _records(synthetic)
-    ds = data.VideoDataset(recs, folder, tok, cfg)
+    ds = batches.VideoDataset(recs, folder, tok, cfg)
     (folder / recs[0]["video"]).write_text("overwritten since the check")
     item = ds[0]
     assert "failed" in item and f"record 0: {folder / recs[0]['video']}" in item["failed"]
-    batch = data.collate([item, ds[1]], tok, tok, cfg)
+    batch = batches.collate([item, ds[1]], tok, tok, cfg)
     assert batch["input_ids"].shape[0] == 1 and len(batch["failed"]) == 1
-    assert data.collate([item], tok, tok, cfg) == {"failed": [item["failed"]]}
+    assert batches.collate([item], tok, tok, cfg) == {"failed": [item["failed"]]}
 
 
 def test_training_survives_a_video_that_breaks_mid_run(synthetic, tmp_path, monkeypatch, capsys):
@@ -270,13 +271,13 @@ def test_a_video_longer_than_its_annotation_is_never_cut(synthetic):
     answer = {"from": "gpt", "value": "The event happens in 1.0 - 2.0 seconds."}
     short = {**rec, "duration": end - 3, "conversations": [rec["conversations"][0], answer]}  # within the slack
     cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
-    ds = data.VideoDataset([short], synthetic / "videos", tok, cfg)
+    ds = batches.VideoDataset([short], synthetic / "videos", tok, cfg)
     assert len(ds[0]["frames"]) == int(end * cfg.fps) + 1 > short["duration"] + 1
     ev = data.to_evidence(short, cfg.fps)
     n_text = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
-                 (data.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), data.CHAT[1].format(response=ev["response"])))
+                 (batches.CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]), batches.CHAT[1].format(response=ev["response"])))
     need = n_text - 1 + len(ds[0]["frames"])  # the placeholder becomes one token per frame
-    fits = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need}"]))
+    fits = batches.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need}"]))
     assert len(fits) == 1 and len(fits[0]["frames"]) == len(ds[0]["frames"])
-    tight = data.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need - 1}"]))
+    tight = batches.VideoDataset([short], synthetic / "videos", tok, config.configure(cfg, [f"max_len={need - 1}"]))
     assert len(tight) == 0 and tight.skipped["too_long"] == 1  # with the annotated duration it would have fit

@@ -1,4 +1,4 @@
-"""The scorers (scoring.py, etbench.py, etbench_d2vlm.py, captions.py, charades_youcook2.py): each
+"""The scorers (the scoring package: rules, etbench, d2vlm, captions, charades_youcook2): each
 task scored on hand-written responses whose official scores follow from the rules (scoring-spec.md),
 the tricky parses, the release's reproduced bugs, and a fuzz run that must never crash."""
 import json
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import etbench
-from captions import CAPTION_KEYS, CaptionScorers, dvc_format, dvc_format_d2vlm, score_dvc
-from charades_youcook2 import charades_records, chased_dp, score_charades, score_youcook2
-from etbench import (HEADLINE, _safe_spans, load_predictions, score_etbench, score_evs, score_gvq, score_mcq,
+from scoring import etbench
+from scoring.captions import CAPTION_KEYS, CaptionScorers, dvc_format, dvc_format_d2vlm, score_dvc
+from scoring.charades_youcook2 import charades_records, chased_dp, score_charades, score_youcook2
+from scoring.etbench import (HEADLINE, _safe_spans, load_predictions, score_etbench, score_evs, score_gvq, score_mcq,
                      score_tal, score_tvg, score_vhd, summary, table)
-from etbench_d2vlm import d2vlm_evs, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd, tvg_format_d2vlm
-from scoring import (THRESHOLDS, Embedder, Unparsable, at_thresholds, letter_choice, letter_map, lone_letter,
+from scoring.d2vlm import d2vlm_evs, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd, tvg_format_d2vlm
+from scoring.rules import (THRESHOLDS, Embedder, Unparsable, at_thresholds, letter_choice, letter_map, lone_letter,
                      random_caption, temporal_iou, tvg_format)
 
 

@@ -10,11 +10,11 @@ import zlib
 import numpy as np
 import pytest
 
-from captions import CAPTION_KEYS, CLOCK, START_END, _captions, dvc_format
-from charades_youcook2 import score_charades
-from etbench import HEADLINE, PROTOCOLS, score_etbench, score_gvq, score_mcq, score_tal, score_tvg
-from etbench_d2vlm import d2vlm_gvq, d2vlm_mcq, d2vlm_tvg
-from scoring import _TO, PAIR, Embedder, Unscorable, closest_option
+from scoring.captions import CAPTION_KEYS, CLOCK, START_END, _captions, dvc_format
+from scoring.charades_youcook2 import score_charades
+from scoring.etbench import HEADLINE, PROTOCOLS, score_etbench, score_gvq, score_mcq, score_tal, score_tvg
+from scoring.d2vlm import d2vlm_gvq, d2vlm_mcq, d2vlm_tvg
+from scoring.rules import _TO, PAIR, Embedder, Unscorable, closest_option
 
 BIG = "9" * 40  # finite as a float64, infinite as the float32 the IoU is computed in
 HUGE = "9" * 400  # infinite already as a float64

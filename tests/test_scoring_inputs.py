@@ -7,10 +7,10 @@ import re
 import pytest
 
 import evaluate
-from captions import CaptionScorers
-from charades_youcook2 import charades_truth, score_charades, score_youcook2, youcook2_records
-from etbench import load_predictions
-from scoring import Embedder
+from scoring.captions import CaptionScorers
+from scoring.charades_youcook2 import charades_truth, score_charades, score_youcook2, youcook2_records
+from scoring.etbench import load_predictions
+from scoring.rules import Embedder
 
 GOOD = {"task": "tvg", "source": "s", "video": "v.mp4", "a": "1 - 2", "tgt": [1, 2]}
 MCQ = {**GOOD, "task": "rar", "o": ["a", "b", "c", "d"], "p": 1}

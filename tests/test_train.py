@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import checkpoint
 import config
-import data
+import batches
 import decoding
 import losses
 import model
@@ -58,8 +58,8 @@ def test_one_step_changes_only_trained_tensors(synthetic):
     cfg = config.PRESETS["tiny"]
     torch.manual_seed(0)
     m = model.build_model(cfg)
-    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
-    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    ds = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
+    batch = batches.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
     opt = train.make_optimizer(m, cfg)
     lora = {id(p) for n, p in m.named_parameters() if "lora_" in n}
     assert [g["lr"] for g in opt.param_groups] == [cfg.lr_lora, cfg.lr_other]
@@ -87,8 +87,8 @@ def test_frozen_weights_in_bf16_train_under_autocast(synthetic):
     m = model.hold_frozen_in(model.build_model(cfg), torch.bfloat16)
     assert {p.dtype for p in m.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
-    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
-    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    ds = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
+    batch = batches.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
     opt = train.make_optimizer(m, cfg)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -105,8 +105,8 @@ def test_train_base_trains_the_frozen_parts_too(synthetic):
     torch.manual_seed(0)
     m = model.build_model(cfg)
     assert all(p.requires_grad for p in m.parameters())
-    ds = data.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
-    batch = data.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
+    ds = batches.VideoDataset(synthetic / "mixed.json", synthetic / "videos", m.tokenizer, cfg)
+    batch = batches.collate([ds[0], ds[7]], m.tokenizer, m.qformer_tokenizer, cfg)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = train.make_optimizer(m, cfg)
     losses.sft_objective(m(batch), batch, cfg)["loss"].backward()
@@ -173,9 +173,9 @@ def test_overfit_grounds_tvg_events(synthetic, tmp_path):
     records = log(out)
     assert records[-2]["gnd"] < 0.5 * records[0]["gnd"]
     m = checkpoint.from_checkpoint(out / "step_000080").eval()
-    ds = data.VideoDataset(synthetic / "tvg.json", synthetic / "videos", m.tokenizer, m.cfg, with_response=False)
+    ds = batches.VideoDataset(synthetic / "tvg.json", synthetic / "videos", m.tokenizer, m.cfg, with_response=False)
     samples = [ds[i] for i in range(len(ds))]
-    outs = decoding.generate(m, data.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
+    outs = decoding.generate(m, batches.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
                           max_new_tokens=24)
     ious = []
     for o, s in zip(outs, samples):

@@ -8,14 +8,14 @@ protocol would, and the evidence before it adds *_evi metrics. The release's bug
     d2vlm_tvg, d2vlm_tal, d2vlm_evs, d2vlm_vhd, d2vlm_mcq, d2vlm_gvq    samples -> {metric: value}
 
 samples: one (task, source) group of E.T.Bench records with the response in "a". A sample whose
-answer or evidence IoU is NaN, or that the release would crash on, is Failed (scoring.Unscorable).
+answer or evidence IoU is NaN, or that the release would crash on, is Failed (rules.Unscorable).
 """
 from __future__ import annotations
 
 import math
 
 from evidence import EVI_END
-from scoring import (THRESHOLDS, Unparsable, Unscorable, at_thresholds, best_iou, closest_option, evs_f1,
+from scoring.rules import (THRESHOLDS, Unparsable, Unscorable, at_thresholds, best_iou, closest_option, evs_f1,
                      letter_choice, letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format,
                      written_pairs)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import batches
+
 import data
 import decoding
 import event_videos
@@ -33,6 +35,9 @@ import losses
 import model
 import train
 from config import PRESETS
+from measure.decode import ETINSTRUCT
+from measure.steps import dvc_batches, generation_figures, realsize_figures
+from measure.targets import TARGETS
 
 # ops whose result the host must read before it can go on (a value, or a size that depends on values)
 HOST_READ_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",
@@ -95,11 +100,10 @@ def counted(fn) -> tuple:
 
 def host_figures(preset="mid", frames=16, batch=8, new_tokens=(4, 12)):
     """Kernel-running aten ops and host reads per SFT step and FPO step (forward + backward, `batch`
-    copies of bench.py's 3-event sample over `frames` frames), the casts of an SFT step as CUDA runs
+    copies of steps.dvc_batches' 3-event sample over `frames` frames), the casts of an SFT step as CUDA runs
     it (frozen weights in bf16, bf16 autocast; CPU autocast's op lists are close to, not equal to,
     CUDA's), and ops and reads per generated token (greedy, `batch` prompts: the difference between
     generating new_tokens[1] and new_tokens[0] tokens, over the difference)."""
-    from bench import dvc_batches
     cfg = PRESETS[preset]
     torch.manual_seed(0)
     m = model.build_model(cfg).train()
@@ -124,7 +128,7 @@ def host_figures(preset="mid", frames=16, batch=8, new_tokens=(4, 12)):
     m = model.build_model(cfg).eval()
     ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
     clip = torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    prompts = data.collate([{"evidence": ev, "frames": clip}] * batch, m.tokenizer, m.qformer_tokenizer, cfg,
+    prompts = batches.collate([{"evidence": ev, "frames": clip}] * batch, m.tokenizer, m.qformer_tokenizer, cfg,
                            with_response=False)
 
     def per_token():
@@ -146,15 +150,15 @@ def host_figures(preset="mid", frames=16, batch=8, new_tokens=(4, 12)):
 
 def llm_shapes(ds, batch_size: int, multiple: int, seed: int = 0) -> set:
     """The (prefix, suffix) column counts of the LLM input of each batch of one epoch over the
-    dataset `ds` (data.VideoDataset), in train.py's sample order for `seed` on one process, with
+    dataset `ds` (batches.VideoDataset), in train.py's sample order for `seed` on one process, with
     the columns rounded up to `multiple` (model.layout's rule)."""
     vid = ds.tokenizer.convert_tokens_to_ids(data.VIDEO)
     order = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed))
     pre, suf = [], []
     for ev, n_frames in zip(ds.items, ds.n_frames):
-        p = ds.tokenizer(data.CHAT[0].format(system=ds.cfg.system_prompt, prompt=ev["prompt"]),
+        p = ds.tokenizer(batches.CHAT[0].format(system=ds.cfg.system_prompt, prompt=ev["prompt"]),
                          add_special_tokens=False)["input_ids"]
-        r = ds.tokenizer(data.CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"]
+        r = ds.tokenizer(batches.CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"]
         v = p.index(vid)
         pre.append(v + n_frames)
         suf.append(len(p) - v - 1 + len(r))
@@ -171,7 +175,7 @@ def shape_figures(preset="tiny", multiples=(1, 64)):
     train_json, _ = event_videos.ensure_synthetic(event_videos.SYNTHETIC)
     cfg = PRESETS[preset]
     tok = model.add_special_tokens(model.build_tiny_tokenizer(cfg.tiny_vocab))
-    ds = data.VideoDataset(train_json, train_json.parent / "videos", tok, cfg)
+    ds = batches.VideoDataset(train_json, train_json.parent / "videos", tok, cfg)
     g = f"LLM input shapes, one SFT epoch of the synthetic set ({len(ds)} samples, batch {cfg.batch_size})"
     return [(g, f"distinct (prefix, suffix) shapes, columns rounded up to a multiple of {k}",
              len(llm_shapes(ds, cfg.batch_size, k)), "", None) for k in multiples]
@@ -188,7 +192,8 @@ def tiny_recipe_steps(out_dir, steps: int, cpu_threads: int | None = None, log_e
     shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
     if cpu_threads:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(cpu_threads)}
-        subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *args], env=env, check=True)
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), *args], env=env,
+                       check=True)
     else:
         train.main(args)
     rows = [json.loads(x) for x in (Path(out_dir) / name / "sft" / "log.jsonl").read_text().splitlines()]
@@ -207,8 +212,6 @@ def gpu_figures(out_dir="data/bench/gpu", device="cuda", preset="d2vlm-3.8b", ba
     of E.T.Bench (ETBENCH questions, each a prompt and ETBENCH["answer_tokens"] new tokens, at the
     middle batch size). On another device (a test's CPU run) the same code at whatever preset and
     sizes it is given."""
-    from bench import TARGETS, generation_figures, realsize_figures
-    from bench_decode import ETINSTRUCT
     frames = frames or int(ETINSTRUCT["video_s"] * PRESETS[preset].fps)
     t = tiny_recipe_steps(out_dir, tiny_steps, None, log_every, data_args)
     t_cpu = tiny_recipe_steps(out_dir, tiny_steps, cpu_threads, log_every, data_args)

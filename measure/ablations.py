@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import etbench
 import evaluate
 import event_videos
-import plots
 import train
 from config import PRESETS, configure
 from data import answer_text
 from evidence import EVI_END
 from files import atomic_path, read_json
+from measure import plots
+from scoring import etbench
 
 ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test split is left as it is
 ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}

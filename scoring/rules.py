@@ -7,7 +7,7 @@ MiniLM similarity fallback with the `Embedder`); the random caption paired with 
 match no ground truth; the field checks of the input readers (`BadField`, `check_span`,
 `check_spans`, `check_text`). Unscorable (and its Unparsable) marks an answer the official script
 would crash on or turn NaN: every scorer counts it as Failed. The family scorers build on these:
-etbench.py and etbench_d2vlm.py (E.T.Bench), captions.py (dense captioning), charades_youcook2.py.
+etbench.py and d2vlm.py (E.T.Bench), captions.py (dense captioning), charades_youcook2.py.
 
 Spans are [start, end] lists of seconds (floats); a record is an E.T.Bench dict with the
 response in "a".

@@ -1,7 +1,7 @@
 """E.T.Bench scoring: the official compute_metrics.py rule by rule (scoring-spec.md §0, §1).
 
 The task scorers of the etchat protocol (strict differs for multiple choice only), the dispatcher
-`score_etbench` over all three protocols (d2vlm: etbench_d2vlm.py; dense captioning: captions.py),
+`score_etbench` over all three protocols (d2vlm: d2vlm.py; dense captioning: captions.py),
 the per-task summary with the merged rows of the official table, and the predictions reader.
 
     score_tvg, score_tal, score_evs, score_vhd, score_gvq    samples -> {metric: value}
@@ -21,10 +21,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from captions import CaptionScorers, score_dvc
-from etbench_d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
+from scoring.captions import CaptionScorers, score_dvc
+from scoring.d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
 from files import is_number, parse_json, read_text, show
-from scoring import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
+from scoring.rules import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
                      check_spans, check_text, closest_option, evs_f1, letter_choice, letter_map, lone_letter,
                      strip_best_option, temporal_iou, tvg_format)
 

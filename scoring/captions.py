@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 
 from evidence import EVI_END
-from scoring import (NUMBER, PAIR, THRESHOLDS, Embedder, Unparsable, dense_iou, parse_float, random_caption,
+from scoring.rules import (NUMBER, PAIR, THRESHOLDS, Embedder, Unparsable, dense_iou, parse_float, random_caption,
                      written_pairs)
 
 CAPTION_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SentSim")
