@@ -36,7 +36,7 @@ import checkpoint
 import evaluate
 import event_videos
 import train
-from config import PRESETS, configure
+from config import PRESETS, D2VLMConfig, configure
 from data import answer_text
 from evidence import EVI_END
 from files import atomic_path, read_json
@@ -143,7 +143,8 @@ def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_D
         if result["args"] != list(extra):
             raise SystemExit(f"{out}: made with the train.py arguments [{' '.join(result['args'])}], not "
                              f"[{' '.join(extra)}]: remove {root} (or move it) first")
-        made = result.get("config", {})
+        # a field added since the result was made reads as its default, as a saved config does (from_dict)
+        made = _as_json(D2VLMConfig.from_dict(result.get("config", {}), out))
         differ = [f"{k}={made.get(k)!r} (now {v!r})" for k, v in _config(extra, overrides).items() if made.get(k) != v]
         if differ:
             raise SystemExit(f"{out}: made with {', '.join(differ)}: remove {root} (or move it) first")

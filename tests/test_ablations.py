@@ -198,6 +198,15 @@ def test_ablate_trains_scores_resumes_and_tabulates(synthetic, tmp_path, monkeyp
     monkeypatch.setattr(ablations.train, "main", lambda *a: pytest.fail("trained again"))
     monkeypatch.setattr(ablations.evaluate, "predict", lambda *a, **k: pytest.fail("predicted again"))
     assert ablations.run_all(["A1", "A5", "B3"], 1, root=tmp_path, data_root=synthetic, extra=extra, start="none") == res
+    # a result made before a config field existed reads it as its default, as a saved config does
+    kept = ablations.result_path(tmp_path, "A1", 0)
+    text = kept.read_text()
+    made = json.loads(text)
+    del made["config"]["seq_multiple"]
+    kept.write_text(json.dumps(made))
+    got = ablations.run_all(["A1"], 1, root=tmp_path, data_root=synthetic, extra=extra, start="none")
+    assert got[0]["F1 (gnd)"] == res[0]["F1 (gnd)"] and "seq_multiple" not in got[0]["config"]
+    kept.write_text(text)
     # kept only: what is missing (A2, every seed 1) is left out, not run
     assert ablations.run_all(["A1", "A2", "A5", "B3"], 2, root=tmp_path, extra=extra, kept_only=True, start="none") == res
     with pytest.raises(SystemExit, match=r"made with the train.py arguments \[--max-steps 2 --workers 0\], not \[--max-steps 3\]"):
