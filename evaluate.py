@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import batches
 import checkpoint
 import cli
-import batches
 import data
 import decoding
 import event_videos
 import model as modeling
-from scoring.charades_youcook2 import charades_records, score_timechat, youcook2_records
 from config import configure
-from scoring.etbench import PROTOCOLS, load_predictions, score_etbench, table
 from files import atomic_path
+from scoring.charades_youcook2 import charades_records, score_timechat, youcook2_records
+from scoring.etbench import PROTOCOLS, load_predictions, score_etbench, table
 from video import probe, sample_frames
 
 METRICS = "metrics.json"  # the metrics file's name beside the predictions

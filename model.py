@@ -26,9 +26,9 @@ from transformers import (DynamicCache, InstructBlipQFormerConfig, InstructBlipQ
 
 import event_videos
 import evidence
+from batches import IGNORE
 from config import D2VLMConfig, check, check_size
 from data import END, VIDEO
-from batches import IGNORE
 from evidence import EVI, EVI_END
 
 

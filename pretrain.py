@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from event_videos import INTRO
 from data import BadRecord, check_video_path
+from event_videos import INTRO
 from files import read_json, show
 from video import normalize, sample_frames
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 import batches
+import checkpoint
 import decoding
 import event_videos
 import fpo

@@ -19,7 +19,7 @@ import numpy as np
 
 from evidence import EVI_END
 from scoring.rules import (NUMBER, PAIR, THRESHOLDS, Embedder, Unparsable, dense_iou, parse_float, random_caption,
-                     written_pairs)
+                           written_pairs)
 
 CAPTION_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SentSim")
 MAX_SEGMENTS = 1000  # the official scorer keeps a video's first 1000 segments

@@ -16,8 +16,8 @@ import math
 
 from evidence import EVI_END
 from scoring.rules import (THRESHOLDS, Unparsable, Unscorable, at_thresholds, best_iou, closest_option, evs_f1,
-                     letter_choice, letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format,
-                     written_pairs)
+                           letter_choice, letter_map, lone_letter, strip_best_option, temporal_iou, tvg_format,
+                           written_pairs)
 
 EPS = 1e-7  # the release's guard in "correct ratio within matched"
 

@@ -8,19 +8,19 @@ import statistics
 import pytest
 import torch
 
-from measure import ablations
+import batches
 import checkpoint
 import config
-import batches
 import data
 import decoding
-from scoring import etbench
 import evaluate
 import evidence
 import losses
 import model
 import train
 from evidence import EVI, EVI_END
+from measure import ablations
+from scoring import etbench
 
 CFG = config.PRESETS["tiny"]
 VARIANTS = {"A1": ["response_format=coupled"], "A2": ["response_format=factorized_text"],

@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import checkpoint
 import cli
 import config
-import batches
 import data
-from scoring import etbench
 import evaluate
+import released
 import synth
 import train
 import video
-from scoring.captions import cut_pairs, dvc_format, score_dvc
 from evidence import EVI
 from model import build_tiny_tokenizer
+from scoring import etbench
+from scoring.captions import cut_pairs, dvc_format, score_dvc
 from scoring.rules import PAIR, BadField, check_span
 from test_reliability import _write as write_video
 from test_scoring_fuzz import HashEmbedder, PlainCaptionScorers
@@ -182,7 +183,7 @@ def test_settings_out_of_range_are_refused_before_anything_starts(setting, says)
 def _no_weights(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("weights were loaded before the data was checked")
-    for mod, name in ((checkpoint, "from_weights"), (checkpoint, "from_checkpoint"), (train.released, "load")):
+    for mod, name in ((checkpoint, "from_weights"), (checkpoint, "from_checkpoint"), (released, "load")):
         monkeypatch.setattr(mod, name, loaded)
 
 

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-import config
 import batches
+import config
 import data
 import model
 import released

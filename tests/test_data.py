@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import config
 import batches
+import config
 import data
 import model
 from data import EVI, EVI_END

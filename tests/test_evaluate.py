@@ -8,11 +8,11 @@ import torch
 
 import checkpoint
 import config
-from scoring import etbench
 import evaluate as ev
 import model
 import video
 from evidence import EVI
+from scoring import etbench
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import batches
+import config
 import data
 import evidence
 import fpo
 import model
 import synth
-from data import EVI, EVI_END
 from batches import IGNORE
+from data import EVI, EVI_END
 
 
 CFG = config.PRESETS["tiny"]

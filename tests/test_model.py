@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, OPTConfig, Phi3ForCausalLM)
 
+import batches
 import checkpoint
 import config
-import batches
 import data
 import decoding
 import model

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import batches
 import checkpoint
 import config
-import batches
 import data
 import evaluate
 import layouts

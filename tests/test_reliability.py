@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
+import batches
 import checkpoint
 import config
-import batches
 import data
 import losses
 import train

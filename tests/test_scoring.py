@@ -12,11 +12,11 @@ import torch
 from scoring import etbench
 from scoring.captions import CAPTION_KEYS, CaptionScorers, dvc_format, dvc_format_d2vlm, score_dvc
 from scoring.charades_youcook2 import charades_records, chased_dp, score_charades, score_youcook2
-from scoring.etbench import (HEADLINE, _safe_spans, load_predictions, score_etbench, score_evs, score_gvq, score_mcq,
-                     score_tal, score_tvg, score_vhd, summary, table)
 from scoring.d2vlm import d2vlm_evs, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd, tvg_format_d2vlm
+from scoring.etbench import (HEADLINE, _safe_spans, load_predictions, score_etbench, score_evs, score_gvq, score_mcq,
+                             score_tal, score_tvg, score_vhd, summary, table)
 from scoring.rules import (THRESHOLDS, Embedder, Unparsable, at_thresholds, letter_choice, letter_map, lone_letter,
-                     random_caption, temporal_iou, tvg_format)
+                           random_caption, temporal_iou, tvg_format)
 
 
 @pytest.fixture(scope="module")

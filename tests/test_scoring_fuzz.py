@@ -12,8 +12,8 @@ import pytest
 
 from scoring.captions import CAPTION_KEYS, CLOCK, START_END, _captions, dvc_format
 from scoring.charades_youcook2 import score_charades
-from scoring.etbench import HEADLINE, PROTOCOLS, score_etbench, score_gvq, score_mcq, score_tal, score_tvg
 from scoring.d2vlm import d2vlm_gvq, d2vlm_mcq, d2vlm_tvg
+from scoring.etbench import HEADLINE, PROTOCOLS, score_etbench, score_gvq, score_mcq, score_tal, score_tvg
 from scoring.rules import _TO, PAIR, Embedder, Unscorable, closest_option
 
 BIG = "9" * 40  # finite as a float64, infinite as the float32 the IoU is computed in

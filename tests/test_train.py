@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import batches
 import checkpoint
 import config
-import batches
 import decoding
 import losses
 import model
