@@ -35,7 +35,9 @@ class VideoDataset(torch.utils.data.Dataset):
     must fit `cfg.max_len`.
     A record that is too long is skipped, never cut through the response; the count is in
     `.skipped["too_long"]` (and with on_error="skip": bad records in `.skipped["invalid"]`, records
-    without a video file or with an unreadable one in `["missing_video"]` / `["bad_video"]`)."""
+    without a video file or with an unreadable one in `["missing_video"]` / `["bad_video"]`).
+    Per kept record: `.items` (its evidence), `.kept` (its index in `records`), `.n_frames` (the frames
+    it samples) and `.budget` (the frames that would still fit)."""
 
     def __init__(self, records, videos, tokenizer, cfg, on_error: str = "raise", with_response: bool = True):
         # records: an annotation file, or a list of raw records / evidence-format records (e.g. pairs)

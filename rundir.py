@@ -166,7 +166,6 @@ def resume_state(resume, **expected):
     return st
 
 
-
 def restore(resume, st, model, opt, rank, device) -> None:
     """For an exact resume: the checkpoint's weights, its optimizer state and this rank's RNG state
     (st: resume_state's) into `model`, `opt` and the process."""

@@ -236,11 +236,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def start_dir(out) -> Path:
+    """Where the miniature's starting point is kept under the runs folder `out`: <out>/start/pretrain."""
+    return Path(out) / START / "pretrain"
+
+
 def miniature_start(args, ddp, rank, world, local, device) -> Path:
     """The starting point of a tiny SFT run: the newest intact checkpoint of <out>/start/pretrain
     (pretrain.py), built there first when it has none (`train.py --stage pretrain`, seed 0), as the
     synthetic set is made on first use. One line says which."""
-    start = Path(args.out) / START / "pretrain"
+    start = start_dir(args.out)
     found = [d for d in ckpt.checkpoints(start) if ckpt.damaged(d) is None]
     if not found:  # what would stop the SFT run is said before minutes go into its starting point
         configure(PRESETS["tiny"], args.set + ([f"beta={args.beta}"] if args.beta is not None else []))

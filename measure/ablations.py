@@ -185,7 +185,7 @@ def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens, s
 def miniature_start(kept_only: bool = False) -> str:
     """The newest checkpoint of the miniature's starting point (<runs>/start/pretrain, where the
     quickstart's SFT starts), built first when there is none, unless only kept results are read."""
-    start = Path(checkpoint.RUNS) / train.START / "pretrain"
+    start = train.start_dir(checkpoint.RUNS)
     if not checkpoint.checkpoints(start) and not kept_only:
         train.main(["--stage", "pretrain"])
     found = checkpoint.checkpoints(start)

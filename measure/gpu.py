@@ -36,7 +36,7 @@ import model
 import train
 from config import PRESETS
 from measure.decode import ETINSTRUCT
-from measure.steps import dvc_batches, generation_figures, realsize_figures
+from measure.steps import QUESTION, dvc_batches, generation_figures, realsize_figures
 from measure.targets import TARGETS
 
 # ops whose result the host must read before it can go on (a value, or a size that depends on values)
@@ -126,10 +126,9 @@ def host_figures(preset="mid", frames=16, batch=8, new_tokens=(4, 12)):
             step(losses.sft_objective, sft_b))[2], "", None))
     torch.manual_seed(0)
     m = model.build_model(cfg).eval()
-    ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
     clip = torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    prompts = batches.collate([{"evidence": ev, "frames": clip}] * batch, m.tokenizer, m.qformer_tokenizer, cfg,
-                           with_response=False)
+    prompts = batches.collate([{"evidence": QUESTION, "frames": clip}] * batch, m.tokenizer, m.qformer_tokenizer, cfg,
+                              with_response=False)
 
     def per_token():
         per = []

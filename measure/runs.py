@@ -78,8 +78,8 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
     same = train.param_digest(back) == train.param_digest(m)
     ev = {"prompt": "When does the red square appear?", "question_frames": [], "response": "", "frames": []}
     prompt = batches.collate([{"evidence": ev, "frames": torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size),
-                                                                    dtype=torch.uint8)}],
-                          back.tokenizer, back.qformer_tokenizer, cfg, with_response=False)
+                                                                       dtype=torch.uint8)}],
+                             back.tokenizer, back.qformer_tokenizer, cfg, with_response=False)
     t = time.perf_counter()
     with torch.no_grad(), autocast:
         gen = decoding.generate(back, prompt, new_tokens)
@@ -151,7 +151,7 @@ def learn(name=None, seed=0):
     name = name or time.strftime("learn-%Y%m%d-%H%M%S")
     times, metrics, picks = {}, {}, {}
     t_all = time.perf_counter()
-    if not checkpoint.checkpoints(Path(checkpoint.RUNS) / train.START / "pretrain"):
+    if not checkpoint.checkpoints(train.start_dir(checkpoint.RUNS)):
         t = time.perf_counter()
         train.main(["--stage", "pretrain"])
         times["pretrain"] = time.perf_counter() - t

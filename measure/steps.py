@@ -36,6 +36,8 @@ from measure.targets import TARGETS
 # Training steps
 
 E = EVI
+# a question to generate answers to (prompts only)
+QUESTION = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
 DVC = {"task": "dvc", "prompt": "Densely describe all the events.", "question_spans": [], "question_frames": [],
        "response": E * 3 + EVI_END + f"{E} seconds, a red square appears.\n{E} seconds, a blue circle "
                    f"moves left.\n{E} seconds, a green triangle grows."}
@@ -128,13 +130,12 @@ def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32, de
     with torch.device(device):
         m = model.for_inference(model.build_model(cfg), device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    ev = {"prompt": "Find the moment when a red square appears.", "question_frames": [], "response": "", "frames": []}
     g = f"generation, {preset}, {frames} frames, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
     rows, per, split = [], {}, {}
     for bs in batch_sizes:
         clips = [torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8) for _ in range(bs)]
-        b = evaluate.on_device(m, batches.collate([{"evidence": ev, "frames": c} for c in clips], m.tokenizer,
-                                               m.qformer_tokenizer, cfg, with_response=False))
+        b = evaluate.on_device(m, batches.collate([{"evidence": QUESTION, "frames": c} for c in clips], m.tokenizer,
+                                                  m.qformer_tokenizer, cfg, with_response=False))
 
         def run(n):
             sync()

@@ -176,7 +176,7 @@ def test_overfit_grounds_tvg_events(synthetic, tmp_path):
     ds = batches.VideoDataset(synthetic / "tvg.json", synthetic / "videos", m.tokenizer, m.cfg, with_response=False)
     samples = [ds[i] for i in range(len(ds))]
     outs = decoding.generate(m, batches.collate(samples, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False),
-                          max_new_tokens=24)
+                             max_new_tokens=24)
     ious = []
     for o, s in zip(outs, samples):
         (gs, ge), (ps, pe) = s["evidence"]["spans"][0], (o["spans"][0] if o["spans"] else (0.0, 0.0))
