@@ -5,6 +5,9 @@ tensors the model reads, in Phi-3's chat format. Paper: "Experiments / implement
                                                     lengths counted, before any weight is loaded
     collate(samples, tokenizer, qformer_tokenizer, cfg)   right-padded tensors; preference pairs packed
     CHAT, IGNORE                                    the chat format; the label of untrained tokens
+    filter_records(records, cfg)                    the release's training-data filters (durations, answer length)
+    micro_batches(...), readable(stream, limit)     the training loop's stream of micro-batches, from any
+                                                    (epoch, micro) on; the next one that holds a sample
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-from data import DURATION_TOLERANCE, END, VIDEO, arrange, load_records, to_evidence, to_frames
+from data import DURATION_TOLERANCE, END, VIDEO, Records, arrange, load_records, to_evidence, to_frames
 from evidence import EVI
 from video import FrameCache, normalize, probe_all
 
@@ -30,9 +34,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
     Every record is validated and converted up front (load_records / to_evidence), every video file
     must exist and pass the pre-flight check (video.probe_all: opens, decodes, not truncated; spans
-    past its last frame are counted in `.past_end` and reported), and the chat-formatted length (prompt + response tokens, the video placeholder
-    replaced by one token per frame, counted from the video's last frame, so a video is never cut)
-    must fit `cfg.max_len`.
+    past its last frame are counted in `.past_end` and reported), and the chat-formatted length
+    (prompt + response tokens, the video placeholder replaced by one token per frame, counted from
+    the video's last frame, so a video is never cut) must fit `cfg.max_len`.
     A record that is too long is skipped, never cut through the response; the count is in
     `.skipped["too_long"]` (and with on_error="skip": bad records in `.skipped["invalid"]`, records
     without a video file or with an unreadable one in `["missing_video"]` / `["bad_video"]`).
@@ -168,9 +172,10 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     Returns right-padded tensors: frames (B, T, 3, S, S) CLIP-normalised, frame_mask (B, T),
     input_ids / attention_mask / labels (B, L) in Phi-3's chat format (labels on the response only),
     qformer_ids / qformer_mask (B, Lq) (the question, left-truncated; within [CLS] ... [SEP] when
-    cfg.qformer_special_tokens), question_spans (B, Nq, 2) and
-    answer_spans (B, Na, 2) in frames, one per <evi> in order (the record's `evi_frames` from arrange;
-    else to_evidence's: stage 1 and stage 2 share the event spans), clamped to the sampled frames, padded with -1. Without a response: prompts for generation.
+    cfg.qformer_special_tokens), question_spans (B, Nq, 2) and answer_spans (B, Na, 2) in frames,
+    one per <evi> in order (the record's `evi_frames` from arrange; else to_evidence's: stage 1 and
+    stage 2 share the event spans), clamped to the sampled frames, padded with -1. Without a
+    response: prompts for generation.
 
     Preference samples (evidence with "rejected", see synth.py) are packed: prompt, chosen response,
     rejected response in one row, labels on both responses, and two more tensors: branch (B, L)
@@ -259,3 +264,48 @@ def _pad_spans(rows):
         if r:
             out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def filter_records(records: Records, cfg) -> tuple:
+    """The release's training-data filters (cfg.min_duration / max_duration in seconds, of the
+    record's `duration`; cfg.max_answer_words, the answer split on spaces; 0 switches one off).
+    Returns (the records kept, as Records of the same file; counts {"short", "long", "wordy"})."""
+    counts, kept = {"short": 0, "long": 0, "wordy": 0}, []
+    for r in records:
+        conv = r.get("conversations")
+        answer = conv[1]["value"] if conv else r.get("a", "")
+        if cfg.min_duration and r["duration"] < cfg.min_duration:
+            counts["short"] += 1
+        elif cfg.max_duration and r["duration"] > cfg.max_duration:
+            counts["long"] += 1
+        elif cfg.max_answer_words and len(answer.split(" ")) > cfg.max_answer_words:
+            counts["wordy"] += 1
+        else:
+            kept.append(r)
+    return Records(kept, records.path, records.skipped), counts
+
+
+def readable(stream, limit):
+    """The next micro-batch of `stream` that holds a sample, the messages of the samples that failed
+    on the way (videos broken since the pre-flight check), and how many micro-batches held none (each
+    replaced by the next: every rank still runs its accumulation's passes). SystemExit after `limit`
+    micro-batches in a row with nothing readable."""
+    failed = []
+    for n in range(limit):
+        batch = next(stream)
+        failed += batch.pop("failed", [])
+        if "input_ids" in batch:
+            return batch, failed, n
+    raise SystemExit(f"{limit} micro-batches in a row could not be read, an epoch's worth: the videos have failed "
+                     f"since the pre-flight check (first: {failed[0]})")
+
+
+def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
+    """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)[micro * batch_size:]
+        # own generator: creating the loader must not draw from the global RNG (exact resume)
+        yield from DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=workers,
+                              generator=torch.Generator(), pin_memory=pin_memory)
+        epoch, micro = epoch + 1, 0

@@ -43,11 +43,11 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import cli
 from measure import ablations, gpu
 from measure.decode import decode_figures, loader_figures
 from measure.runs import kill_figures, learn, learn_rows, realwidth_figures
 from measure.steps import generation_figures, memory_figures, realsize_figures, step_figures
+from support import cli
 
 
 # ---------------------------------------------------------------------------------------------

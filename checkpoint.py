@@ -3,7 +3,7 @@
     from_weights(cfg, vision_weights, llm_weights)   D2VLM with InstructBLIP's ViT + Q-Former and Phi-3 read
                                                      from local directories (random parts where none is given)
     save_weights / load_weights / from_checkpoint    our checkpoint directory (below); from_checkpoint and
-                                                     read_config also take a released one (released.py)
+                                                     read_config also take a released one (support/released.py)
     save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
     checkpoints(run_dir), latest_checkpoint(root)    finding them again; damaged(dir): checked against its manifest
     python checkpoint.py export --ckpt DIR --out DIR [--dtype bfloat16]   ours -> the released layout (released.export)
@@ -32,11 +32,11 @@ import torch
 from transformers import AutoTokenizer, Phi3ForCausalLM
 
 from config import D2VLMConfig
-import cli
-import released
-# WEIGHTS: the non-LoRA tensors; QFORMER_TOKENIZER: when the Q-Former's is not the LLM's
-from files import QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, read_tensors, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
+from support import cli, released
+# WEIGHTS: the non-LoRA tensors; QFORMER_TOKENIZER: when the Q-Former's is not the LLM's
+from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, read_tensors,
+                           safetensors_file, weight_map)
 
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
 CONFIG = "config.json"
@@ -188,7 +188,7 @@ def read_config(directory) -> D2VLMConfig:
 def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLMConfig | None = None,
                     qformer_tokenizer=None, tokenizer=None) -> D2VLM:
     """The model saved in a checkpoint directory (config.json, tokenizer/, weights), or in a released
-    directory (released.py: E.T.Chat, D2VLM, our exports; qformer_tokenizer is the Q-Former
+    directory (support/released.py: E.T.Chat, D2VLM, our exports; qformer_tokenizer is the Q-Former
     tokenizer directory when it holds none). A checkpoint that is not full also needs the weight
     directories the run was built from. `cfg` replaces the saved config (same architecture, other
     training settings: FPO after SFT). `tokenizer`: what tokenizer_of(directory, ...) gave."""
@@ -320,7 +320,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def main(argv=None):
-    ap = cli.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout (released.py).")
+    ap = cli.ArgumentParser(description="Export one of our checkpoints in the released D2VLM layout (support/released.py).")
     ap.add_argument("action", choices=["export"])
     ap.add_argument("--ckpt", required=True, help="our checkpoint directory (runs/<name>/<stage>/step_NNNNNN)")
     ap.add_argument("--out", required=True, help="the directory to write (must not exist)")

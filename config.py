@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from files import is_number, show
+from support.files import is_number, show
 
 
 @dataclass
@@ -108,7 +108,7 @@ class D2VLMConfig:
     # the LLM's prefix and suffix columns rounded up to a multiple of this: on a GPU a new sequence shape
     # costs a new kernel plan, so few distinct shapes run faster; on a CPU padding is only more work
     seq_multiple: int = 1
-    # training-data filters, 0 = none (ours); the release: 5, 350 and 200 (data.filter_records)
+    # training-data filters, 0 = none (ours); the release: 5, 350 and 200 (batches.filter_records)
     min_duration: float = 0.0    # seconds of video at least
     max_duration: float = 0.0    # seconds of video at most
     max_answer_words: int = 0    # words of the answer at most, split on spaces as the release splits them
@@ -175,7 +175,7 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
 
 
 FPO_STARTS = ("continue", "merged")
-SHOWN = 40  # characters of a bad setting or flag value quoted in its one-line error (cli.py's too)
+SHOWN = 40  # characters of a bad setting or flag value quoted in its one-line error (support/cli.py's too)
 RESPONSE_FORMATS = ("factorized", "coupled", "factorized_text")
 EVIDENCE_LEVELS = ("event", "frame")
 # the allowed range of each numeric field: (low, high, low included, high included); None = unbounded

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from evidence import EVI, EVI_END
-from files import is_number, is_text, parse_json, read_text, show
+from support.files import is_number, is_text, parse_json, read_text, show
 
 VID = "<vid>"  # E.T.Instruct-164K's placeholder for a timestamp given in `tgt` / `src` (the vid variant)
 DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (rounding in the annotations)
@@ -103,25 +103,6 @@ def load_records(path, on_error: str = "raise") -> Records:
         print(f"{path}: skipped {len(skipped)} of {len(raw)} records (first: record {skipped[0]})",
               file=sys.stderr)
     return Records(good, path, skipped)
-
-
-def filter_records(records: Records, cfg) -> tuple:
-    """The release's training-data filters (cfg.min_duration / max_duration in seconds, of the
-    record's `duration`; cfg.max_answer_words, the answer split on spaces; 0 switches one off).
-    Returns (the records kept, as Records of the same file; counts {"short", "long", "wordy"})."""
-    counts, kept = {"short": 0, "long": 0, "wordy": 0}, []
-    for r in records:
-        conv = r.get("conversations")
-        answer = conv[1]["value"] if conv else r.get("a", "")
-        if cfg.min_duration and r["duration"] < cfg.min_duration:
-            counts["short"] += 1
-        elif cfg.max_duration and r["duration"] > cfg.max_duration:
-            counts["long"] += 1
-        elif cfg.max_answer_words and len(answer.split(" ")) > cfg.max_answer_words:
-            counts["wordy"] += 1
-        else:
-            kept.append(r)
-    return Records(kept, records.path, records.skipped), counts
 
 
 def check_number(x, field: str) -> float:
@@ -468,6 +449,3 @@ def _bench_answer(record, task, duration):
         return ", ".join([EVI] * len(spans)) + " seconds.", spans
     raise BadRecord("task", f"unknown E.T.Bench task {show(task)} (expected one of {', '.join(BENCH_TASKS)})")
 
-
-# ---------------------------------------------------------------------------------------------
-# Batches: evidence records + frames -> the tensors the model reads

@@ -8,7 +8,7 @@
     python evaluate.py --benchmark charades|youcook2 --data TIMECHAT_FILE --videos DIR  (or --score PRED)
     python evaluate.py --video clip.mp4 --question "..." [--plot sim.png]
     python evaluate.py --ckpt RELEASED_DIR --qformer-tokenizer BERT_DIR ...   the released D2VLM weights as
-                                                they are (released.py; our exports need no tokenizer flag)
+                                                they are (support/released.py; our exports need no tokenizer flag)
 
 The scorers live in the scoring package (docs/scoring.md): scoring/etbench.py (E.T.Bench, protocols
 etchat and strict; --protocol d2vlm through scoring/d2vlm.py), scoring/captions.py (dense captioning),
@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 import batches
 import checkpoint
-import cli
 import data
 import decoding
 import event_videos
 import model as modeling
 from config import configure
-from files import atomic_path
 from scoring.charades_youcook2 import charades_records, score_timechat, youcook2_records
 from scoring.etbench import PROTOCOLS, load_predictions, score_etbench, table
+from support import cli
+from support.files import atomic_path
 from video import probe, sample_frames
 
 METRICS = "metrics.json"  # the metrics file's name beside the predictions

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 from data import fmt_time, load_records, span_text
-from files import atomic_path
+from support import cli
+from support.files import atomic_path
 from video import write_video
 
 SYNTHETIC = Path("data/synthetic")  # where train.py and evaluate.py put and look for it by default

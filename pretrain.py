@@ -34,7 +34,7 @@ from torch import nn
 
 from data import BadRecord, check_video_path
 from event_videos import INTRO
-from files import read_json, show
+from support.files import read_json, show
 from video import normalize, sample_frames
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 import data
 from data import EVI, EVI_END
-from files import read_json
+from support import cli
+from support.files import read_json
 
 MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
 SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...

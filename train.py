@@ -14,7 +14,7 @@ in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the o
     torchrun --nproc_per_node 4 train.py --stage fpo --preset d2vlm-3.8b --vision-weights DIR --llm-weights DIR \
         --data et_instruct_164k_txt.json --videos DIR --set batch_size=8
 
-or, as the paper starts, from E.T.Chat stage 2 (a released directory; released.py):
+or, as the paper starts, from E.T.Chat stage 2 (a released directory; support/released.py):
 
     torchrun --nproc_per_node 4 train.py --stage sft --init ETChat-Phi3-Mini-Stage-2 --qformer-tokenizer DIR \
         --data et_instruct_164k_txt.json --videos DIR
@@ -39,12 +39,11 @@ from pathlib import Path, PurePath
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import batches
 import checkpoint as ckpt
-import cli
 import data
 import event_videos
 import fpo
@@ -53,8 +52,9 @@ import model as modeling
 import pretrain
 import synth
 from config import PRESETS, configure
-from rundir import (claim, cut_log, gather, param_digest, refuse_used, restore, resume_state, run_tokenizer, save,
-                    starting_model, starting_point, summarize)
+from support import cli
+from support.rundir import (claim, cut_log, gather, param_digest, refuse_used, restore, resume_state, run_tokenizer,
+                            save, starting_model, starting_point, summarize)
 
 START = "start"  # the run name of the miniature's starting point: <out>/start/pretrain (miniature_start)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
@@ -73,7 +73,7 @@ def get_args(argv=None):
     ap.add_argument("--vision-weights", help="local InstructBLIP checkpoint directory (vision + Q-Former)")
     ap.add_argument("--llm-weights", help="local Phi-3-mini-4k-instruct directory (model + tokenizer)")
     ap.add_argument("--init", help="start from this directory: a released one (E.T.Chat stage 2 as the paper does, "
-                                   "or D2VLM; released.py), or for fpo our SFT checkpoint (default: the newest in "
+                                   "or D2VLM; support/released.py), or for fpo our SFT checkpoint (default: the newest in "
                                    "runs/<name>/sft)")
     ap.add_argument("--qformer-tokenizer", help="with a released --init: bert-base-uncased's tokenizer directory "
                                                 "(or InstructBLIP's qformer_tokenizer/); upstream's holds none")
@@ -173,10 +173,10 @@ def setup_distributed():
 
 
 def filtered(records, cfg, master):
-    """The records that pass cfg's training-data filters (data.filter_records), what they left out reported."""
+    """The records that pass cfg's training-data filters (batches.filter_records), what they left out reported."""
     if not (cfg.min_duration or cfg.max_duration or cfg.max_answer_words):
         return records
-    kept, n = data.filter_records(records, cfg)
+    kept, n = batches.filter_records(records, cfg)
     if master:
         print(f"{records.path}: kept {len(kept)} of {len(records)} records; filtered out {n['short']} with videos "
               f"shorter than {cfg.min_duration:g} s, {n['long']} longer than {cfg.max_duration:g} s, {n['wordy']} "
@@ -291,7 +291,7 @@ def train(args, ddp, rank, world, local, device):
     collate = partial(batches.collate, tokenizer=raw.tokenizer, qformer_tokenizer=raw.qformer_tokenizer, cfg=cfg)
     objective, keys, ref = objective_of(args, cfg, raw, ds, collate, st, resume, rank, world, device, autocast)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) // world - 1))
-    stream = micro_batches(ds, sampler, cfg.batch_size, collate, workers, cuda, epoch, micro)
+    stream = batches.micro_batches(ds, sampler, cfg.batch_size, collate, workers, cuda, epoch, micro)
     if master:
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{args.stage}: {len(ds)} samples ({ds.skipped_text()} left out; {len(ds.past_end)} with a span past "
@@ -318,7 +318,7 @@ def train(args, ddp, rank, world, local, device):
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(k):
-            batch, failed, empty = readable(stream, micro_per_epoch)
+            batch, failed, empty = batches.readable(stream, micro_per_epoch)
             for message in failed:  # a video that broke after the pre-flight check
                 print(f"skipped: {message}", file=sys.stderr)
             skipped, replaced = skipped + len(failed), replaced + empty
@@ -367,32 +367,6 @@ def train(args, ddp, rank, world, local, device):
         lock.close()
     if len(set(digests)) > 1:
         raise SystemExit("the ranks' trained weights differ: DDP went out of sync")
-
-
-def readable(stream, limit):
-    """The next micro-batch of `stream` that holds a sample, the messages of the samples that failed
-    on the way (videos broken since the pre-flight check), and how many micro-batches held none (each
-    replaced by the next: every rank still runs its accumulation's passes). SystemExit after `limit`
-    micro-batches in a row with nothing readable."""
-    failed = []
-    for n in range(limit):
-        batch = next(stream)
-        failed += batch.pop("failed", [])
-        if "input_ids" in batch:
-            return batch, failed, n
-    raise SystemExit(f"{limit} micro-batches in a row could not be read, an epoch's worth: the videos have failed "
-                     f"since the pre-flight check (first: {failed[0]})")
-
-
-def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
-    """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
-    while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[micro * batch_size:]
-        # own generator: creating the loader must not draw from the global RNG (exact resume)
-        yield from DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=workers,
-                              generator=torch.Generator(), pin_memory=pin_memory)
-        epoch, micro = epoch + 1, 0
 
 
 def model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device):

@@ -21,7 +21,7 @@ import av
 import numpy as np
 import torch
 
-from files import atomic_path, is_number, read_json
+from support.files import atomic_path, is_number, read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

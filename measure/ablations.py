@@ -39,9 +39,9 @@ import train
 from config import PRESETS, D2VLMConfig, configure
 from data import answer_text
 from evidence import EVI_END
-from files import atomic_path, read_json
 from measure import plots
 from scoring import etbench
+from support.files import atomic_path, read_json
 
 ABLATION_DATA = Path("data/synthetic-ablate")  # its own seed: the default test split is left as it is
 ABLATION_SPLIT = {"n_train": 200, "n_test": 200, "seed": 1}

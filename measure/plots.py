@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from files import atomic_path
+from support.files import atomic_path
 
 
 CURVES = {"sft": ("sft", "gnd", "cons"), "fpo": ("fpo", "rewards/accuracies")}  # what curves() draws per stage

@@ -23,13 +23,13 @@ import event_videos
 import fpo
 import losses
 import model
-import released
 import train
-from files import atomic_path, read_json
 from measure import ablations, plots
 from measure.steps import dvc_batches, train_step
 from measure.targets import TARGETS
 from scoring import etbench
+from support import released
+from support.files import atomic_path, read_json
 
 
 def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out_dir="data/bench/realwidth"):

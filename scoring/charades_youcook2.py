@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from evidence import EVI_END
-from files import is_number, is_text, read_json, show
 from scoring.captions import CaptionScorers, dvc_format_d2vlm, pair_captions
 from scoring.rules import (BadField, Embedder, Unparsable, check_span, check_spans, check_text, dense_iou, tvg_format,
                            written_pairs)
+from support.files import is_number, is_text, read_json, show
 
 # ---------------------------------------------------------------------------------------------
 # TimeChat's .caption_coco_format.json

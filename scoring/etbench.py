@@ -21,12 +21,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from files import is_number, parse_json, read_text, show
 from scoring.captions import CaptionScorers, score_dvc
 from scoring.d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
 from scoring.rules import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
                            check_spans, check_text, closest_option, evs_f1, letter_choice, letter_map, lone_letter,
                            strip_best_option, temporal_iou, tvg_format)
+from support.files import is_number, parse_json, read_text, show
 
 HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
             "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}

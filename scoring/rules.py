@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data import LETTERS
-from files import is_number, is_text, show
+from support.files import is_number, is_text, show
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")

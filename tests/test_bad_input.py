@@ -18,11 +18,9 @@ import torch
 
 import batches
 import checkpoint
-import cli
 import config
 import data
 import evaluate
-import released
 import synth
 import train
 import video
@@ -31,6 +29,7 @@ from model import build_tiny_tokenizer
 from scoring import etbench
 from scoring.captions import cut_pairs, dvc_format, score_dvc
 from scoring.rules import PAIR, BadField, check_span
+from support import cli, released
 from test_reliability import _write as write_video
 from test_scoring_fuzz import HashEmbedder, PlainCaptionScorers
 
@@ -388,9 +387,9 @@ def test_fpo_reference_log_probs_go_on_past_a_video_that_cannot_be_read(syntheti
 def test_an_epoch_that_cannot_be_read_stops_the_run():
     stream = iter([{"failed": [f"v{i}.mp4: corrupt"]} for i in range(3)])
     with pytest.raises(SystemExit, match=r"3 micro-batches in a row could not be read.*first: v0.mp4: corrupt"):
-        train.readable(stream, 3)
+        batches.readable(stream, 3)
     ok = {"input_ids": torch.zeros(1), "failed": ["v.mp4: corrupt"]}
-    assert train.readable(iter([{"failed": ["a"]}, ok]), 3) == ({"input_ids": ok["input_ids"]}, ["a", "v.mp4: corrupt"], 1)
+    assert batches.readable(iter([{"failed": ["a"]}, ok]), 3) == ({"input_ids": ok["input_ids"]}, ["a", "v.mp4: corrupt"], 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import batches
 import config
 import data
 import model
-import released
 import video
 from measure import decode, gpu, plots, runs, steps
+from support import released
 from test_video import index_clip, read_index
 
 

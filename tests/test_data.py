@@ -264,16 +264,16 @@ def test_the_release_training_data_filters(synthetic):
     import config
     recs = data.load_records(synthetic / "train.json")
     cfg = config.PRESETS["tiny"]
-    assert len(data.filter_records(recs, cfg)[0]) == len(recs)
+    assert len(batches.filter_records(recs, cfg)[0]) == len(recs)
     durations = sorted({r["duration"] for r in recs})
     words = [len(r["conversations"][1]["value"].split(" ")) for r in recs]
     cut = sorted(words)[len(words) // 2]
-    kept, n = data.filter_records(recs, dataclasses.replace(cfg, min_duration=durations[1], max_answer_words=cut))
+    kept, n = batches.filter_records(recs, dataclasses.replace(cfg, min_duration=durations[1], max_answer_words=cut))
     short = sum(r["duration"] < durations[1] for r in recs)
     wordy = sum(w > cut for r, w in zip(recs, words) if r["duration"] >= durations[1])
     assert n == {"short": short, "long": 0, "wordy": wordy} and len(kept) == len(recs) - short - wordy > 0
     assert kept.path == recs.path
-    _, n = data.filter_records(recs, dataclasses.replace(cfg, max_duration=durations[-2]))
+    _, n = batches.filter_records(recs, dataclasses.replace(cfg, max_duration=durations[-2]))
     assert n["long"] == sum(r["duration"] > durations[-2] for r in recs) > 0
 
 

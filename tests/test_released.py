@@ -17,10 +17,10 @@ import config
 import data
 import evaluate
 import layouts
-import released
 import train
 from evidence import EVI, EVI_END
 from model import build_model
+from support import released
 
 ONE_LAYER = dict(vision_layers=1, qformer_layers=2, llm_layers=1)
 

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import model as modeling
-import released
 from config import PRESETS, configure
-from files import atomic_path
+from support import released
+from support.files import atomic_path
 
 
 def claim(run_dir, master, ddp):

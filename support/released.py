@@ -27,8 +27,9 @@ import torch
 
 from config import PRESETS, D2VLMConfig
 from evidence import EVI, EVI_END
-from files import QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, safetensors_file, weight_map
 from model import D2VLM, add_special_tokens, build_model
+from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, safetensors_file,
+                           weight_map)
 
 MODEL_TYPE = "etchat_phi3"
 INDEX = "model.safetensors.index.json"

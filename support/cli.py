@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from config import SHOWN
-from files import is_number, show
+from support.files import is_number, show
 
 EXIT_BAD_INPUT = 2  # argparse's code for a bad command line; ours for bad input of any kind
 DEBUG_FLAG, DEBUG_ENV = "--debug", "D2VLM_DEBUG"
