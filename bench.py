@@ -5,8 +5,8 @@ this machine, between things that do the same work.
                                           step, FPO step / SFT step, generation tokens/s at batch
                                           1 / 8 / 32, the GPU proxies (aten ops and host reads per
                                           step and per token, distinct LLM shapes per epoch:
-                                          gpu.py), and (CUDA only) the real-size model
-    python bench.py gpu [--json FILE]     every GPU figure in one run (gpu.gpu_figures): the tiny
+                                          measure/gpu.py), and (CUDA only) the real-size model
+    python bench.py gpu [--json FILE]     every GPU figure in one run (measure/gpu.py): the tiny
                                           recipe on the GPU against 2 CPU threads, the real size's steps,
                                           MFU and memory at micro-batch 1 and 4, generation tokens/s at
                                           batch 1 / 8 / 32, projected E.T.Instruct and E.T.Bench hours

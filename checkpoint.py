@@ -273,6 +273,11 @@ def _digests(directory: Path) -> dict:
     return out
 
 
+def newest_intact(run_dir) -> Path | None:
+    """The newest checkpoint of `run_dir` its manifest vouches for (damaged() is None), or None."""
+    return next((d for d in reversed(checkpoints(run_dir)) if damaged(d) is None), None)
+
+
 def damaged(directory) -> str | None:
     """Why a checkpoint directory cannot be trusted (a file missing, changed or added since it was
     written, by MANIFEST), or None when it is intact."""

@@ -448,4 +448,3 @@ def _bench_answer(record, task, duration):
             return "\n".join(f"{EVI} seconds, {c.strip()}" for c in g), spans
         return ", ".join([EVI] * len(spans)) + " seconds.", spans
     raise BadRecord("task", f"unknown E.T.Bench task {show(task)} (expected one of {', '.join(BENCH_TASKS)})")
-

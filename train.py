@@ -246,19 +246,19 @@ def miniature_start(args, ddp, rank, world, local, device) -> Path:
     (pretrain.py), built there first when it has none (`train.py --stage pretrain`, seed 0), as the
     synthetic set is made on first use. One line says which."""
     start = start_dir(args.out)
-    found = [d for d in ckpt.checkpoints(start) if ckpt.damaged(d) is None]
-    if not found:  # what would stop the SFT run is said before minutes go into its starting point
+    found = ckpt.newest_intact(start)
+    if found is None:  # what would stop the SFT run is said before minutes go into its starting point
         configure(PRESETS["tiny"], args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
         refuse_used(Path(args.out) / args.name / args.stage)
         if rank == 0:
             print(f"sft: building the miniature's starting point in {start} first (once; `--init none` starts "
                   "from random weights)", file=sys.stderr)
         train(get_args(["--stage", "pretrain", "--name", START, "--out", args.out]), ddp, rank, world, local, device)
-        found = ckpt.checkpoints(start)
+        found = ckpt.checkpoints(start)[-1]
     elif rank == 0:
-        print(f"sft: starting from the miniature's starting point {found[-1]} (`--init none`: random weights)",
+        print(f"sft: starting from the miniature's starting point {found} (`--init none`: random weights)",
               file=sys.stderr)
-    return found[-1]
+    return found
 
 
 def train(args, ddp, rank, world, local, device):

@@ -8,3 +8,6 @@
     plots.py       training curves and the ablation tables as PNG
     targets.py     the target beside each figure
 """
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent  # the repository: train.py, tests/ (the commands run from here)

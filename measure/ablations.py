@@ -67,8 +67,8 @@ ROWS = {
 }
 TABLES = {"A: generation objective": ("A1", "A2", "A3", "A4", "A5"),
           "B: evidence token": ("B1", "B2", "B3")}
-# the paper's claims: each A-row adds one thing to the one before; each B-row takes one away from B3
 PREDICTIONS = "predictions_ablate.json"  # a run's answers on the ablation split, in checkpoint.results_dir
+# the paper's claims: each A-row adds one thing to the one before; each B-row takes one away from B3
 STEPS = (("A1", "A2"), ("A2", "A3"), ("A3", "A4"), ("A4", "A5"), ("B1", "B3"), ("B2", "B3"))
 
 
@@ -183,15 +183,15 @@ def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens, s
 
 
 def miniature_start(kept_only: bool = False) -> str:
-    """The newest checkpoint of the miniature's starting point (<runs>/start/pretrain, where the
+    """The newest intact checkpoint of the miniature's starting point (<runs>/start/pretrain, where the
     quickstart's SFT starts), built first when there is none, unless only kept results are read."""
     start = train.start_dir(checkpoint.RUNS)
-    if not checkpoint.checkpoints(start) and not kept_only:
+    if checkpoint.newest_intact(start) is None and not kept_only:
         train.main(["--stage", "pretrain"])
-    found = checkpoint.checkpoints(start)
-    if not found:
-        raise SystemExit(f"{start}: no starting point, so no kept result made from it (run without --kept)")
-    return str(found[-1])
+    found = checkpoint.newest_intact(start)
+    if found is None:
+        raise SystemExit(f"{start}: no intact starting point, so no kept result made from it (run without --kept)")
+    return str(found)
 
 
 def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra=(), batch_size: int = 8,

@@ -125,7 +125,6 @@ def decode_figures(clip_dir, size=224, repeat=2):
     return rows
 
 
-
 def loader_figures(clip_dir, preset="d2vlm-3.8b", gpu="H100", repeat=2):
     """Will the data loader keep up at real size? Decode + sample one E.T.Instruct-like clip on one
     worker (this process), against the projected training step per sample of one GPU at
@@ -147,4 +146,3 @@ def loader_figures(clip_dir, preset="d2vlm-3.8b", gpu="H100", repeat=2):
                 f"({flops / 1e12:.0f} TFLOP)", t_step, "s", None),
             (g, f"DataLoader workers per GPU to stay {LOADER['ahead']:g}x ahead",
              math.ceil(LOADER["ahead"] * t_decode / t_step), "workers", None)]
-

@@ -4,11 +4,11 @@ proxies on any machine, `python bench.py gpu` takes every GPU figure in one run.
     host_figures(preset, ...)    aten ops and host reads per SFT step, per FPO step and per generated
                                  token (counted under a dispatch mode on the CPU: on a GPU each op is
                                  at least one kernel launch, each host read a wait for the device)
-    shape_figures(cfg, ...)      the distinct LLM input shapes (prefix, suffix columns) over one epoch
+    shape_figures(preset, ...)   the distinct LLM input shapes (prefix, suffix columns) over one epoch
                                  of the synthetic set, at each sequence multiple: each new shape is a
                                  new plan for some GPU kernels (cuDNN's attention above all)
     gpu_figures(...)             the tiny recipe's steps/s on real batches, the real size's SFT / FPO
-                                 step, MFU and peak memory at batch 1 and at the preset's batch,
+                                 step, MFU and peak memory at micro-batch 1 and 4,
                                  generation tokens/s at batch 1 / 8 / 32, the projected hours
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import batches
-
 import data
 import decoding
 import event_videos
@@ -35,6 +34,7 @@ import losses
 import model
 import train
 from config import PRESETS
+from measure import REPO
 from measure.decode import ETINSTRUCT
 from measure.steps import QUESTION, dvc_batches, generation_figures, realsize_figures
 from measure.targets import TARGETS
@@ -191,8 +191,7 @@ def tiny_recipe_steps(out_dir, steps: int, cpu_threads: int | None = None, log_e
     shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
     if cpu_threads:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(cpu_threads)}
-        subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), *args], env=env,
-                       check=True)
+        subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=env, check=True)
     else:
         train.main(args)
     rows = [json.loads(x) for x in (Path(out_dir) / name / "sft" / "log.jsonl").read_text().splitlines()]
@@ -202,11 +201,11 @@ def tiny_recipe_steps(out_dir, steps: int, cpu_threads: int | None = None, log_e
     return sum(timed) / len(timed)
 
 
-def gpu_figures(out_dir="data/bench/gpu", device="cuda", preset="d2vlm-3.8b", batches=(1, 4), frames=None,
+def gpu_figures(out_dir="data/bench/gpu", device="cuda", preset="d2vlm-3.8b", micro_batches=(1, 4), frames=None,
                 gen_batches=(1, 8, 32), new_tokens=32, tiny_steps=60, cpu_threads=2, log_every=10, data_args=()):
     """Every GPU figure of `bench.py gpu` in one run: the tiny recipe's s/step on the device and on
     `cpu_threads` CPU threads (the README's 2 cores), the real size's SFT / FPO step, MFU, peak
-    memory and projected E.T.Instruct hours at each micro-batch of `batches`, generation tokens/s
+    memory and projected E.T.Instruct hours at each of micro_batches, generation tokens/s
     at each of gen_batches (frames: an E.T.Instruct video of mean length), and the projected hours
     of E.T.Bench (ETBENCH questions, each a prompt and ETBENCH["answer_tokens"] new tokens, at the
     middle batch size). On another device (a test's CPU run) the same code at whatever preset and
@@ -217,7 +216,7 @@ def gpu_figures(out_dir="data/bench/gpu", device="cuda", preset="d2vlm-3.8b", ba
     g = f"the tiny recipe (train.py --stage sft, synthetic set), {device} against {cpu_threads} CPU threads"
     rows = [(g, f"s/step on {device}", t, "s", None), (g, f"s/step on {cpu_threads} CPU threads", t_cpu, "s", None),
             (g, "steps/s: device / CPU", t_cpu / t, "x", TARGETS["tiny_gpu_over_cpu"])]
-    for b in batches:
+    for b in micro_batches:
         rows += realsize_figures(preset, frames, device=device, batch=b)
         if device == "cuda":
             torch.cuda.empty_cache()

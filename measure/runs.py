@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,17 +22,19 @@ import torch
 import batches
 import checkpoint
 import decoding
+import evaluate
 import event_videos
 import fpo
 import losses
 import model
 import train
-from measure import ablations, plots
-from measure.steps import dvc_batches, train_step
+from measure import REPO, ablations, plots
+from measure.steps import QUESTION, dvc_batches, train_step
 from measure.targets import TARGETS
 from scoring import etbench
 from support import released
 from support.files import atomic_path, read_json
+from support.rundir import param_digest
 
 
 def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out_dir="data/bench/realwidth"):
@@ -39,7 +44,7 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
     a GPU: frozen weights held in bf16, bf16 autocast. One SFT step, one FPO step (packed pair),
     save, checkpoint.from_checkpoint (the trained weights must come back bit for bit), greedy
     generation, export in the released layout. Seconds for each, and generated tokens/s."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+    sys.path.insert(0, str(REPO / "tests"))
     import layouts
     out = Path(out_dir)
     times = {}
@@ -75,9 +80,8 @@ def realwidth_figures(layers: int = 2, frames: int = 8, new_tokens: int = 8, out
     t = time.perf_counter()
     back = checkpoint.from_checkpoint(ckpt).eval()
     times["checkpoint.from_checkpoint"] = time.perf_counter() - t
-    same = train.param_digest(back) == train.param_digest(m)
-    ev = {"prompt": "When does the red square appear?", "question_frames": [], "response": "", "frames": []}
-    prompt = batches.collate([{"evidence": ev, "frames": torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size),
+    same = param_digest(back) == param_digest(m)
+    prompt = batches.collate([{"evidence": QUESTION, "frames": torch.randint(0, 255, (frames, 3, cfg.image_size, cfg.image_size),
                                                                        dtype=torch.uint8)}],
                              back.tokenizer, back.qformer_tokenizer, cfg, with_response=False)
     t = time.perf_counter()
@@ -104,16 +108,13 @@ def kill_figures(n: int = 10, seed: int = 0, out_dir="data/bench/kills", steps: 
     every 2 steps), kill -9 it after a random fraction of an uninterrupted run's wall time, then
     `--resume` it to the end. Counts the kills that landed during a save (a temporary checkpoint
     directory present) and the resumes whose final weight digest equals the uninterrupted run's."""
-    import random
-    import signal
-    import subprocess
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     event_videos.ensure_synthetic(event_videos.SYNTHETIC)
     records = json.loads((event_videos.SYNTHETIC / "train.json").read_text())[:24]
     (out / "records.json").write_text(json.dumps(records))
-    base = [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--data", str(out / "records.json"),
+    base = [sys.executable, str(REPO / "train.py"), "--data", str(out / "records.json"),
             "--videos", str(event_videos.SYNTHETIC / "videos"), "--out", str(out), "--workers", "0",
             "--max-steps", str(steps), "--save-every", "2", "--set", "batch_size=2"]
 
@@ -147,11 +148,10 @@ def learn(name=None, seed=0):
     """The quickstart on the synthetic set with the default settings and `seed`: the starting point
     when there is none yet (its time counted, as on first use), SFT -> evaluate -> FPO -> evaluate.
     Returns the run name, the times, the metrics and the TVG picks (ablations.tvg_picks) per stage."""
-    import evaluate
     name = name or time.strftime("learn-%Y%m%d-%H%M%S")
     times, metrics, picks = {}, {}, {}
     t_all = time.perf_counter()
-    if not checkpoint.checkpoints(train.start_dir(checkpoint.RUNS)):
+    if checkpoint.newest_intact(train.start_dir(checkpoint.RUNS)) is None:
         t = time.perf_counter()
         train.main(["--stage", "pretrain"])
         times["pretrain"] = time.perf_counter() - t

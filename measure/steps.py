@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import batches
-
 import decoding
+import evaluate
 import fpo
 import losses
 import model
@@ -124,7 +124,6 @@ def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32, de
     model as evaluate.py runs it on `device` (model.for_inference), and at the middle batch size the
     time of a batch's prompt (the video encoded, pass 1: one new token) and of each new token after it.
     targets: {batch size: TARGETS key} for the tokens/s rows."""
-    import evaluate
     cfg = PRESETS[preset]
     torch.manual_seed(0)
     with torch.device(device):
@@ -160,7 +159,7 @@ def generation_figures(preset, frames, batch_sizes=(1, 8, 32), new_tokens=32, de
 
 
 # ---------------------------------------------------------------------------------------------
-# The real size: memory, GPU steps (CUDA), real widths on the CPU
+# The real size: memory, GPU steps (CUDA)
 
 def train_step(m, opt, objective, b, autocast):
     """One optimizer step as train.py takes it (autocast, backward, gradient clipping, AdamW); the loss."""

@@ -47,12 +47,10 @@ def claim(run_dir, master, ddp):
     return lock
 
 
-
 def refuse_used(run_dir) -> None:
     """A fresh run never writes over another run's checkpoints: SystemExit when run_dir holds some."""
     if ckpt.checkpoints(run_dir):
         raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
-
 
 
 def starting_point(args, run_dir):
@@ -110,7 +108,6 @@ def starting_point(args, run_dir):
     return cfg, init, resume, passed
 
 
-
 def run_tokenizer(args, cfg, init, resume):
     """The LLM tokenizer of the model starting_model will build (the data is checked with it first)."""
     if init is not None:
@@ -118,12 +115,10 @@ def run_tokenizer(args, cfg, init, resume):
     return ckpt.llm_tokenizer(cfg, args.llm_weights, resume / ckpt.TOKENIZER if resume else None)
 
 
-
 def _qformer_tokenizer(resume):
     """The Q-Former tokenizer a resumed run saved, if it has its own."""
     d = resume / ckpt.QFORMER_TOKENIZER if resume else None
     return d if d is not None and d.is_dir() else None
-
 
 
 def starting_model(args, cfg, init, resume, tokenizer, master):
@@ -140,7 +135,6 @@ def starting_model(args, cfg, init, resume, tokenizer, master):
         return modeling.merge_and_fresh_lora(model) if args.stage == "sft" else model
     return ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
                              tokenizer=tokenizer)
-
 
 
 def resume_state(resume, **expected):
@@ -176,7 +170,6 @@ def restore(resume, st, model, opt, rank, device) -> None:
         torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
 
 
-
 def cut_log(path: Path, step: int) -> None:
     """Keep the rows of log.jsonl up to `step`: a resumed run logs the steps after it again. A line
     torn by a kill is dropped."""
@@ -194,7 +187,6 @@ def cut_log(path: Path, step: int) -> None:
         tmp.write_text("".join(keep), encoding="utf-8")
 
 
-
 def save(run_dir, raw, opt, state, full, keep, world, device, master, ddp):
     """A checkpoint of the run at state["step"] (state: the trainer state but the RNG and the optimizer):
     rank 0 writes it, with every rank's RNG state; the others wait. Returns its directory (rank 0) or None."""
@@ -208,10 +200,8 @@ def save(run_dir, raw, opt, state, full, keep, world, device, master, ddp):
     return saved
 
 
-
 def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
 
 
 def param_digest(model):
@@ -223,7 +213,6 @@ def param_digest(model):
     return h.hexdigest()
 
 
-
 def gather(obj, world):
     """obj from every rank, in rank order."""
     if world == 1:
@@ -231,7 +220,6 @@ def gather(obj, world):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
-
 
 
 def summarize(log, stage, step, total, done, wall, last, saved_to, digests):

@@ -11,7 +11,7 @@ import config
 import data
 import model
 import video
-from measure import decode, gpu, plots, runs, steps
+from measure import REPO, decode, gpu, plots, runs, steps
 from support import released
 from test_video import index_clip, read_index
 
@@ -78,6 +78,12 @@ def test_memory_rows_at_real_size():
     assert rows["AdamW state (2 x fp32 per trained weight)"] == pytest.approx(2 * rows["gradients (fp32, trained only)"])
 
 
+def test_the_runs_reach_train_py_and_the_fixtures_from_the_repository_root():
+    """`bench.py kills` and `gpu` start train.py, `realwidth` imports tests/layouts.py, by path from the
+    repository root (outside pytest, tests/ is not on sys.path)."""
+    assert (REPO / "train.py").is_file() and (REPO / "tests" / "layouts.py").is_file()
+
+
 def test_realwidth_one_layer_on_the_cpu(tmp_path):
     """The real widths with one layer each, started from an E.T.Chat stage-2 directory, under bf16
     autocast: both steps run with finite losses, the saved checkpoint reloads bit for bit,
@@ -142,7 +148,7 @@ def test_gpu_figures_on_the_cpu(synthetic, tmp_path):
     """bench.py gpu's code path at tiny size on the CPU: every figure comes out, the device/CPU
     ratio is that of the two s/step rows, and the E.T.Bench projection follows from the measured
     prompt and per-token times."""
-    rows = gpu.gpu_figures(tmp_path, "cpu", "tiny", batches=(1,), frames=4, gen_batches=(1, 2, 3), new_tokens=3,
+    rows = gpu.gpu_figures(tmp_path, "cpu", "tiny", micro_batches=(1,), frames=4, gen_batches=(1, 2, 3), new_tokens=3,
                                  tiny_steps=8, cpu_threads=1, log_every=4,
                                  data_args=("--data", str(synthetic / "mixed.json"), "--videos", str(synthetic / "videos")))
     got = {what: value for _, what, value, *_ in rows}
