@@ -114,21 +114,24 @@ class D2VLM(nn.Module):
         """frames (B, T, 3, S, S) normalised, frame_mask (B, T) -> video tokens (B, T, llm_width), zero
         at padded frames. Each frame's Q-Former also reads the instruction (qformer_ids)."""
         b_idx = frame_mask.nonzero()[:, 0]
-        with torch.set_grad_enabled(self.cfg.train_base and torch.is_grad_enabled()):  # the ViT is frozen unless train_base
-            v = self.vision
-            patches = v.encoder(inputs_embeds=v.embeddings(frames[frame_mask])).last_hidden_state[:, 1:]  # raw, no CLS
-        # the Q-Former reads them through a LayerNorm that trains (upstream's qformer_ln, HF's
-        # post_layernorm); the aggregator reads them raw
-        normed = v.post_layernorm(patches)
-        n_q = self.cfg.num_query_tokens
-        mask = torch.cat([qformer_mask.new_ones(len(b_idx), n_q), qformer_mask[b_idx]], 1)  # queries + text
-        q = self.qformer(input_ids=qformer_ids[b_idx], attention_mask=mask,
-                         query_embeds=self.query_tokens.expand(len(b_idx), -1, -1),
-                         encoder_hidden_states=normed).last_hidden_state[:, :n_q]
-        tokens = self.aggregator(q, patches)
+        patches = self.patches(frames[frame_mask])
+        tokens = self.aggregator(self.query_outputs(patches, qformer_ids[b_idx], qformer_mask[b_idx]), patches)
         out = tokens.new_zeros(*frame_mask.shape, tokens.shape[-1])
         out[frame_mask] = tokens
         return out
+
+    def patches(self, frames):
+        """frames (N, 3, S, S) normalised -> raw ViT patches (N, P, vision_width), no CLS; frozen unless train_base."""
+        with torch.set_grad_enabled(self.cfg.train_base and torch.is_grad_enabled()):
+            return self.vision.encoder(inputs_embeds=self.vision.embeddings(frames)).last_hidden_state[:, 1:]
+
+    def query_outputs(self, patches, ids=None, mask=None):
+        """patches (N, P, vision_width) [+ text ids, mask (N, L)] -> Q-Former query outputs (N, Q, qformer_width),
+        the patches read through a LayerNorm that trains (upstream's qformer_ln; the aggregator reads them raw)."""
+        n_q, q = self.cfg.num_query_tokens, self.query_tokens.expand(len(patches), -1, -1)
+        full = None if ids is None else torch.cat([mask.new_ones(len(patches), n_q), mask], 1)  # queries + text
+        return self.qformer(input_ids=ids, attention_mask=full, query_embeds=q,
+                            encoder_hidden_states=self.vision.post_layernorm(patches)).last_hidden_state[:, :n_q]
 
     def forward(self, batch):
         """Training forward on a collated batch (batches.collate). Returns a dict:

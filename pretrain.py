@@ -80,17 +80,6 @@ class ItcHeads(nn.Module):
         self.match = nn.Linear(cfg.qformer_width, 2)
 
 
-def encode_frames(model, frames: torch.Tensor, ids=None, mask=None) -> torch.Tensor:
-    """frames (N, 3, S, S) normalised -> the Q-Former's query outputs (N, Q, qformer_width): without
-    a text (contrastive, as BLIP-2), or reading the instruction ids, mask (N, L) (matching)."""
-    v = model.vision
-    patches = v.encoder(inputs_embeds=v.embeddings(frames)).last_hidden_state[:, 1:]
-    q = model.query_tokens.expand(len(frames), -1, -1)
-    full = None if ids is None else torch.cat([mask.new_ones(len(frames), q.shape[1]), mask], 1)
-    out = model.qformer(input_ids=ids, attention_mask=full, query_embeds=q, encoder_hidden_states=v.post_layernorm(patches))
-    return out.last_hidden_state[:, :q.shape[1]]
-
-
 def encode_texts(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """ids, mask (N, L) -> the Q-Former's text encoding (no queries, no image), mean over the real
     tokens (N, qformer_width)."""
@@ -133,11 +122,12 @@ def align_encoder(model, path, videos, cfg, seed: int, schedule, log=sys.stderr)
     of the clips in `path` (`videos`: their folder), cfg.itc_epochs passes, AdamW at cfg.itc_lr times
     schedule(step, total, cfg.warmup) (train.lr_factor). Trains the ViT's LayerNorm, the query tokens
     and the Q-Former; the ViT stays frozen. Returns the loss of each step."""
-    data = FrameTexts(path, videos, cfg)
+    data = FrameTexts(path, videos, cfg)  # on the CPU, as the random draws; each batch goes to the model's device
+    device = model.query_tokens.device
     tok = model.qformer_tokenizer
-    enc = tok(data.texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    enc = tok(data.texts, padding=True, add_special_tokens=False, return_tensors="pt").to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-    heads = ItcHeads(cfg)
+    heads = ItcHeads(cfg).to(device)
     # as BLIP-2's first stage: the image encoder frozen, what reads it trained
     params = [*model.vision.post_layernorm.parameters(), model.query_tokens, *model.qformer.parameters(),
               *heads.parameters()]
@@ -158,9 +148,9 @@ def align_encoder(model, path, videos, cfg, seed: int, schedule, log=sys.stderr)
         pick = order[(step % per_epoch) * cfg.itc_batch:][:cfg.itc_batch]
         for g in opt.param_groups:
             g["lr"] = cfg.itc_lr * schedule(step, total, cfg.warmup)
-        text = data.text[pick]
-        frames = normalize(data.frames[pick])
-        img = F.normalize(heads.vision(encode_frames(model, frames)), dim=-1)
+        text = data.text[pick].to(device)
+        patches = model.patches(normalize(data.frames[pick]).to(device))  # the ViT is frozen: once for both objectives
+        img = F.normalize(heads.vision(model.query_outputs(patches)), dim=-1)
         every = F.normalize(heads.text(encode_texts(model, ids, mask)), dim=-1)  # (U, d), the distinct texts
         loss = itc_loss(img, every[text], text[:, None] == text[None], cfg.itc_temperature).mean()
         if cfg.itm:  # each frame with an instruction naming an event: its own (half the time) or any other
@@ -170,17 +160,19 @@ def align_encoder(model, path, videos, cfg, seed: int, schedule, log=sys.stderr)
             form = torch.randint(len(MATCH_TEMPLATES), own.shape, generator=gen)
             said = [data.captions[int(a)] for a in asked]
             prompts = [INTRO + MATCH_TEMPLATES[int(k)].format(c=c, np=" ".join(c.split()[:3])) for c, k in zip(said, form)]
-            q = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
-            logits = heads.match(encode_frames(model, frames, q["input_ids"], q["attention_mask"].bool()))
-            match = torch.tensor([c.startswith(data.texts[int(t)] + " ") for c, t in zip(said, text)])
+            q = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt").to(device)
+            logits = heads.match(model.query_outputs(patches, q["input_ids"], q["attention_mask"].bool()))
+            match = torch.tensor([c.startswith(data.texts[int(t)] + " ") for c, t in zip(said, data.text[pick])],
+                                 device=device)
             loss = loss + itm_loss(logits, match).mean()
-            matched.append((logits.detach().mean(1).argmax(1) == match.long()).float().mean().item())
+            matched.append((logits.detach().mean(1).argmax(1) == match.long()).float().mean())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        hits.append((torch.einsum("iqd,ud->iuq", img.detach(), every.detach()).amax(-1).argmax(1) == text).float().mean().item())
+        losses.append(loss.detach())
+        hits.append((torch.einsum("iqd,ud->iuq", img.detach(), every.detach()).amax(-1).argmax(1) == text).float().mean())
+    losses, hits, matched = (torch.stack(x).tolist() if x else [] for x in (losses, hits, matched))  # one host read
     print(f"pretrain: encoder aligned on {n} frames of {len(data.texts)} texts, {total} steps in "
           f"{time.time() - t0:.1f} s, loss {sum(losses[:10]) / min(10, len(losses)):.3f} -> "
           f"{sum(losses[-10:]) / min(10, len(losses)):.3f}; the nearest text is the frame's own for "
