@@ -18,6 +18,7 @@ sha256 of every other file).
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Phi3ForCausalLM
 
-from config import D2VLMConfig
+from config import ADAPTER_SHAPE, D2VLMConfig
 from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
 from support import cli, released
 # WEIGHTS: the non-LoRA tensors; QFORMER_TOKENIZER: when the Q-Former's is not the LLM's
@@ -41,7 +42,7 @@ from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactl
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
-STATE = "trainer_state.pt"     # a training run's state (train.py)
+STATE = "trainer_state.pt"     # a training run's state (support/rundir.py)
 STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
 MANIFEST = "manifest.json"     # sha256 of every other file of a checkpoint, written last
 LOCK = ".lock"                 # held by the one run writing a run directory
@@ -159,6 +160,13 @@ def save_weights(model: D2VLM, directory, full: bool) -> None:
         model.qformer_tokenizer.save_pretrained(d / QFORMER_TOKENIZER)
 
 
+def is_full(directory) -> bool:
+    """Whether our checkpoint holds every non-LoRA tensor (else the trained ones: the rest is in the
+    weight directories it was trained from)."""
+    with safetensors_file(Path(directory) / WEIGHTS) as f:
+        return (f.metadata() or {}).get("full") == "True"
+
+
 def load_weights(model: D2VLM, directory) -> None:
     """Load what save_weights wrote into a model built with the same config (and the same weight
     directories when the checkpoint is not full). Every tensor in the files must match by name and shape."""
@@ -191,19 +199,20 @@ def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLM
     directory (support/released.py: E.T.Chat, D2VLM, our exports; qformer_tokenizer is the Q-Former
     tokenizer directory when it holds none). A checkpoint that is not full also needs the weight
     directories the run was built from. `cfg` replaces the saved config (same architecture, other
-    training settings: FPO after SFT). `tokenizer`: what tokenizer_of(directory, ...) gave."""
+    training settings: FPO after SFT; the LoRA as saved, ADAPTER_SHAPE). `tokenizer`: what
+    tokenizer_of(directory, ...) gave."""
     d = Path(directory)
     if released.is_released(d):
         return released.load(d, cfg, qformer_tokenizer, tokenizer)[0]
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: checkpoint directory not found")
     saved = read_config(d)
-    with safetensors_file(d / WEIGHTS) as f:
-        full = (f.metadata() or {}).get("full") == "True"
-    if not full and (vision_weights is None or llm_weights is None):
+    if not is_full(d) and (vision_weights is None or llm_weights is None):
         raise ValueError(f"{d}: holds only the trained tensors; give the --vision-weights and --llm-weights it was trained from")
     qdir = d / QFORMER_TOKENIZER
-    m = from_weights(cfg or saved, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER,
+    # the saved adapter loads at its own rank and targets (cfg's take over in merge_and_fresh_lora)
+    built = saved if cfg is None else dataclasses.replace(cfg, **{k: getattr(saved, k) for k in ADAPTER_SHAPE})
+    m = from_weights(built, vision_weights, llm_weights, tokenizer_dir=d / TOKENIZER,
                      qformer_tokenizer_dir=qdir if qdir.is_dir() and vision_weights is None else None, tokenizer=tokenizer)
     load_weights(m, d)
     return m

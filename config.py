@@ -175,6 +175,7 @@ def configure(cfg: D2VLMConfig, overrides) -> D2VLMConfig:
 
 
 FPO_STARTS = ("continue", "merged")
+ADAPTER_SHAPE = ("lora_r", "lora_targets")  # what a saved LoRA adapter's tensors fix
 SHOWN = 40  # characters of a bad setting or flag value quoted in its one-line error (support/cli.py's too)
 RESPONSE_FORMATS = ("factorized", "coupled", "factorized_text")
 EVIDENCE_LEVELS = ("event", "frame")

@@ -411,10 +411,11 @@ def _set_trainable(model) -> None:
             or n.endswith(("embed_tokens.weight", "lm_head.weight")))
 
 
-def merge_and_fresh_lora(model: D2VLM) -> D2VLM:
+def merge_and_fresh_lora(model: D2VLM, cfg: D2VLMConfig | None = None) -> D2VLM:
     """The release's FPO start: the trained LoRA merged into the LLM's weights, then a fresh LoRA
-    (model.cfg's r, alpha, dropout; B = 0, so the model computes what it computed). In place;
-    returns the model."""
+    (cfg's r, alpha, dropout, targets, cfg the model's from then on; default model.cfg; B = 0, so
+    the model computes what it computed). In place; returns the model."""
+    model.cfg = cfg or model.cfg
     model.llm = _with_lora(model.llm.merge_and_unload(), model.cfg)
     _set_trainable(model)
     return model

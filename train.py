@@ -4,10 +4,12 @@ Preference Optimization"; DESIGN.md §5, §6, §8.
 With no arguments the SFT stage trains the tiny preset on the synthetic event videos (generated
 under data/synthetic on first use), from the miniature's starting point runs/start/pretrain (built
 first when missing: `--stage pretrain`, pretrain.py; `--init none` starts from random weights); on a
-2-core CPU that takes a few minutes and the model grounds the event a question names. `--stage fpo` then continues from the newest SFT checkpoint of the run on preference pairs
-made from the same data (synth.py), or read from --pairs. Both stages share this loop; they differ
-in the dataset (pairs are packed: prompt, chosen, rejected in one row) and the objective
-(losses.sft_objective / fpo.objective). The real-size run on E.T.Instruct-164K, 4 GPUs:
+2-core CPU that takes a few minutes and the model grounds the event a question names. `--stage fpo`
+then continues from the newest SFT checkpoint of the run on preference pairs made from the same
+data (synth.py), or read from --pairs. The three stages share this loop; they differ in the dataset
+(pairs are packed: prompt, chosen, rejected in one row), what trains (pretrain.set_trainable) and
+the objective (losses.sft_objective, pretrain too / fpo.objective). The real-size run on
+E.T.Instruct-164K, 4 GPUs:
 
     torchrun --nproc_per_node 4 train.py --stage sft --preset d2vlm-3.8b \\
         --vision-weights DIR --llm-weights DIR --data et_instruct_164k_txt.json --videos DIR
@@ -54,14 +56,14 @@ import synth
 from config import PRESETS, configure
 from support import cli
 from support.rundir import (claim, cut_log, gather, param_digest, refuse_used, restore, resume_state, run_tokenizer,
-                            save, starting_model, starting_point, summarize)
+                            save, settings, starting_model, starting_point, summarize)
 
 START = "start"  # the run name of the miniature's starting point: <out>/start/pretrain (miniature_start)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
 
 def get_args(argv=None):
-    ap = cli.ArgumentParser(description="Train D2VLM: SFT, then FPO.")
+    ap = cli.ArgumentParser(description="Train D2VLM: the starting point (pretrain), SFT, then FPO.")
     ap.add_argument("--stage", choices=["pretrain", "sft", "fpo"], default="sft")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="the config (default: tiny; d2vlm-3.8b with a released --init, whose widths it reads)")
@@ -231,8 +233,7 @@ def main(argv=None):
     if args.init == "none":  # random weights, as before the starting point existed
         args.init = None
     train(args, ddp, rank, world, local, device)
-    if ddp:
-        dist.barrier()  # let every rank finish its part before the group goes away
+    if ddp:  # train() ended with a barrier: every rank is done with the group
         dist.destroy_process_group()
 
 
@@ -248,7 +249,7 @@ def miniature_start(args, ddp, rank, world, local, device) -> Path:
     start = start_dir(args.out)
     found = ckpt.newest_intact(start)
     if found is None:  # what would stop the SFT run is said before minutes go into its starting point
-        configure(PRESETS["tiny"], args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
+        configure(PRESETS["tiny"], settings(args))
         refuse_used(Path(args.out) / args.name / args.stage)
         if rank == 0:
             print(f"sft: building the miniature's starting point in {start} first (once; `--init none` starts "
@@ -375,9 +376,10 @@ def model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device):
     its optimizer, both restored from `resume`; full: whether checkpoints must hold every tensor."""
     cuda = device.type == "cuda"
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = starting_model(args, cfg, init, resume, tokenizer, rank == 0).to(device)
+    model, full = starting_model(args, cfg, init, resume, tokenizer, rank == 0)
+    model = model.to(device)
     if args.stage == "fpo" and cfg.fpo_start == "merged" and not resume:  # as released; a resume loads it all
-        modeling.merge_and_fresh_lora(model)
+        modeling.merge_and_fresh_lora(model, cfg)
     if args.stage == "pretrain":
         if not resume:  # phase 1: the encoder's image-text alignment (the same on every rank)
             pretrain.align_encoder(model, Path(args.data).with_name(event_videos.PRETRAIN_FRAMES), args.videos, cfg,
@@ -385,8 +387,8 @@ def model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device):
         pretrain.set_trainable(model)  # phase 2: captions and questions, the ViT frozen again
     if cuda:  # frozen weights in bf16 (run under bf16 autocast), trained ones in fp32
         modeling.hold_frozen_in(model, torch.bfloat16)
-    # random frozen parts, or an LLM changed by merging, go into checkpoints
-    full = args.vision_weights is None or args.llm_weights is None or (args.stage == "fpo" and cfg.fpo_start == "merged")
+    # frozen weights not those of the weight directories (random, released, merged, aligned) go into checkpoints
+    full = full or args.stage == "pretrain" or (args.stage == "fpo" and cfg.fpo_start == "merged")
     torch.manual_seed(args.seed + rank)  # but other dropout masks on each rank
     opt = make_optimizer(model, cfg, fused=cuda, scale=cfg.fpo_lr_scale if args.stage == "fpo" else 1.0)
     if resume:

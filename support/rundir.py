@@ -1,6 +1,8 @@
 """A training run's directory, runs/<name>/<stage>: what train.py does before and after its loop.
 
     claim(run_dir, master, ddp)             one writer: rank 0 takes the lock, every rank stops alike
+    refuse_used(run_dir)                    a fresh run never writes over another run's checkpoints
+    settings(args)                          the run's --set (and --beta) settings
     starting_point(args, run_dir)           the config, the --init directory, the checkpoint --resume goes
                                             on from (checked against its manifest and config)
     starting_model(...), run_tokenizer(...) the model and tokenizer the run starts from
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import model as modeling
-from config import PRESETS, configure
+from config import ADAPTER_SHAPE, PRESETS, configure
 from support import released
 from support.files import atomic_path
 
@@ -53,6 +55,11 @@ def refuse_used(run_dir) -> None:
         raise SystemExit(f"{run_dir} already holds checkpoints: add --resume to continue that run, or pick another --name")
 
 
+def settings(args) -> list:
+    """The FIELD=VALUE settings of a run: --set, then --beta."""
+    return args.set + ([f"beta={args.beta}"] if args.beta is not None else [])
+
+
 def starting_point(args, run_dir):
     """(cfg, init, resume, passed): the config this run trains with (the preset; with a released --init the
     preset with the directory's widths; for FPO from our SFT checkpoint, its config; --set on top);
@@ -80,7 +87,13 @@ def starting_point(args, run_dir):
                          f"{released.MODEL_TYPE}); to continue one of our runs use --resume")
     else:
         base = PRESETS[args.preset or "tiny"]
-    cfg = configure(base, args.set + ([f"beta={args.beta}"] if args.beta is not None else []))
+    cfg = configure(base, settings(args))
+    if args.stage == "fpo" and cfg.fpo_start == "continue" and not released.is_released(init):
+        changed = [f"{k}={getattr(base, k)!r} there, {getattr(cfg, k)!r} here" for k in ADAPTER_SHAPE
+                   if getattr(cfg, k) != getattr(base, k)]
+        if changed:
+            raise SystemExit(f"{init}: fpo_start=continue trains this checkpoint's LoRA on ({'; '.join(changed)}); "
+                             "keep its LoRA settings, or --set fpo_start=merged for a fresh LoRA")
     if args.stage == "fpo" and (cfg.response_format, cfg.evidence_level) != ("factorized", "event"):
         raise SystemExit(f"fpo: preference pairs are made for the factorized, event-level response; this run has "
                          f"response_format={cfg.response_format}, evidence_level={cfg.evidence_level} (the ablations "
@@ -122,19 +135,24 @@ def _qformer_tokenizer(resume):
 
 
 def starting_model(args, cfg, init, resume, tokenizer, master):
-    """The model the run starts from: a released --init, our SFT checkpoint (FPO), or the weight
-    directories / random weights (the tokenizer and Q-Former tokenizer of a resumed run: its own)."""
+    """(model, own): the model the run starts from, a released --init, our checkpoint (SFT: its LoRA
+    merged, a fresh one; FPO), or the weight directories / random weights (the tokenizer and
+    Q-Former tokenizer of a resumed run: its own); own: whether its frozen weights are not those of
+    --vision-weights / --llm-weights, so that its checkpoints must hold every tensor."""
     if init is not None and released.is_released(init):
         model, fresh = released.load(init, cfg, args.qformer_tokenizer, tokenizer)
         if master:
             print(f"{args.stage}: starting from {init} (released layout); fresh: {', '.join(fresh + ['LoRA'])}",
                   file=sys.stderr)
-        return model
+        return model, True
     if init is not None:
         model = ckpt.from_checkpoint(init, args.vision_weights, args.llm_weights, cfg=cfg, tokenizer=tokenizer)
-        return modeling.merge_and_fresh_lora(model) if args.stage == "sft" else model
-    return ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
-                             tokenizer=tokenizer)
+        if args.stage == "sft":
+            return modeling.merge_and_fresh_lora(model, cfg), True
+        return model, ckpt.is_full(init)
+    model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
+                              tokenizer=tokenizer)
+    return model, args.vision_weights is None or args.llm_weights is None
 
 
 def resume_state(resume, **expected):

@@ -243,9 +243,9 @@ def write_instructblip(path, cfg, seed=1, **qformer):
     return ib
 
 
-def test_loading_from_checkpoint_layouts(tmp_path, tiny):
-    """Tiny checkpoints saved as an InstructBLIP directory and a Phi-3 directory go through the same
-    loader as the real ones."""
+def write_weight_directories(tmp_path, tiny):
+    """`tiny` as an InstructBLIP directory (tmp_path/instructblip, with qformer_tokenizer/) and a Phi-3
+    directory (tmp_path/phi3, with the tokenizer), in transformers' layouts: (InstructBLIP, Phi-3) models."""
     ib = write_instructblip(tmp_path / "instructblip", CFG)
     tiny.tokenizer.save_pretrained(tmp_path / "instructblip" / "qformer_tokenizer")
     phi = tiny.llm.get_base_model()
@@ -253,6 +253,13 @@ def test_loading_from_checkpoint_layouts(tmp_path, tiny):
     plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in phi.state_dict().items() if "lora_" not in k})
     plain.save_pretrained(tmp_path / "phi3")
     tiny.tokenizer.save_pretrained(tmp_path / "phi3")
+    return ib, plain
+
+
+def test_loading_from_checkpoint_layouts(tmp_path, tiny):
+    """Tiny checkpoints saved as an InstructBLIP directory and a Phi-3 directory go through the same
+    loader as the real ones."""
+    ib, plain = write_weight_directories(tmp_path, tiny)
     assert len(list((tmp_path / "instructblip").glob("model-*.safetensors"))) > 1  # sharded
     m = checkpoint.from_weights(CFG, vision_weights=tmp_path / "instructblip", llm_weights=tmp_path / "phi3")
     torch.testing.assert_close(m.vision.state_dict(), ib.vision_model.state_dict())

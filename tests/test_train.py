@@ -20,6 +20,7 @@ import losses
 import model
 import train
 from synth import KINDS
+from test_model import write_weight_directories
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +232,28 @@ def test_fpo_from_the_merged_sft_model_as_released(synthetic, tmp_path):
         assert f.metadata()["full"] == "True"
     m = checkpoint.from_checkpoint(ckpt)
     assert m.cfg.fpo_start == "merged" and any(p.any() for n, p in m.named_parameters() if "lora_B" in n)
+
+
+def test_sft_from_our_checkpoint_on_weight_directories(synthetic, tmp_path):
+    """SFT from one of our checkpoints (as from the miniature's starting point) with --vision-weights /
+    --llm-weights: that checkpoint's LoRA is merged into the LLM, so the new run's checkpoints hold
+    every tensor and reload without the directories; --set lora_r is the fresh LoRA's rank. FPO that
+    would train that LoRA on at another rank is refused in one line."""
+    ib, plain = write_weight_directories(tmp_path, model.build_model(config.PRESETS["tiny"]))
+    base = ["--data", str(synthetic / "tvg.json"), "--videos", str(synthetic / "videos"), "--max-steps", "1",
+            "--vision-weights", str(tmp_path / "instructblip"), "--llm-weights", str(tmp_path / "phi3")]
+    first = run(base, tmp_path, "first") / "step_000001"
+    assert not checkpoint.is_full(first)  # the frozen weights are the directories'
+    second = run([*base, "--init", str(first), "--set", "lora_r=8"], tmp_path, "second") / "step_000001"
+    assert checkpoint.is_full(second)
+    back = checkpoint.from_checkpoint(second)  # no weight directories needed
+    with_dirs = checkpoint.from_checkpoint(second, tmp_path / "instructblip", tmp_path / "phi3")
+    torch.testing.assert_close(back.state_dict(), with_dirs.state_dict(), rtol=0, atol=0)
+    assert back.cfg.lora_r == 8 and all(p.shape[0] == 8 for n, p in back.named_parameters() if "lora_A" in n)
+    merged = back.decoder.layers[0].self_attn.qkv_proj.base_layer.weight
+    assert not torch.equal(merged, plain.model.layers[0].self_attn.qkv_proj.weight)  # the first run's LoRA, merged
+    with pytest.raises(SystemExit, match=r"fpo_start=continue trains this checkpoint's LoRA on \(lora_r=8 there, 4 here\)"):
+        run(["--stage", "fpo", *base, "--init", str(second), "--set", "lora_r=4"], tmp_path, "second")
 
 
 def test_two_steps_without_semantic_capture(synthetic, tmp_path):
