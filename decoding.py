@@ -53,10 +53,11 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
     gens = [torch.Generator().manual_seed(int(x)) for x in (range(B) if seeds is None else seeds)]
     penalized = torch.tensor([False] * B if penalize is None else list(penalize), device=batch["input_ids"].device)
     penalizing = penalty != 1.0 and penalize is not None and any(penalize)
-    ids = batch["input_ids"]
-    seen = torch.zeros(B, model.lm_head.weight.shape[0], dtype=torch.bool, device=ids.device)
-    keep = batch["attention_mask"].bool() & (ids != tid[VIDEO]) & (ids != tid[EVI])
-    seen[torch.arange(B, device=ids.device)[:, None].expand_as(ids)[keep], ids[keep]] = True
+    ids, each = batch["input_ids"], torch.arange(B, device=batch["input_ids"].device)
+    if penalizing:  # the tokens each sample has seen, for the penalty
+        seen = torch.zeros(B, model.lm_head.weight.shape[0], dtype=torch.bool, device=ids.device)
+        keep = batch["attention_mask"].bool() & (ids != tid[VIDEO]) & (ids != tid[EVI])
+        seen[each[:, None].expand_as(ids)[keep], ids[keep]] = True
     pr = model.encode_prompt(batch)
     suffix, suf_mask = pr.suffix, pr.suf_mask
     hs = model.run(suffix, suf_mask, pr.cache, pr.pre_mask)
@@ -80,7 +81,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
             logits = torch.where(penalized[:, None], repetition_penalty(logits, seen, penalty), logits)
         tok = _choose(logits, temperature, top_p, gens)
         tok = torch.where(done, pad, tok)
-        seen[torch.arange(B, device=tok.device), tok] |= (tok != tid[EVI]) & ~done
+        if penalizing:
+            seen[each, tok] |= (tok != tid[EVI]) & ~done
         emb = model.decoder.embed_tokens(tok)
         is_evi = (tok == tid[EVI]) & ~done
         live = ~done
@@ -90,7 +92,8 @@ def generate(model, batch, max_new_tokens: int = 128, temperature: float = 0.0, 
         n_new += live
         full = full | (~done & (n_new >= room))
         done = done | full
-        any_evi, finished = torch.stack([is_evi.any(), done.all()]).tolist()  # the step's one read by the host
+        # the step's one read by the host (greedy; sampling reads the probabilities too, to draw on the CPU)
+        any_evi, finished = torch.stack([is_evi.any(), done.all()]).tolist()
         if any_evi:
             sim = evidence.similarity(model.evi_head(m_last)[:, None], pr.frm)
             if frame_level:  # one boundary frame: the argmax of the softmax over the frames

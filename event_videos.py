@@ -15,7 +15,6 @@ CLI: python event_videos.py --out data/synthetic [--n-train 200 --n-test 40 --se
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from data import fmt_time, load_records, span_text
 from support import cli
-from support.files import atomic_path
+from support.files import write_json_rows
 from video import write_video
 
 SYNTHETIC = Path("data/synthetic")  # where train.py and evaluate.py put and look for it by default
@@ -218,8 +217,7 @@ def make_pretrain(root, n_clips: int = PRE_CLIPS, seed: int = 0, workers: int | 
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         done = list(pool.map(_pretrain_one, [(str(root), i, seed) for i in range(n_clips)], chunksize=8))
     for name, rows in ((PRETRAIN_FRAMES, [f for _, f in done]), (PRETRAIN, [r for rs, _ in done for r in rs])):
-        with atomic_path(root / name) as tmp:  # PRETRAIN last: its presence means the set is complete
-            tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
+        write_json_rows(root / name, rows)  # PRETRAIN last: its presence means the set is complete
     return root / PRETRAIN
 
 
@@ -263,8 +261,7 @@ def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, wo
     test = [{"version": r.pop("version"), "idx": j, **r}
             for j, r in enumerate(r for recs in results[n_train:] for r in recs)]
     for name, recs in (("train.json", train), ("test.json", test)):
-        with atomic_path(root / name) as tmp:
-            tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n", encoding="utf-8")
+        write_json_rows(root / name, recs)
     return root / "train.json", root / "test.json"
 
 

@@ -21,19 +21,16 @@ and how many records no kind applies to).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 import data
 from data import EVI, EVI_END
 from support import cli
-from support.files import read_json
+from support.files import read_json, write_json_rows
 
 MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
 SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...
@@ -251,10 +248,7 @@ def make_pairs(records, seed: int = 0, per_sample: int = 1, kinds=KINDS) -> Pair
 
 def save_pairs(pairs, path):
     """JSON list, seconds only (frames are recomputed at the model's fps when read); temp + rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("[\n" + ",\n".join(json.dumps({k: p[k] for k in PAIR_FIELDS}) for p in pairs) + "\n]\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_rows(path, ({k: p[k] for k in PAIR_FIELDS} for p in pairs))
 
 
 def load_pairs(path, fps: float = 1.0) -> list:

@@ -4,6 +4,7 @@ only when complete, so a reader never sees half of one. Reading: every JSON file
 fails with one line naming it, whatever is wrong with it.
 
     atomic_path(final)        a context manager yielding the temporary path (file or directory)
+    write_json_rows(path, rows)   a JSON list, a row per line, written through atomic_path
     read_text(path, what)     UTF-8 text (a leading byte-order mark is dropped); one error naming the file
     parse_json(text, path)    json.loads; one error naming the file (and line) for bad JSON, nesting too
                               deep for the parser, an integer with more digits than Python converts
@@ -53,6 +54,12 @@ def atomic_path(final):
     if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def write_json_rows(path, rows) -> None:
+    """A JSON list of `rows`, one per line (annotation files, preference pairs), through atomic_path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
 
 
 def read_text(path, what: str = "file") -> str:
