@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from config import PRESETS, D2VLMConfig
+from data import DEC
 from evidence import EVI, EVI_END
 from model import D2VLM, add_special_tokens, build_model
 from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, safetensors_file,
@@ -33,7 +34,6 @@ from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactl
 
 MODEL_TYPE = "etchat_phi3"
 INDEX = "model.safetensors.index.json"
-DEC = "[DEC]"  # the Q-Former tokenizer's bos, added to bert-base-uncased by InstructBLIP
 # upstream's <evi> / </evi> ids: appended to E.T.Chat's 32011-entry tokenizer (Phi-3's 32000 + 11 added),
 # inside Phi-3's 32064 embedding rows (no resize)
 EVIDENCE_IDS = {EVI: 32011, EVI_END: 32012}
