@@ -106,8 +106,9 @@ class VideoDataset(torch.utils.data.Dataset):
     def _check_videos(self, evs, gone, where, on_error):
         """The pre-flight check (video.probe_all) of every record's video. Returns (bad, mismatch,
         past_end, ends): (record, message) pairs of unreadable videos and of records whose `duration`
-        is not their video's length (more than DURATION_SLACK_S and DURATION_SLACK_FRACTION off; both
-        an error unless on_error="skip"), and of records whose spans run past their video's last frame
+        is neither the duration their video's header declares nor where its frames end (a variable
+        frame rate), by more than DURATION_SLACK_S and DURATION_SLACK_FRACTION (both an error unless
+        on_error="skip"), and of records whose spans run past their video's last frame
         by more than DURATION_TOLERANCE; {record: the time of its video's last frame} (what the frame
         count, and so the length, follows from)."""
         paths = {i: self.videos / ev["video"] for i, ev in enumerate(evs) if i not in gone}
@@ -120,9 +121,14 @@ class VideoDataset(torch.utils.data.Dataset):
         for i, p in paths.items():
             if isinstance(probes[p], str) or "duration" not in evs[i]:
                 continue
-            length, duration = probes[p]["declared"] or probes[p]["end"], evs[i]["duration"]
-            if abs(duration - length) > max(DURATION_SLACK_S, DURATION_SLACK_FRACTION * length):
-                mismatch.append((i, f"{duration:g} s, its video {p} is {length:.1f} s long"))
+            declared, end, duration = probes[p]["declared"], probes[p]["end"], evs[i]["duration"]
+            off = [abs(duration - x) > max(DURATION_SLACK_S, DURATION_SLACK_FRACTION * x) for x in (declared, end)
+                   if x is not None]  # the header's duration, or where the frames end (a variable frame rate)
+            if all(off):
+                two = declared is not None and abs(declared - end) > DURATION_SLACK_S
+                length = f"{declared:.1f} s long by its header, its frames end at {end:.1f} s" if two else \
+                    f"{declared or end:.1f} s long"
+                mismatch.append((i, f"{duration:g} s, its video {p} is {length}"))
         if mismatch and on_error == "raise":
             i, msg = mismatch[0]
             raise ValueError(f"{where}: record {i}: field 'duration': {msg} ({len(mismatch)} records are off by more "

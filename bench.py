@@ -47,7 +47,10 @@ from measure import ablations, gpu
 from measure.decode import decode_figures, loader_figures
 from measure.runs import kill_figures, learn, learn_rows, realwidth_figures
 from measure.steps import generation_figures, memory_figures, realsize_figures, step_figures
-from support import cli
+from support import cli, outputs
+
+PARTS = ("decode", "loader", "memory", "steps", "generate", "host", "shapes", "realsize")  # what --skip may leave out
+SCRATCH = ("speed", "realwidth", "kills", "gpu")  # what writes its clips and runs under --clips
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,13 +77,17 @@ def ablate(args):
     """bench.py ablate: run what is missing, print both tables, draw them, keep the results."""
     rows = [r.strip() for r in args.only.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ablations.ROWS]
-    if unknown:
-        raise SystemExit(f"--only {args.only}: unknown rows {', '.join(unknown)} (rows: {', '.join(ablations.ROWS)})")
+    if unknown or not rows:
+        raise SystemExit(f"--only {args.only}: " + (f"unknown rows {', '.join(unknown)}" if unknown else "no row")
+                         + f" (rows: {', '.join(ablations.ROWS)})")
     if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: at least 1")
     t = time.perf_counter()
     results = ablations.run_all(rows, args.seeds, extra=["--set", *args.set] if args.set else [], kept_only=args.kept,
                                 jobs=args.jobs, start=args.init)
+    if not results:
+        raise SystemExit(f"no kept ablation result in {ablations.ROOT} for the rows {', '.join(rows)}: run "
+                         "`python bench.py ablate` without --kept first")
     summary = ablations.tables(results)
     steps = ablations.orderings(results)
     print(ablations.show(summary))
@@ -92,8 +99,15 @@ def ablate(args):
     print(f"\n{len(results)} runs, {spent / 60:.0f} min of training and evaluation in all (this call: "
           f"{(time.perf_counter() - t) / 60:.0f} min); tables: {png}; runs: {ablations.ROOT}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "summary": summary, "orderings": steps}, indent=1), encoding="utf-8")
+        with outputs.output(args.json, made_by(args), "--json") as tmp:
+            tmp.write_text(json.dumps({"results": results, "summary": summary, "orderings": steps}, indent=1),
+                           encoding="utf-8")
     return summary
+
+
+def made_by(args) -> dict:
+    """What a --json file is made from: which figures (outputs.check_file's made_by)."""
+    return {"command": "bench.py", "what": args.what}
 
 
 def main(argv=None):
@@ -115,10 +129,16 @@ def main(argv=None):
     ap.add_argument("--clips", default="data/bench", help="where the generated test clips are kept")
     ap.add_argument("--name", help="learn: the run name (default learn-<date>-<time>)")
     ap.add_argument("--seed", type=cli.seed, default=0, help="learn: the seed of SFT and FPO (the starting point's is 0)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: decode,loader,memory,steps,generate,"
-                                               "host,shapes,realsize")
+    ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")
     args = ap.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    if skip - set(PARTS):
+        raise SystemExit(f"--skip {args.skip}: unknown parts {', '.join(sorted(skip - set(PARTS)))} "
+                         f"(parts: {', '.join(PARTS)})")
+    if args.json:
+        outputs.check_file(args.json, "--json", made_by(args))
+    if args.what in SCRATCH:  # its clips and runs are replaced at will: only in a folder of its own
+        outputs.claim_folder(args.clips, "--clips", {"command": "bench.py"})
     t = time.perf_counter()
     if args.what == "ablate":
         return ablate(args)
@@ -160,8 +180,9 @@ def main(argv=None):
     show(rows)
     print(f"\n({time.perf_counter() - t:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps([dict(zip(("group", "figure", "value", "unit", "target", "before"), r))
-                                               for r in rows], indent=1), encoding="utf-8")
+        with outputs.output(args.json, made_by(args), "--json") as tmp:
+            tmp.write_text(json.dumps([dict(zip(("group", "figure", "value", "unit", "target", "before"), r))
+                                       for r in rows], indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

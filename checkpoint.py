@@ -6,6 +6,7 @@
                                                      read_config also take a released one (support/released.py)
     save_checkpoint(run_dir, step, ...)              runs/<name>/<stage>/step_NNNNNN, atomically, keeping the last few
     checkpoints(run_dir), latest_checkpoint(root)    finding them again; damaged(dir): checked against its manifest
+    resolve(path, flag)                              what --init / --ckpt / --resume DIR names
     python checkpoint.py export --ckpt DIR --out DIR [--dtype bfloat16]   ours -> the released layout (released.export)
     lock_run(run_dir)                                one writer per run directory
 
@@ -23,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -30,23 +32,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Phi3ForCausalLM
+from transformers import Phi3ForCausalLM
 
 from config import ADAPTER_SHAPE, D2VLMConfig
 from model import D2VLM, add_special_tokens, build_model, build_tiny_tokenizer
 from support import cli, released
 # WEIGHTS: the non-LoRA tensors; QFORMER_TOKENIZER: when the Q-Former's is not the LLM's
 from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, read_tensors,
-                           safetensors_file, weight_map)
+                           read_tokenizer, safetensors_file, weight_map)
+# MANIFEST: a checkpoint's sha256 of every other file; LOCK: marks a run folder; RESULTS: evaluate.py's folder in it
+from support.outputs import LOCK, MANIFEST, RESULTS, check_folder
 
 ADAPTER = "adapter"            # the LoRA adapter, a standard peft directory
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 STATE = "trainer_state.pt"     # a training run's state (support/rundir.py)
-STEP_GLOB = "step_[0-9]*"      # checkpoint directories in a run directory: step_NNNNNN
-MANIFEST = "manifest.json"     # sha256 of every other file of a checkpoint, written last
-LOCK = ".lock"                 # held by the one run writing a run directory
-RESULTS = "eval"               # evaluate.py's output beside the checkpoints of a run directory (results_dir)
+STEP = re.compile(r"step_(\d{6,})")  # a checkpoint directory's name in a run directory: step_NNNNNN
 RUNS, DEFAULT_NAME = "runs", "default"  # train.py's --out and --name defaults: runs/<name>/<stage>/
 DEFAULT_RUN = Path(RUNS) / DEFAULT_NAME
 
@@ -59,8 +60,8 @@ def llm_tokenizer(cfg: D2VLMConfig, llm_weights=None, tokenizer_dir=None):
         if p is not None and not Path(p).is_dir():
             raise FileNotFoundError(f"{p}: weights directory not found")
     source = llm_weights if llm_weights is not None else tokenizer_dir
-    tok = (AutoTokenizer.from_pretrained(source, local_files_only=True) if source is not None
-           else build_tiny_tokenizer(cfg.tiny_vocab))
+    tok = (read_tokenizer(source, "Phi-3 tokenizer directory" if source == llm_weights else "checkpoint's tokenizer/")
+           if source is not None else build_tiny_tokenizer(cfg.tiny_vocab))
     return add_special_tokens(tok)
 
 
@@ -89,9 +90,11 @@ def from_weights(cfg: D2VLMConfig, vision_weights=None, llm_weights=None, tokeni
     if vision_weights is not None:
         qformer_tokenizer_dir = Path(vision_weights) / QFORMER_TOKENIZER
     if qformer_tokenizer_dir is not None:
-        qtok = AutoTokenizer.from_pretrained(qformer_tokenizer_dir, local_files_only=True)
+        qtok = read_tokenizer(qformer_tokenizer_dir, "Q-Former tokenizer directory")
     llm = None
     if llm_weights is not None:
+        if not (Path(llm_weights) / "config.json").is_file():
+            raise FileNotFoundError(f"{llm_weights}: not a Phi-3 directory (no config.json)")
         llm = Phi3ForCausalLM.from_pretrained(llm_weights, local_files_only=True, dtype=torch.float32)
     model = build_model(cfg, tok, qtok, llm)
     if vision_weights is not None:
@@ -222,15 +225,24 @@ def from_checkpoint(directory, vision_weights=None, llm_weights=None, cfg: D2VLM
 # Run directories: runs/<name>/<stage>/step_NNNNNN
 
 def checkpoints(run_dir) -> list:
-    """The checkpoint directories of a run directory, oldest first."""
-    return sorted(Path(run_dir).glob(STEP_GLOB))
+    """The checkpoints a run wrote in a run directory, oldest first: folders named step_NNNNNN that
+    hold a MANIFEST. Anything else there (a user's step_000002_backup, a folder without a manifest)
+    is not a checkpoint: never counted, resumed from or removed."""
+    d = Path(run_dir)
+    found = [p for p in d.iterdir() if STEP.fullmatch(p.name) and (p / MANIFEST).is_file()] if d.is_dir() else []
+    return sorted(found, key=step_of)
 
 
-def holding_checkpoint(path) -> Path | None:
-    """The checkpoint directory `path` is (or lies inside): the nearest folder up from it holding a
-    MANIFEST; None when there is none."""
-    p = Path(path).resolve()
-    return next((d for d in (p, *p.parents) if (d / MANIFEST).is_file()), None)
+def step_of(directory) -> int:
+    """The step of a checkpoint directory step_NNNNNN."""
+    return int(STEP.fullmatch(Path(directory).name).group(1))
+
+
+def strays(run_dir) -> list:
+    """Folders of a run directory named like a checkpoint that the run did not write (no MANIFEST)."""
+    d = Path(run_dir)
+    found = [p for p in d.iterdir() if STEP.fullmatch(p.name)] if d.is_dir() else []
+    return sorted(p for p in found if not (p / MANIFEST).is_file())
 
 
 def results_dir(directory) -> Path:
@@ -241,12 +253,16 @@ def results_dir(directory) -> Path:
     return d.parent / RESULTS / d.name
 
 
-def latest_checkpoint(root) -> Path:
-    """The newest checkpoint of a run: FPO if there is one, else SFT."""
+def latest_checkpoint(root) -> tuple:
+    """(the newest intact checkpoint of a run: FPO if it has any, else SFT; the damaged ones passed
+    over on the way, [(dir, why)]). SystemExit saying why when there is none."""
     for stage in ("fpo", "sft"):
-        found = checkpoints(Path(root) / stage)
-        if found:
-            return found[-1]
+        if checkpoints(Path(root) / stage):
+            found, passed = newest_intact(Path(root) / stage)
+            if found is None:
+                raise SystemExit(f"{Path(root) / stage}: no intact checkpoint ({passed[0][0].name}: {passed[0][1]}); "
+                                 "give --ckpt DIR")
+            return found, passed
     raise SystemExit(f"no checkpoint under {root}/fpo or {root}/sft: run `torchrun train.py --stage sft` first, or give --ckpt")
 
 
@@ -257,7 +273,7 @@ def save_checkpoint(run_dir, step: int, model: D2VLM, state: dict, full: bool, k
     raises one error naming the checkpoint; the earlier ones are untouched."""
     final = Path(run_dir) / f"step_{step:06d}"
     try:
-        with atomic_path(final) as tmp:
+        with atomic_path(final, replace_folder=(final / MANIFEST).is_file()) as tmp:  # a damaged one passed over
             tmp.mkdir(parents=True)
             save_weights(model, tmp, full)
             torch.save(state, tmp / STATE)
@@ -282,9 +298,49 @@ def _digests(directory: Path) -> dict:
     return out
 
 
-def newest_intact(run_dir) -> Path | None:
-    """The newest checkpoint of `run_dir` its manifest vouches for (damaged() is None), or None."""
-    return next((d for d in reversed(checkpoints(run_dir)) if damaged(d) is None), None)
+def newest_intact(run_dir) -> tuple:
+    """(the newest checkpoint of `run_dir` its manifest vouches for, or None; the newer damaged ones
+    passed over, [(dir, why damaged)], newest first)."""
+    passed = []
+    for d in reversed(checkpoints(run_dir)):
+        why = damaged(d)
+        if why is None:
+            return d, passed
+        passed.append((d, why))
+    return None, passed
+
+
+def resolve(path, flag: str) -> Path:
+    """The checkpoint directory that `flag` (--init, --ckpt, --resume) names: a released directory as
+    it is; one of our checkpoints, intact by its manifest; or a run folder's newest intact checkpoint
+    (one line says which, and which damaged ones it passed over). SystemExit naming the flag and
+    saying precisely why not otherwise."""
+    d = Path(path)
+    if not d.exists():
+        raise SystemExit(f"{flag} {path}: not found")
+    if not d.is_dir():
+        raise SystemExit(f"{flag} {path}: a file; {flag} takes a checkpoint folder, a run folder or a released "
+                         "directory")
+    if released.is_released(d):
+        return d
+    if (d / CONFIG).is_file():
+        why = damaged(d) if (d / MANIFEST).is_file() else None
+        if why:
+            raise SystemExit(f"{flag} {path}: a damaged checkpoint ({why}); restore it, or name another")
+        return d
+    if checkpoints(d):
+        found, passed = newest_intact(d)
+        if found is None:
+            raise SystemExit(f"{flag} {path}: a run folder with no intact checkpoint ({passed[0][0].name}: "
+                             f"{passed[0][1]})")
+        skipped = "".join(f"; passed over {p.name} ({why})" for p, why in passed)
+        print(f"{flag} {path}: its newest intact checkpoint, {found.name}{skipped}", file=sys.stderr)
+        return found
+    stages = [s for s in ("pretrain", "sft", "fpo") if checkpoints(d / s)]
+    if stages:
+        raise SystemExit(f"{flag} {path}: a run with the stages {', '.join(stages)}; name one, e.g. {d / stages[-1]}")
+    raise SystemExit(f"{flag} {path}: neither a checkpoint (no {CONFIG}), a run folder (no step_NNNNNN checkpoint) "
+                     f"nor a released directory ({CONFIG} of model_type {released.MODEL_TYPE})")
 
 
 def damaged(directory) -> str | None:
@@ -342,9 +398,10 @@ def main(argv=None):
     ap.add_argument("--vision-weights", help="as the run was trained from (checkpoints that hold only the trained tensors)")
     ap.add_argument("--llm-weights")
     args = ap.parse_args(argv)
-    if Path(args.out).exists():
-        raise SystemExit(f"{args.out}: already exists")
-    model = from_checkpoint(args.ckpt, args.vision_weights, args.llm_weights)
+    if Path(args.out).exists() or Path(args.out).is_symlink():
+        raise SystemExit(f"--out {args.out}: already exists (export writes a new folder)")
+    check_folder(args.out, "--out")
+    model = from_checkpoint(resolve(args.ckpt, "--ckpt"), args.vision_weights, args.llm_weights)
     out = released.export(model, args.out, DTYPES[args.dtype])
     print(f"exported {args.ckpt} -> {out} ({args.dtype}, LoRA merged)", file=sys.stderr)
 

@@ -19,6 +19,7 @@ DECODINGS = {
     "greedy": {"temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": 256, "span_style": "seconds"},
     "release": {"temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 2048, "span_style": "release"},
 }
+DEFAULT = "greedy"  # evaluate.py's --decoding
 PENALIZED_TASKS = ("rar", "eca", "rvq")  # the release penalizes repetition on multiple choice only
 
 

@@ -31,13 +31,13 @@ import decoding
 import event_videos
 import model as modeling
 from config import configure
+from evidence import EVI_END
 from scoring.charades_youcook2 import charades_records, score_timechat, youcook2_records
-from scoring.etbench import PROTOCOLS, load_predictions, score_etbench, table
-from support import cli
-from support.files import atomic_path
+from scoring.etbench import METRICS, PROTOCOLS, load_predictions, prediction_files, score_etbench, table
+from support import cli, outputs, released
 from video import probe, sample_frames
 
-METRICS = "metrics.json"  # the metrics file's name beside the predictions
+PREDICTIONS = "predictions"  # the results files: predictions_<name>.json, and METRICS_<name>.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +115,9 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
         prompt, qspans = data.extract_times(data.check_text(question, "--question"))
     except data.BadRecord as e:
         raise SystemExit(f"--question: {e.reason}") from None
+    reversed_ = [(s, e) for s, e in qspans if e < s]
+    if reversed_:
+        raise SystemExit(f"--question: the time {reversed_[0][0]:g} - {reversed_[0][1]:g} s ends before it starts")
     end = probe(video)["end"]  # a still image, an unreadable or truncated file: one line naming it
     late = [(s, e) for s, e in qspans if e > end + data.DURATION_TOLERANCE]
     if late:
@@ -196,7 +199,7 @@ def get_args(argv=None):
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                     help="an unreadable video: stop, or leave its records out (empty responses, counted Failed)")
     ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
-    ap.add_argument("--decoding", choices=list(decoding.DECODINGS), default="greedy",
+    ap.add_argument("--decoding", choices=list(decoding.DECODINGS), default=decoding.DEFAULT,
                     help="greedy (default: deterministic, short answers) or release: the D2VLM release's protocol, "
                          "sampling at 0.2, repetition penalty 1.2 on rar/eca/rvq, 2048 new tokens, its span text "
                          "'s - e ' in frames (README: the protocol table)")
@@ -225,33 +228,94 @@ def get_args(argv=None):
     return args
 
 
-def check_outputs(args, out, ckpt=None, results=None):
-    """What evaluate.py writes (the metrics file `out`, the results folder, --plot) is none of its
-    inputs, and not inside a checkpoint directory (whose manifest would no longer match)."""
-    outputs = {"--results": results, "--out": out, "--plot": args.plot}
-    cli.check_outputs(outputs, {"--score": args.score, "--data": args.data, "--video": args.video, "--ckpt": ckpt,
-                                "--videos": args.videos})
-    if results is not None and results.exists() and not results.is_dir():
-        raise SystemExit(f"--results {results}: not a folder")
-    for flag, path in outputs.items():
-        held = path and checkpoint.holding_checkpoint(path)
-        if held:
-            raise SystemExit(f"{flag} {path} is inside the checkpoint {held}: its manifest would no longer match "
-                             "(--resume would pass it over); write it elsewhere")
+def sampled(args) -> bool:
+    """Whether the answers are sampled (a temperature above 0), so that the seed makes them."""
+    return (decoding.DECODINGS[args.decoding]["temperature"] if args.temperature is None else args.temperature) > 0
+
+
+def results_name(args, data) -> str:
+    """What one evaluation's results are named by: the data file's stem, then whatever else made them
+    that is not the default (the decoding protocol, --temperature, --max-new-tokens, the seed when
+    answers are sampled, --set), so that two evaluations of a checkpoint never share a file."""
+    parts = [Path(data).stem]
+    if args.decoding != decoding.DEFAULT:
+        parts.append(args.decoding)
+    if args.temperature is not None:
+        parts.append(f"temperature{args.temperature:g}")
+    if args.max_new_tokens is not None:
+        parts.append(f"max{args.max_new_tokens}")
+    if sampled(args):
+        parts.append(f"seed{args.seed}")
+    return "_".join(parts + [x.replace("/", "_") for x in args.set])
+
+
+def metrics_path(args, scored: Path, name: str | None = None) -> Path:
+    """The metrics file of scoring `scored` (a predictions file or folder) under args.protocol:
+    metrics_<name>[_<protocol>].json beside it (a folder: in it), <name> the predictions file's
+    (predictions_<name>.json)."""
+    if name is None and scored.is_file():
+        name = scored.stem[len(PREDICTIONS) + 1:] if scored.stem.startswith(PREDICTIONS + "_") else scored.stem
+    protocol = f"_{args.protocol}" if args.benchmark == "etbench" and args.protocol != PROTOCOLS[0] else ""
+    return (scored.parent if scored.is_file() else scored) / f"{METRICS}{'_' + name if name else ''}{protocol}.json"
+
+
+def _abs(p, flag):
+    """A path as a made_by records it: resolved, a string (`flag` names it in an error)."""
+    return None if p is None else str(outputs.resolved(p, flag))
+
+
+def scored_by(args, scored) -> dict:
+    """What a metrics file is made from (outputs.check_file's made_by): the predictions, the rules."""
+    return {"command": "evaluate.py", "scores": _abs(scored, "--score"), "benchmark": args.benchmark,
+            "protocol": args.protocol, "data": _abs(args.data, "--data") if args.benchmark != "etbench" else None}
+
+
+def predicted_by(args, ckpt, what="predictions") -> dict:
+    """What a predictions file (or a --plot) is made from: the checkpoint, the data or the video and
+    question, the decoding and the settings."""
+    inputs = ({"video": _abs(args.video, "--video"), "question": args.question} if what == "plot" else
+              {"data": _abs(args.data, "--data"), "videos": _abs(args.videos, "--videos"), "benchmark": args.benchmark,
+               "on_error": args.on_error})
+    return {"command": "evaluate.py", "output": what, "checkpoint": _abs(ckpt, "--ckpt"), **inputs,
+            "decoding": args.decoding, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed if sampled(args) else None, "set": args.set}
+
+
+def inputs_of(args, ckpt=None) -> dict:
+    """The paths evaluate.py reads, {flag: path}: none of them is an output."""
+    return {"--score": args.score, "--data": args.data, "--video": args.video, "--ckpt": ckpt, "--videos": args.videos}
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.score:
-        pred_path = Path(args.score)
-        out = Path(args.out) if args.out else (pred_path if pred_path.is_dir() else pred_path.parent) / METRICS
-        check_outputs(args, out)
+        scored = Path(args.score)
+        if not scored.exists():
+            raise SystemExit(f"--score {args.score}: not found")
+        out = Path(args.out) if args.out else metrics_path(args, scored)
+        made = scored_by(args, scored)
+        outputs.check_file(out, "--out", made, inputs_of(args))
+        files, skipped = prediction_files(scored)
+        if skipped:
+            print(f"--score {args.score}: read {len(files)} predictions file(s); left out {', '.join(skipped)} "
+                  "(metrics files, hidden files and other extensions)", file=sys.stderr)
         records = load_predictions(args.score, require=("idx",) if args.benchmark == "charades" else ())
-        return score(args, records, out)
-    ckpt = Path(args.ckpt) if args.ckpt else checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
+        return score(args, records, out, made)
+    if args.ckpt:
+        ckpt = checkpoint.resolve(args.ckpt, "--ckpt")
+    else:
+        ckpt, passed = checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
+        for d, why in passed:
+            print(f"evaluate: passed over {d} ({why})", file=sys.stderr)
+    if args.qformer_tokenizer and not released.is_released(ckpt):
+        raise SystemExit(f"--qformer-tokenizer is for a released --ckpt; {ckpt} carries its own tokenizers")
     cfg = configure(checkpoint.read_config(ckpt), args.set)
     if args.video:
-        check_outputs(args, None, ckpt)
+        if args.out or args.results:
+            raise SystemExit("--out and --results are the files of a benchmark run; with --video the answer is printed "
+                             "(and --plot drawn)")
+        if args.plot:
+            outputs.check_file(args.plot, "--plot", predicted_by(args, ckpt, "plot"), inputs_of(args, ckpt))
         proto = decoding.DECODINGS[args.decoding]
         max_new = args.max_new_tokens or proto["max_new_tokens"]
         tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
@@ -262,18 +326,25 @@ def main(argv=None):
         for k, (s, e) in enumerate(answer["spans"]):
             print(f"  <evi> {k + 1}: {s:.1f} - {e:.1f} s (peak probability {max(answer['probs'][k]):.2f})")
         if args.plot:
-            plot_evidence(answer, m.cfg.fps, args.plot)
+            with outputs.output(args.plot, predicted_by(args, ckpt, "plot"), "--plot") as tmp:
+                plot_evidence(answer, m.cfg.fps, tmp)
             print(f"plot: {args.plot}", file=sys.stderr)
         return
+    if args.plot:
+        raise SystemExit("--plot draws the answer of --video; add --video and --question")
     if args.data is None:
         _, test = event_videos.ensure_synthetic(event_videos.SYNTHETIC)
         args.data, args.videos = str(test), args.videos or str(test.parent / "videos")
     if args.videos is None:
         raise SystemExit("--videos is required with --data")
     results = Path(args.results) if args.results else checkpoint.results_dir(ckpt)
-    pred_path = results / f"predictions_{Path(args.data).stem}.json"
-    out = Path(args.out) if args.out else results / METRICS
-    check_outputs(args, out, ckpt, results)
+    outputs.check_folder(results, "--results", inputs_of(args, ckpt))
+    name = results_name(args, args.data)
+    pred_path = results / f"{PREDICTIONS}_{name}.json"
+    out = Path(args.out) if args.out else metrics_path(args, results, name)
+    made, scored = predicted_by(args, ckpt), scored_by(args, pred_path)
+    outputs.check_file(pred_path, "--results", made, inputs_of(args, ckpt))
+    outputs.check_file(out, "--out", scored, inputs_of(args, ckpt))
     # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
     tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
     if args.benchmark == "charades":
@@ -290,14 +361,15 @@ def main(argv=None):
     m = load_model(ckpt, args, cfg, tokenizer)
     records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,
                       args.seed, on_error=args.on_error, ds=ds)
-    with atomic_path(pred_path) as tmp:
+    with outputs.output(pred_path, made, "--results") as tmp:
         tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(f"predictions: {pred_path}", file=sys.stderr)
-    return score(args, records, out)
+    return score(args, records, out, scored)
 
 
-def score(args, records, out):
-    """Score predictions (with args.benchmark, args.protocol), print the table, write the metrics to `out`."""
+def score(args, records, out, made):
+    """Score predictions (with args.benchmark, args.protocol), print the table, write the metrics to
+    `out` (made: what they are made from, outputs.check_file's)."""
     if args.benchmark != "etbench":
         metrics, note = score_timechat(args.benchmark, records, args.data)
         print(note, file=sys.stderr)
@@ -307,9 +379,15 @@ def score(args, records, out):
         else:
             text = "\n".join(f"{k}: {v}" for k, v in metrics.items())
     else:
+        if args.protocol == "d2vlm":
+            plain = sum(EVI_END not in r["a"] for r in records)
+            if plain:
+                print(f"{plain} of {len(records)} answers hold no {EVI_END}: the d2vlm protocol scores only what "
+                      f"follows it, so they count as Failed (a model that does not write its evidence first: "
+                      "--protocol etchat)", file=sys.stderr)
         metrics = score_etbench(records, args.protocol)
         text = table(metrics)
-    with atomic_path(out) as tmp:
+    with outputs.output(out, made, "--out") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     print(text)
     print(f"metrics: {out}", file=sys.stderr)

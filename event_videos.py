@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from data import fmt_time, load_records, span_text
-from support import cli
+from support import cli, outputs
 from support.files import write_json_rows
 from video import write_video
 
@@ -49,6 +49,7 @@ PRE_CLIPS, PRE_DURATION = 600, (10, 24)
 PRETRAIN = "pretrain.json"  # its annotation file, beside train.json and test.json
 PRETRAIN_FRAMES = "pretrain_frames.json"  # what each of its clips' 1-fps frames shows: image-text pairs
 NO_SHAPE = "no shape"  # the text of a frame that shows the background alone
+GENERATOR = "event_videos.py"  # what the folders it writes are recorded as made by (support/outputs.py)
 INTRO = "You are given a video of coloured shapes on a textured background. Watch the video carefully and "
 
 
@@ -206,18 +207,30 @@ def _pretrain_one(args):
     return recs, {"video": name, "duration": float(scene["duration"]), "frames": shown, "events": during}
 
 
-def make_pretrain(root, n_clips: int = PRE_CLIPS, seed: int = 0, workers: int | None = None):
+def _claim(root, flag, names) -> None:
+    """The folder this generator writes: new, empty, or one it generated (outputs.claim_folder)."""
+    outputs.claim_folder(root, flag, {"command": GENERATOR}, names)
+
+
+def _write(root, name, rows, made) -> None:
+    """An annotation file of a claimed folder, recorded (a line says when it replaces an earlier one)."""
+    with outputs.output(Path(root) / name, {"command": GENERATOR, **made}, owned=True) as tmp:
+        write_json_rows(tmp, rows)
+
+
+def make_pretrain(root, n_clips: int = PRE_CLIPS, seed: int = 0, workers: int | None = None, flag: str = "--out"):
     """Write `n_clips` pretraining clips under root/videos, their records to root/PRETRAIN (the
     E.T.Instruct-164K txt schema, tasks "caption" and "qa": data.PLAIN_TASKS) and what each of their
     1-fps frames shows to root/PRETRAIN_FRAMES ({"video", "duration", "frames": [text per frame],
     "events": [the caption of the event each frame is part of, "" for none]}). Their scenes are drawn
     from their own random stream, apart from make_synthetic's train and test videos. Returns the path."""
     root = Path(root)
+    _claim(root, flag, (PRETRAIN, PRETRAIN_FRAMES))
     (root / "videos").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         done = list(pool.map(_pretrain_one, [(str(root), i, seed) for i in range(n_clips)], chunksize=8))
     for name, rows in ((PRETRAIN_FRAMES, [f for _, f in done]), (PRETRAIN, [r for rs, _ in done for r in rs])):
-        write_json_rows(root / name, rows)  # PRETRAIN last: its presence means the set is complete
+        _write(root, name, rows, {"n_clips": n_clips, "seed": seed})  # PRETRAIN last: its presence means complete
     return root / PRETRAIN
 
 
@@ -246,13 +259,16 @@ def _synth_one(args):
     return recs
 
 
-def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None):
+def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, workers: int | None = None,
+                   flag: str = "--out"):
     """Write `n_train` + `n_test` synthetic mp4 files under root/videos and their annotations:
     root/train.json (E.T.Instruct-164K txt schema) and root/test.json (E.T.Bench schema), one record
     per task in SYN_TASKS per video (train: plus a tvg record for each of the video's other events).
     The annotation files are written last, so their presence means the set is complete. Same seed ->
-    byte-identical annotation files."""
+    byte-identical annotation files. `root` must be new, empty or generated here before (outputs.claim_folder;
+    `flag`: what a refusal names it by)."""
     root = Path(root)
+    _claim(root, flag, ("train.json", "test.json"))
     (root / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), "train", i, seed) for i in range(n_train)] + [(str(root), "test", i, seed) for i in range(n_test)]
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
@@ -261,7 +277,7 @@ def make_synthetic(root, n_train: int = 200, n_test: int = 40, seed: int = 0, wo
     test = [{"version": r.pop("version"), "idx": j, **r}
             for j, r in enumerate(r for recs in results[n_train:] for r in recs)]
     for name, recs in (("train.json", train), ("test.json", test)):
-        write_json_rows(root / name, recs)
+        _write(root, name, recs, {"n_train": n_train, "n_test": n_test, "seed": seed})
     return root / "train.json", root / "test.json"
 
 
@@ -270,7 +286,7 @@ def ensure_synthetic(root=SYNTHETIC, **kw):
     root = Path(root)
     if not ((root / "train.json").is_file() and (root / "test.json").is_file()):
         print(f"generating the synthetic dataset under {root} ...", file=sys.stderr)
-        make_synthetic(root, **kw)
+        make_synthetic(root, flag="the synthetic set's folder", **kw)
     return root / "train.json", root / "test.json"
 
 

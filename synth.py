@@ -29,7 +29,7 @@ import numpy as np
 
 import data
 from data import EVI, EVI_END
-from support import cli
+from support import cli, outputs
 from support.files import read_json, write_json_rows
 
 MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
@@ -255,7 +255,7 @@ def load_pairs(path, fps: float = 1.0) -> list:
     """Read a pairs file written by save_pairs, check every pair (_check_pair: the fields a record
     holds, checked as data.to_evidence checks them, and the <evi> counts), and add the frame spans
     at `fps`. A bad pair raises one line naming the file, the pair and the field."""
-    raw = read_json(path, "pairs file")
+    raw = read_json(path, "pairs file", item="pair")
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{path}: expected a non-empty JSON list of pairs")
     out = []
@@ -308,10 +308,13 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     ap.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     args = ap.parse_args(argv)
-    cli.check_outputs({"--out": args.out}, {"--data": args.data})
+    made = {"command": "synth.py", "data": str(outputs.resolved(args.data)), "seed": args.seed,
+            "per_sample": args.per_sample, "kinds": args.kinds, "on_error": args.on_error}
+    outputs.check_file(args.out, "--out", made, {"--data": args.data})
     recs = data.load_records(args.data, args.on_error)
     pairs = make_pairs([data.to_evidence(r) for r in recs], args.seed, args.per_sample, tuple(args.kinds))
-    save_pairs(pairs, args.out)
+    with outputs.output(args.out, made, "--out") as tmp:
+        save_pairs(pairs, tmp)
     counts = ", ".join(f"{k} {pairs.counts.get(k, 0)}" for k in args.kinds)
     print(f"{args.out}: {len(pairs)} pairs from {len(recs)} records ({counts}); no kind applies to "
           f"{pairs.unusable} records; {len(recs.skipped)} invalid records skipped", file=sys.stderr)

@@ -23,9 +23,9 @@ or, as the paper starts, from E.T.Chat stage 2 (a released directory; support/re
 
 DDP comes from torchrun's environment (gloo on CPU, NCCL on CUDA; multi-node through torchrun's own
 flags). Checkpoints go to runs/<name>/<stage>/step_NNNNNN/ (written under a temporary name, then
-renamed; the last --keep are kept; what they hold: checkpoint.py). --resume picks up the newest one
-and continues exactly as if the run had not stopped. A JSONL log of every logged step lands in
-runs/<name>/<stage>/log.jsonl.
+renamed; the last --keep are kept; what they hold: checkpoint.py). --resume picks up the newest intact
+one and continues exactly as if the run had not stopped, as the stage, data and config it ran with
+(support/rundir.py). A JSONL log of every logged step lands in runs/<name>/<stage>/log.jsonl.
 """
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ import model as modeling
 import pretrain
 import synth
 from config import PRESETS, configure
-from support import cli
-from support.rundir import (claim, cut_log, gather, param_digest, refuse_used, restore, resume_state, run_tokenizer,
+from support import cli, outputs
+from support.rundir import (check_state, claim, cut_log, gather, param_digest, refuse_used, restore, run_tokenizer,
                             save, settings, starting_model, starting_point, summarize)
 
+NO_INIT = "none"  # --init none: random weights, not the miniature's starting point
 START = "start"  # the run name of the miniature's starting point: <out>/start/pretrain (miniature_start)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, for MFU
 
@@ -75,8 +76,9 @@ def get_args(argv=None):
     ap.add_argument("--vision-weights", help="local InstructBLIP checkpoint directory (vision + Q-Former)")
     ap.add_argument("--llm-weights", help="local Phi-3-mini-4k-instruct directory (model + tokenizer)")
     ap.add_argument("--init", help="start from this directory: a released one (E.T.Chat stage 2 as the paper does, "
-                                   "or D2VLM; support/released.py), or for fpo our SFT checkpoint (default: the newest in "
-                                   "runs/<name>/sft)")
+                                   "or D2VLM; support/released.py), one of our checkpoints, or a run folder (its newest "
+                                   "intact checkpoint); none: random weights (default: sft on the synthetic set, the "
+                                   "miniature's starting point; fpo, the newest intact checkpoint of runs/<name>/sft)")
     ap.add_argument("--qformer-tokenizer", help="with a released --init: bert-base-uncased's tokenizer directory "
                                                 "(or InstructBLIP's qformer_tokenizer/); upstream's holds none")
     ap.add_argument("--pairs", help="fpo: preference pairs from synth.py (default: made from --data, seeded)")
@@ -91,7 +93,8 @@ def get_args(argv=None):
                     help="optimizer steps in all (default: cfg.epochs epochs, FPO: cfg.fpo_epochs)")
     ap.add_argument("--stop-after", type=cli.at_least(1), help="save and exit after this step, as if interrupted "
                                                                "(--resume goes on)")
-    ap.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint of the run, or from DIR")
+    ap.add_argument("--resume", nargs="?", const="latest", help="continue from the newest intact checkpoint of the run, "
+                                                               "or from DIR (a checkpoint of this stage)")
     ap.add_argument("--save-every", type=cli.at_least(1), default=200, help="steps between checkpoints (and one at the end)")
     ap.add_argument("--keep", type=cli.at_least(1), default=3, help="checkpoints to keep")
     ap.add_argument("--log-every", type=cli.at_least(1), default=10)
@@ -107,6 +110,14 @@ def get_args(argv=None):
         raise SystemExit(f"--name {args.name!r}: a run name is a folder inside --out (relative, without '..')")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: not a folder (the runs go under it)")
+    if args.init and args.resume:
+        raise SystemExit(f"--init {args.init} with --resume: a resumed run goes on from its own checkpoint, which "
+                         "holds where it started; drop --init")
+    outputs.check_folder(args.out, "--out")
+    why = outputs.guarded(Path(args.out) / args.name)
+    if why:
+        raise SystemExit(f"--out {args.out} --name {args.name}: the run folder would be {why}, where only that run "
+                         "writes; pick another --out or --name")
     return args
 
 
@@ -192,7 +203,7 @@ def resolve_data(args, master, ddp):
         if master:
             event_videos.ensure_synthetic(event_videos.SYNTHETIC)
             if args.stage == "pretrain" and not (event_videos.SYNTHETIC / event_videos.PRETRAIN).is_file():
-                event_videos.make_pretrain(event_videos.SYNTHETIC)
+                event_videos.make_pretrain(event_videos.SYNTHETIC, flag="the synthetic set's folder")
         if ddp:
             dist.barrier()
         name = event_videos.PRETRAIN if args.stage == "pretrain" else "train.json"
@@ -230,7 +241,7 @@ def main(argv=None):
     if args.stage == "sft" and args.data is None and args.init is None and not args.resume \
             and args.vision_weights is None and args.llm_weights is None and (args.preset or "tiny") == "tiny":
         args.init = str(miniature_start(args, ddp, rank, world, local, device))
-    if args.init == "none":  # random weights, as before the starting point existed
+    if args.init == NO_INIT:  # random weights, as before the starting point existed
         args.init = None
     train(args, ddp, rank, world, local, device)
     if ddp:  # train() ended with a barrier: every rank is done with the group
@@ -242,12 +253,24 @@ def start_dir(out) -> Path:
     return Path(out) / START / "pretrain"
 
 
+def intact_start(out) -> tuple:
+    """(the newest intact checkpoint of the miniature's starting point under the runs folder `out`,
+    or None when it has none yet; the damaged ones passed over). SystemExit when it has checkpoints
+    and all are damaged: building it again is the user's call."""
+    start = start_dir(out)
+    found, passed = ckpt.newest_intact(start)
+    if found is None and passed:
+        raise SystemExit(f"{start}: the miniature's starting point is damaged ({passed[0][0].name}: {passed[0][1]}); "
+                         f"remove {start} to build it again (a few minutes), or start elsewhere with --init DIR|none")
+    return found, passed
+
+
 def miniature_start(args, ddp, rank, world, local, device) -> Path:
     """The starting point of a tiny SFT run: the newest intact checkpoint of <out>/start/pretrain
     (pretrain.py), built there first when it has none (`train.py --stage pretrain`, seed 0), as the
     synthetic set is made on first use. One line says which."""
     start = start_dir(args.out)
-    found = ckpt.newest_intact(start)
+    found, passed = intact_start(args.out)
     if found is None:  # what would stop the SFT run is said before minutes go into its starting point
         configure(PRESETS["tiny"], settings(args))
         refuse_used(Path(args.out) / args.name / args.stage)
@@ -257,7 +280,8 @@ def miniature_start(args, ddp, rank, world, local, device) -> Path:
         train(get_args(["--stage", "pretrain", "--name", START, "--out", args.out]), ddp, rank, world, local, device)
         found = ckpt.checkpoints(start)[-1]
     elif rank == 0:
-        print(f"sft: starting from the miniature's starting point {found} (`--init none`: random weights)",
+        print(f"sft: starting from the miniature's starting point {found}"
+              + "".join(f"; passed over {d.name} ({why})" for d, why in passed) + " (`--init none`: random weights)",
               file=sys.stderr)
     return found
 
@@ -268,22 +292,21 @@ def train(args, ddp, rank, world, local, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     run_dir = Path(args.out) / args.name / args.stage
     lock = claim(run_dir, master, ddp)  # held until the run ends
-    cfg, init, resume, passed = starting_point(args, run_dir)
-    if master:
-        for d, why in passed:
-            print(f"--resume: skipped {d} ({why})", file=sys.stderr)
-        if resume:
-            cut_log(run_dir / "log.jsonl", int(resume.name.split("_")[-1]))
+    cfg, init, resume, st = starting_point(args, run_dir, world)  # a resumed run: its trainer state checked
+    if master and resume:
+        cut_log(run_dir / "log.jsonl", ckpt.step_of(resume))
     resolve_data(args, master, ddp)
 
     # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
     tokenizer = run_tokenizer(args, cfg, init, resume)
     ds = training_data(args, cfg, tokenizer, run_dir, master)
+    data_sha256 = outputs.sha256(args.pairs if args.stage == "fpo" and args.pairs else args.data)  # what resume checks
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     epochs = {"pretrain": cfg.pretrain_epochs, "sft": cfg.epochs, "fpo": cfg.fpo_epochs}[args.stage]
     total = args.max_steps or (max(1, math.ceil(epochs * math.ceil(micro_per_epoch / cfg.grad_accum))) if epochs else 0)
-    st = resume_state(resume, world_size=world, total=total, seed=args.seed, ref=args.ref)  # the run resumed matches
+    if resume:  # what depends on the data: the resumed run read the same
+        check_state(st, resume, total=total, data_sha256=data_sha256)
 
     # ---- model, optimizer, objective
     raw, opt, full = model_and_optimizer(args, cfg, init, resume, st, tokenizer, rank, device)
@@ -306,7 +329,8 @@ def train(args, ddp, rank, world, local, device):
     stats = torch.zeros(len(keys), dtype=torch.float64, device=device)  # the objective's terms
     work = torch.zeros(4, dtype=torch.float64, device=device)  # samples, LLM tokens, frames, Q-Former tokens
     model.train(args.stage != "fpo" or cfg.fpo_dropout)  # FPO: no dropout (TRL's DPO) unless as released
-    state = {"world_size": world, "total": total, "seed": args.seed, "ref": args.ref, "stage": args.stage}
+    state = {"world_size": world, "total": total, "seed": args.seed, "ref": args.ref, "stage": args.stage,
+             "data_sha256": data_sha256}
     if args.stage == "fpo" and args.ref == "sft":
         state["ref_logprobs"] = ref.cpu()
     if total == 0:  # the pretrain stage's encoder alignment alone (pretrain_epochs=0): its checkpoint is step 0

@@ -116,17 +116,19 @@ def _train(run: Path, stage: str, overrides, seed: int, data_root: Path, extra, 
     t = time.perf_counter()
     args = ["--stage", stage, "--out", str(run.parent), "--name", run.name, "--seed", str(seed),
             "--data", str(data_root / "train.json"), "--videos", str(data_root / "videos"), *extra]
-    if stage == "sft":
-        args += ["--init", start] + (["--set", *overrides] if overrides else [])
+    if stage == "sft" and overrides:
+        args += ["--set", *overrides]
     if checkpoint.checkpoints(stage_dir):
-        args += ["--resume"]
+        args += ["--resume"]  # the run goes on from where it started
+    elif stage == "sft":
+        args += ["--init", start]
     train.main(args)
     plots.curves(run, run / "curves.png")
     return time.perf_counter() - t
 
 
 def run_one(row: str, seed: int, root: Path = ROOT, data_root: Path = ABLATION_DATA, extra=(), batch_size: int = 8,
-            max_new_tokens: int | None = None, start: str = "none"):
+            max_new_tokens: int | None = None, start: str = train.NO_INIT):
     """Train (if needed), predict and score one row with one seed, its SFT from `start` (a checkpoint
     directory, or "none": random weights); the result is kept in root/results/<row>-s<seed>.json and
     read back from there on the next call (if it was made from the same start, with the same train.py
@@ -185,12 +187,12 @@ def _run_group(rows, seed, root, data_root, extra, batch_size, max_new_tokens, s
 def miniature_start(kept_only: bool = False) -> str:
     """The newest intact checkpoint of the miniature's starting point (<runs>/start/pretrain, where the
     quickstart's SFT starts), built first when there is none, unless only kept results are read."""
-    start = train.start_dir(checkpoint.RUNS)
-    if checkpoint.newest_intact(start) is None and not kept_only:
+    if train.intact_start(checkpoint.RUNS)[0] is None and not kept_only:
         train.main(["--stage", "pretrain"])
-    found = checkpoint.newest_intact(start)
+    found = train.intact_start(checkpoint.RUNS)[0]
     if found is None:
-        raise SystemExit(f"{start}: no intact starting point, so no kept result made from it (run without --kept)")
+        raise SystemExit(f"{train.start_dir(checkpoint.RUNS)}: no intact starting point, so no kept result made from "
+                         "it (run without --kept)")
     return str(found)
 
 
@@ -205,6 +207,8 @@ def run_all(rows, seeds, root: Path = ROOT, data_root: Path | None = None, extra
     directory, or "none": random weights); None: the miniature's starting point, as the quickstart's.
     Returns the results, seed by seed in the order of `rows`."""
     root = Path(root)
+    if start not in (None, train.NO_INIT):  # checked before the ablation set is made
+        start = str(checkpoint.resolve(start, "--init"))
     start = start or miniature_start(kept_only)
     if data_root is None:
         data_root = ABLATION_DATA if kept_only else event_videos.ensure_synthetic(ABLATION_DATA, **ABLATION_SPLIT)[0].parent

@@ -38,6 +38,7 @@ def curves(run_root, path) -> dict:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -65,6 +66,7 @@ def ablation_tables(summary, tables, metrics, paper, path) -> None:
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

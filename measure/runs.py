@@ -151,7 +151,7 @@ def learn(name=None, seed=0):
     name = name or time.strftime("learn-%Y%m%d-%H%M%S")
     times, metrics, picks = {}, {}, {}
     t_all = time.perf_counter()
-    if checkpoint.newest_intact(train.start_dir(checkpoint.RUNS)) is None:
+    if train.intact_start(checkpoint.RUNS)[0] is None:
         t = time.perf_counter()
         train.main(["--stage", "pretrain"])
         times["pretrain"] = time.perf_counter() - t

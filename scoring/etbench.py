@@ -31,6 +31,7 @@ from support.files import is_number, parse_json, read_text, show
 HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
             "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
 PROTOCOLS = ("etchat", "strict", "d2vlm")
+METRICS = "metrics"  # what metrics files' names start with (metrics_<name>.json); prediction_files leaves them out
 DIGITS = 5  # every per-source number is rounded to 5 places, and so is every per-task mean
 # the d2vlm protocol's match ratios, left unrounded as the release leaves them
 UNROUNDED = ("matched_ratio", "correct_ratio_within_matched", "Matched ratio", "correct ratio within matched")
@@ -404,22 +405,36 @@ def _read_json(f: Path) -> list:
     return docs
 
 
-def load_predictions(path, require=()):
-    """A JSON list, or a folder of *.json / *.jsonl (paths containing "metrics" skipped), of
-    E.T.Bench records with the response in "a" -> the records (list of dicts). Every record is
-    checked for what its task's scorer reads (_check_shared, _check_task_fields; `require`: extra
-    fields, only "idx"). Raises FileNotFoundError, or ValueError with one line naming the file, the
-    record (its index in the file, and its task, source, video, idx) and the field: a file that is
-    not UTF-8 JSON, not a list or empty; a record with a field missing, of the wrong type or shape,
-    a ground truth that is empty, not finite or reversed. A file's shared fields are checked before
-    any task field, so a file of annotations without "a" is named as such first."""
+def prediction_files(path) -> tuple:
+    """(the predictions files `path` names, the names left out): the file itself, or a folder's
+    *.json / *.jsonl files by name, leaving out metrics files (named metrics*) and hidden ones
+    (a leading dot: the outputs registry) and files of other extensions. FileNotFoundError when
+    there is none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: prediction file not found")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and "metrics" not in str(p)) \
-        if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path], []
+    files, skipped = [], []
+    for p in sorted(path.iterdir()):
+        ok = p.is_file() and p.suffix in (".json", ".jsonl") and not p.name.startswith((METRICS, "."))
+        (files if ok else skipped).append(p if ok else p.name)
     if not files:
-        raise FileNotFoundError(f"{path}: no *.json or *.jsonl prediction files")
+        raise FileNotFoundError(f"{path}: no *.json or *.jsonl prediction files"
+                                + (f" ({', '.join(skipped)} left out)" if skipped else ""))
+    return files, skipped
+
+
+def load_predictions(path, require=()):
+    """A JSON list, or a folder of them (prediction_files), of E.T.Bench records with the response in
+    "a" -> the records (list of dicts). Every record is checked for what its task's scorer reads
+    (_check_shared, _check_task_fields; `require`: extra fields, only "idx"). Raises
+    FileNotFoundError, or ValueError with one line naming the file, the record (its index in the
+    file, and its task, source, video, idx) and the field: a file that is not UTF-8 JSON, not a
+    list or empty; a record with a field missing, of the wrong type or shape, a ground truth
+    that is empty, not finite or reversed. A file's shared fields are checked before any task
+    field, so a file of annotations without "a" is named as such first."""
+    files, _ = prediction_files(path)
     records = []
     for f in files:
         recs = _read_json(f)

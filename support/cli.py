@@ -8,8 +8,6 @@
     ArgumentParser   argparse's, but a bad flag is that one line too (not the usage text)
     at_least(low), between(low, high), seed, non_negative, positive
                      argparse `type=`s: the flag is checked, and named, before anything starts
-    check_outputs({flag: path}, {flag: path})
-                     an output that is one of the inputs is refused
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import os
 import sys
 import traceback
 import warnings
-from pathlib import Path
 
 from config import SHOWN
 from support.files import is_number, show
@@ -124,16 +121,3 @@ def positive(text) -> float:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {v:g}")
     return v
-
-
-def check_outputs(outputs: dict, inputs: dict) -> None:
-    """outputs, inputs: {flag: path or None}. SystemExit naming both flags when an output is one of
-    the inputs (the same file or folder, however written)."""
-    ins = {flag: Path(p).resolve() for flag, p in inputs.items() if p is not None}
-    for flag, p in outputs.items():
-        if p is None:
-            continue
-        out = Path(p).resolve()
-        for other, q in ins.items():
-            if out == q:
-                raise SystemExit(f"{flag} {p} is {other} {inputs[other]}: it would be overwritten; write {flag} elsewhere")

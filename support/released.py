@@ -29,8 +29,8 @@ from config import PRESETS, D2VLMConfig
 from data import DEC
 from evidence import EVI, EVI_END
 from model import D2VLM, add_special_tokens, build_model
-from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, safetensors_file,
-                           weight_map)
+from support.files import (QFORMER_TOKENIZER, WEIGHTS, atomic_path, check_exactly, read_json, read_tokenizer,
+                           safetensors_file, weight_map)
 
 MODEL_TYPE = "etchat_phi3"
 INDEX = "model.safetensors.index.json"
@@ -205,11 +205,7 @@ def config_from(directory, base: D2VLMConfig | None = None) -> D2VLMConfig:
 def qformer_tokenizer_from(directory):
     """A Q-Former tokenizer directory (bert-base-uncased, or InstructBLIP's qformer_tokenizer/) as
     InstructBLIP uses it: [DEC] as bos (added when missing), truncation on the left."""
-    from transformers import AutoTokenizer
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: Q-Former tokenizer directory not found")
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True, truncation_side="left")
+    tok = read_tokenizer(directory, "Q-Former tokenizer directory", truncation_side="left")
     if DEC not in tok.get_vocab():
         tok.add_special_tokens({"bos_token": DEC})
     return tok
@@ -218,8 +214,8 @@ def qformer_tokenizer_from(directory):
 def tokenizer_of(directory):
     """The LLM tokenizer of a released directory, as load() builds the model with it (<evi>, </evi>,
     <video> added where it lacks them)."""
-    from transformers import AutoTokenizer, PretrainedConfig
-    tok = AutoTokenizer.from_pretrained(Path(directory), local_files_only=True, config=PretrainedConfig())  # not config.json's type
+    from transformers import PretrainedConfig
+    tok = read_tokenizer(directory, "released directory's tokenizer", config=PretrainedConfig())  # not config.json's type
     return add_special_tokens(tok)
 
 
@@ -230,7 +226,6 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, toke
     qformer_tokenizer/; the LLM's is tokenizer_of(directory) (`tokenizer`: the one it gave). Returns
     (model, fresh): fresh names the parts not in the directory (frm_head / evi_head when it is
     E.T.Chat's); the LoRA adapter is always fresh (B = 0)."""
-    from transformers import AutoTokenizer
     d = Path(directory)
     up = _read_config(d)
     cfg = cfg or config_from(d)
@@ -241,7 +236,7 @@ def load(directory, cfg: D2VLMConfig | None = None, qformer_tokenizer=None, toke
                                 "qformer_tokenizer/)")
     tok = tokenizer if tokenizer is not None else tokenizer_of(d)
     qtok = (qformer_tokenizer_from(qdir) if qformer_tokenizer  # a user's bert-base-uncased; our exports carry the exact one
-            else AutoTokenizer.from_pretrained(qdir, local_files_only=True))
+            else read_tokenizer(qdir, "Q-Former tokenizer directory"))
     with torch.device("meta"):  # shapes only: a layout that does not fit fails before any memory is spent
         skeleton = build_model(cfg, tok, qtok)
     for key, token in (("evidence_token_id", EVI), ("evidence_end_token_id", EVI_END)):

@@ -3,10 +3,10 @@
     claim(run_dir, master, ddp)             one writer: rank 0 takes the lock, every rank stops alike
     refuse_used(run_dir)                    a fresh run never writes over another run's checkpoints
     settings(args)                          the run's --set (and --beta) settings
-    starting_point(args, run_dir)           the config, the --init directory, the checkpoint --resume goes
-                                            on from (checked against its manifest and config)
+    starting_point(args, run_dir, world)    the config, the --init directory, the checkpoint --resume goes
+                                            on from (checked against its manifest, config, trainer state)
     starting_model(...), run_tokenizer(...) the model and tokenizer the run starts from
-    resume_state(resume, **expected) / restore(...)   the trainer state read first, then loaded
+    resume_state(resume, **expected), check_state / restore(...)   the trainer state read and checked, then loaded
     save(...)                               a checkpoint (checkpoint.save_checkpoint: atomic, the last --keep)
     cut_log(path, step) / summarize(...)    log.jsonl cut back on resume; its closing line
     param_digest(model), gather(obj, world) the ranks' trained weights compared at the end
@@ -60,33 +60,43 @@ def settings(args) -> list:
     return args.set + ([f"beta={args.beta}"] if args.beta is not None else [])
 
 
-def starting_point(args, run_dir):
-    """(cfg, init, resume, passed): the config this run trains with (the preset; with a released --init the
-    preset with the directory's widths; for FPO from our SFT checkpoint, its config; --set on top);
-    the directory the model starts from (None: SFT from --vision-weights / --llm-weights, or random);
-    the checkpoint --resume continues (None for a fresh run; the newest intact one, checked against
-    its manifest), which must have run with the same config; the damaged ones passed over, with why."""
+def _base_config(init, preset, default):
+    """The config a run starting from `init` builds on: a released directory's widths on the preset."""
+    if init is not None and released.is_released(init):
+        return released.config_from(init, PRESETS[preset or "d2vlm-3.8b"])
+    return PRESETS[preset or default]
+
+
+def starting_point(args, run_dir, world):
+    """(cfg, init, resume, st): the config this run trains with; the directory the model starts from
+    (None: SFT from --vision-weights / --llm-weights, or random; and every resumed run, which is built
+    from its own config and checkpoint); the checkpoint --resume continues (None for a fresh run) and
+    its trainer state, checked against this run (stage, processes, seed, reference) before any data
+    or weight is read. A fresh run: the preset (with a released --init, the preset with the
+    directory's widths; FPO from our SFT checkpoint, its config), --set on top."""
+    if args.resume:
+        return _resumed(args, run_dir, world)
     init = None
-    if args.init and released.is_released(args.init):
-        init = Path(args.init)
-        base = released.config_from(init, PRESETS[args.preset or "d2vlm-3.8b"])
-    elif args.stage == "fpo":
-        found = [Path(args.init)] if args.init else ckpt.checkpoints(Path(args.out) / args.name / "sft")
-        if not found or not (found[-1] / ckpt.CONFIG).is_file():
-            raise SystemExit(f"fpo starts from an SFT checkpoint: none in {args.init or Path(args.out) / args.name / 'sft'} "
-                             "(run `torchrun train.py --stage sft` first, or give --init DIR)")
-        init = found[-1]
-        base = ckpt.read_config(init)
+    if args.stage == "fpo":
+        if args.init:
+            init = ckpt.resolve(args.init, "--init")
+        else:  # the run's own SFT stage: its newest intact checkpoint
+            sft = Path(args.out) / args.name / "sft"
+            init, passed = ckpt.newest_intact(sft)
+            for d, why in passed:
+                print(f"fpo: passed over {d} ({why})", file=sys.stderr)
+            if init is None:
+                raise SystemExit(f"fpo starts from an SFT checkpoint: {'no intact one' if passed else 'none'} in {sft} "
+                                 "(run `torchrun train.py --stage sft` first, or give --init DIR)")
+        base = ckpt.read_config(init) if not released.is_released(init) else _base_config(init, args.preset, None)
     elif args.init and args.stage == "pretrain":
-        raise SystemExit(f"--init {args.init}: the pretrain stage starts from random weights (or --resume)")
-    elif args.init and args.stage == "sft" and (Path(args.init) / ckpt.CONFIG).is_file():
-        init = Path(args.init)
-        base = PRESETS[args.preset or "tiny"]
-    elif args.init:
-        raise SystemExit(f"--init {args.init}: sft starts from a released directory (config.json of model_type "
-                         f"{released.MODEL_TYPE}); to continue one of our runs use --resume")
+        raise SystemExit(f"--init {args.init}: the pretrain stage starts from random weights")
     else:
-        base = PRESETS[args.preset or "tiny"]
+        init = ckpt.resolve(args.init, "--init") if args.init else None
+        base = _base_config(init, args.preset, "tiny")
+    if args.qformer_tokenizer and (init is None or not released.is_released(init)):
+        raise SystemExit("--qformer-tokenizer is for a released --init; "
+                         + (f"{init} carries its own tokenizers" if init else "this run starts from none"))
     cfg = configure(base, settings(args))
     if args.stage == "fpo" and cfg.fpo_start == "continue" and not released.is_released(init):
         changed = [f"{k}={getattr(base, k)!r} there, {getattr(cfg, k)!r} here" for k in ADAPTER_SHAPE
@@ -98,27 +108,54 @@ def starting_point(args, run_dir):
         raise SystemExit(f"fpo: preference pairs are made for the factorized, event-level response; this run has "
                          f"response_format={cfg.response_format}, evidence_level={cfg.evidence_level} (the ablations "
                          "A1, A2 and B1 are SFT only, as in the paper)")
-    if not args.resume:
-        refuse_used(run_dir)
-        return cfg, init, None, []
-    found = ckpt.checkpoints(run_dir) if args.resume == "latest" else [Path(args.resume)]
-    passed = []  # damaged checkpoints skipped on the way to the newest intact one
-    for d in reversed(found):
-        why = ckpt.damaged(d) if (d / ckpt.STATE).is_file() else f"no {ckpt.STATE}"
-        if why is None:
-            break
-        passed.append((d, why))
+    refuse_used(run_dir)
+    refuse_strays(run_dir, 0)
+    return cfg, init, None, {}
+
+
+def _resumed(args, run_dir, world):
+    """starting_point for --resume: the newest intact checkpoint of the run directory (the damaged ones
+    passed over with a line each), or the one --resume DIR names; the run goes on with its config
+    (a --preset or --set given must agree with it) and as the stage it is."""
+    if args.resume == "latest":
+        resume, passed = ckpt.newest_intact(run_dir)
+        for d, why in passed:
+            print(f"--resume: passed over {d} ({why})", file=sys.stderr)
+        if resume is None:
+            raise SystemExit(f"--resume: no intact checkpoint in {run_dir}"
+                             + (f" ({passed[0][0].name}: {passed[0][1]})" if passed else ""))
     else:
-        where = run_dir if args.resume == "latest" else args.resume
-        raise SystemExit(f"--resume: no intact checkpoint in {where}"
-                         + (f" ({passed[0][0].name}: {passed[0][1]})" if passed else ""))
-    resume = d
+        resume = ckpt.resolve(args.resume, "--resume")
+        if released.is_released(resume):
+            raise SystemExit(f"--resume {args.resume}: a released directory; --resume goes on with one of our "
+                             "training runs (start from it with --init)")
+    if args.qformer_tokenizer:
+        raise SystemExit(f"--qformer-tokenizer with --resume: {resume} carries the run's own tokenizers")
+    if not (resume / ckpt.STATE).is_file():
+        raise SystemExit(f"--resume: {resume} holds no {ckpt.STATE}: a checkpoint, but not of a training run to go "
+                         "on with")
+    st = resume_state(resume, stage=args.stage, world_size=world, seed=args.seed, ref=args.ref)
     saved = ckpt.read_config(resume)
+    cfg = configure(saved if args.preset is None else PRESETS[args.preset], settings(args))
     differ = [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
               if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)]
     if differ:
-        raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set")
-    return cfg, init, resume, passed
+        raise SystemExit(f"{resume}: was run with {', '.join(differ)}; resume with the same --preset and --set, "
+                         "or without them")
+    if not ckpt.is_full(resume) and (args.vision_weights is None or args.llm_weights is None):
+        raise SystemExit(f"{resume}: holds only the trained tensors; give the --vision-weights and --llm-weights "
+                         "the run was started with")
+    refuse_strays(run_dir, ckpt.step_of(resume))
+    return cfg, None, resume, st
+
+
+def refuse_strays(run_dir, step) -> None:
+    """SystemExit when a folder named like a checkpoint the run will write (after `step`) is not one
+    the run wrote (no manifest): saving there would replace a user's folder."""
+    later = [d for d in ckpt.strays(run_dir) if ckpt.step_of(d) > step]
+    if later:
+        raise SystemExit(f"{later[0]}: named as this run's checkpoints are, but not one it wrote (no {ckpt.MANIFEST}); "
+                         "the run would save there: move it, or pick another --name")
 
 
 def run_tokenizer(args, cfg, init, resume):
@@ -128,17 +165,12 @@ def run_tokenizer(args, cfg, init, resume):
     return ckpt.llm_tokenizer(cfg, args.llm_weights, resume / ckpt.TOKENIZER if resume else None)
 
 
-def _qformer_tokenizer(resume):
-    """The Q-Former tokenizer a resumed run saved, if it has its own."""
-    d = resume / ckpt.QFORMER_TOKENIZER if resume else None
-    return d if d is not None and d.is_dir() else None
-
-
 def starting_model(args, cfg, init, resume, tokenizer, master):
     """(model, own): the model the run starts from, a released --init, our checkpoint (SFT: its LoRA
-    merged, a fresh one; FPO), or the weight directories / random weights (the tokenizer and
-    Q-Former tokenizer of a resumed run: its own); own: whether its frozen weights are not those of
-    --vision-weights / --llm-weights, so that its checkpoints must hold every tensor."""
+    merged, a fresh one; FPO), or the weight directories / random weights; a resumed run: built from
+    its config with the tokenizers it saved (restore() then loads its tensors). own: whether its
+    frozen weights are not those of --vision-weights / --llm-weights, so that its checkpoints must
+    hold every tensor."""
     if init is not None and released.is_released(init):
         model, fresh = released.load(init, cfg, args.qformer_tokenizer, tokenizer)
         if master:
@@ -150,15 +182,18 @@ def starting_model(args, cfg, init, resume, tokenizer, master):
         if args.stage == "sft":
             return modeling.merge_and_fresh_lora(model, cfg), True
         return model, ckpt.is_full(init)
-    model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, qformer_tokenizer_dir=_qformer_tokenizer(resume),
-                              tokenizer=tokenizer)
+    qdir = resume / ckpt.QFORMER_TOKENIZER if resume else None
+    model = ckpt.from_weights(cfg, args.vision_weights, args.llm_weights, tokenizer=tokenizer,
+                              qformer_tokenizer_dir=qdir if qdir is not None and qdir.is_dir() else None)
+    if resume:
+        return model, ckpt.is_full(resume)
     return model, args.vision_weights is None or args.llm_weights is None
 
 
 def resume_state(resume, **expected):
     """The trainer state (step, epoch, micro, rng, optimizer, ...) of the checkpoint a run resumes,
-    read before any weight is loaded: the run must match `expected` (world_size, total, seed, ref)
-    for an exact resume. {} when `resume` is None."""
+    read before any weight is loaded: it must hold `expected`'s keys with those values (stage,
+    world_size, seed, ref; check_state: total, data_sha256) for an exact resume. {} when `resume` is None."""
     if resume is None:
         return {}
     try:
@@ -168,14 +203,29 @@ def resume_state(resume, **expected):
         why = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])  # names the object found
         raise ValueError(f"{resume / ckpt.STATE}: not a trainer state of plain tensors and values "
                          f"({type(e).__name__}: {why.split('. ')[0]})") from None
-    need = ("step", "epoch", "micro", "rng", "optimizer", *expected)
+    need = ("step", "epoch", "micro", "rng", "optimizer")
     if not isinstance(st, dict) or any(k not in st for k in need):
         got = sorted(st) if isinstance(st, dict) else type(st).__name__
         raise ValueError(f"{resume / ckpt.STATE}: a trainer state holds {', '.join(need)}; this one: {got}")
-    for k, v in expected.items():
-        if st[k] != v:
-            raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
+    check_state(st, resume, **expected)
     return st
+
+
+def check_state(st, resume, **expected) -> None:
+    """SystemExit naming the first of `expected` (key=value) that the trainer state `st` of `resume`
+    does not hold as this run has it."""
+    for k, v in expected.items():
+        if k not in st:
+            raise SystemExit(f"{resume}: its {ckpt.STATE} does not record {k} (a checkpoint of an older version?); an "
+                             f"exact resume needs the same {k}")
+        if st[k] != v:
+            if k == "stage":
+                raise SystemExit(f"{resume}: a checkpoint of the {st[k]} stage; --resume goes on with it "
+                                 f"only as --stage {st[k]}")
+            if k == "data_sha256":
+                raise SystemExit(f"{resume}: was run on other data (--data, or --pairs, is not the file it read: its "
+                                 "sha256 differs); an exact resume needs the same")
+            raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
 
 
 def restore(resume, st, model, opt, rank, device) -> None:

@@ -5,6 +5,7 @@ command's error is one line."""
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import checkpoint
 import config
 import data
 import evaluate
+import event_videos
 import synth
 import train
 import video
@@ -29,7 +31,8 @@ from model import build_tiny_tokenizer
 from scoring import etbench
 from scoring.captions import cut_pairs, dvc_format, score_dvc
 from scoring.rules import PAIR, BadField, check_span
-from support import cli, released
+from support import outputs, released, rundir
+from support.files import atomic_path
 from test_reliability import _write as write_video
 from test_scoring_fuzz import HashEmbedder, PlainCaptionScorers
 
@@ -70,27 +73,29 @@ def test_evaluation_writes_beside_the_checkpoint_and_resume_keeps_it(synthetic, 
     evaluate.main(["--ckpt", str(ckpt), "--data", str(test), "--videos", str(synthetic / "videos"),
                    "--max-new-tokens", "2"])
     results = run_dir / checkpoint.RESULTS / "step_000002"
-    assert sorted(p.name for p in results.iterdir()) == ["metrics.json", "predictions_test.json"]
+    assert sorted(p.name for p in results.iterdir() if p.name != outputs.REGISTRY) == \
+        ["metrics_test_max2.json", "predictions_test_max2.json"]  # named by the data and what else made them
     assert checkpoint.damaged(ckpt) is None  # nothing was written inside
     shutil.copytree(run_dir.parent, run_dir.parent.parent / "copy")  # resume a copy: the fixture stays as it is
     copy = run_dir.parent.parent / "copy" / "sft"
     _train(synthetic, run_dir.parent.parent, "copy", "--max-steps", "3", "--set", "batch_size=2", "--resume")
     assert [d.name for d in checkpoint.checkpoints(copy)] == ["step_000002", "step_000003"]  # resumed from it
     assert "--resume: skipped" not in capsys.readouterr().err  # no checkpoint passed over as damaged
-    assert (copy / checkpoint.RESULTS / "step_000002" / "predictions_test.json").is_file()
+    assert (copy / checkpoint.RESULTS / "step_000002" / "predictions_test_max2.json").is_file()
 
 
 @pytest.mark.parametrize("flags, says", [
     (["--results", "{ckpt}"], "--results {ckpt} is --ckpt"),
     (["--results", "{ckpt}/eval"], "--results {ckpt}/eval is inside the checkpoint {ckpt}: its manifest"),
     (["--out", "{ckpt}/metrics.json"], "--out {ckpt}/metrics.json is inside the checkpoint {ckpt}: its manifest"),
+    (["--out", "{ckpt}/../log.jsonl"], "--out {ckpt}/../log.jsonl is inside the run folder {run}, where only its run"),
     (["--out", "{test}"], "--out {test} is --data"),
     (["--results", "{ckpt}/config.json"], "--results {ckpt}/config.json: not a folder")])
 def test_outputs_that_are_inputs_or_inside_a_checkpoint_are_refused(synthetic, run, flags, says):
     run_dir, test = run
     ckpt = run_dir / "step_000002"
-    fill = {"ckpt": ckpt, "test": test}
-    with pytest.raises(SystemExit, match=says.format(**fill)):
+    fill = {"ckpt": ckpt, "test": test, "run": run_dir}
+    with pytest.raises(SystemExit, match=re.escape(says.format(**fill))):
         evaluate.main(["--ckpt", str(ckpt), "--data", str(test), "--videos", str(synthetic / "videos"),
                        *[f.format(**fill) for f in flags]])
     assert checkpoint.damaged(ckpt) is None
@@ -121,7 +126,7 @@ def test_synth_out_equal_to_data_and_plot_equal_to_video_are_refused(synthetic, 
         else:
             assert evaluate.get_args(argv).plot == str(plot)
     with pytest.raises(SystemExit, match=r"--plot \S+clip.png is --video"):
-        cli.check_outputs({"--plot": tmp_path / "clip.png"}, {"--video": tmp_path / "clip.png"})
+        outputs.check_file(tmp_path / "clip.png", "--plot", {"command": "x"}, {"--video": tmp_path / "clip.png"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,10 +337,10 @@ def test_a_trainer_state_of_other_objects_is_refused_by_name(run, tmp_path):
     ckpt = shutil.copytree(run[0] / "step_000002", tmp_path / "ckpt")
     torch.save({"x": fractions.Fraction(1, 3)}, ckpt / checkpoint.STATE)
     with pytest.raises(ValueError, match=r"ckpt/trainer_state.pt: not a trainer state of plain tensors .*UnpicklingError"):
-        train.resume_state(ckpt)
+        rundir.resume_state(ckpt)
     torch.save({"step": 1}, ckpt / checkpoint.STATE)
     with pytest.raises(ValueError, match=r"trainer_state.pt: a trainer state holds step, epoch, micro"):
-        train.resume_state(ckpt)
+        rundir.resume_state(ckpt)
 
 
 def test_a_damaged_probe_cache_is_started_again(synthetic, tmp_path, monkeypatch, capsys):
@@ -429,14 +434,15 @@ def test_dense_captions_parse_in_linear_time_as_the_official_loop_cuts():
 
 def test_a_dense_caption_answer_of_4000_segments_is_scored():
     """The fuzz case of the stall: one DVC answer of 4,000 distinct segments (about 200 KB) is
-    parsed, cut to the official 1,000 and paired in well under a second (the caption metrics and
-    MiniLM, stubbed here, are bench.py's to time)."""
-    rec = {"task": "dvc", "source": "s", "video": "v.mp4", "a": _dense(4000, np.random.default_rng(0)),
-           "tgt": [[0.0, 0.2], [0.25, 0.45]], "g": ["a red circle grows", "a blue square moves"]}
-    embed = HashEmbedder()
-    t = time.perf_counter()
-    out = score_dvc([rec], PlainCaptionScorers(embed))
-    assert time.perf_counter() - t < 1.0
+    parsed, cut to the official 1,000 and paired in time linear in its length: 4x the segments of a
+    1,000-segment answer take well under 8x its time (the stall was quadratic; the caption metrics
+    and MiniLM, stubbed here, are bench.py's to time)."""
+    recs = [{"task": "dvc", "source": "s", "video": "v.mp4", "a": _dense(n, np.random.default_rng(0)),
+             "tgt": [[0.0, 0.2], [0.25, 0.45]], "g": ["a red circle grows", "a blue square moves"]} for n in (1000, 4000)]
+    scorers = PlainCaptionScorers(HashEmbedder())
+    t_small, t_large = (_best_of_3(lambda r: score_dvc([r], scorers), r) for r in recs)
+    assert t_large < 8 * t_small + 0.05, (t_small, t_large)
+    out = score_dvc([recs[1]], scorers)
     assert out["Failed"] == 0 and 0 < out["F1"] < 1
 
 
@@ -456,9 +462,282 @@ def test_an_error_after_the_model_is_built_is_still_one_line(synthetic, run, tmp
     ckpt = shutil.copytree(run[0] / "step_000002", tmp_path / "ckpt")
     adapter = ckpt / checkpoint.ADAPTER / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
+    (ckpt / checkpoint.MANIFEST).unlink()  # else the manifest names the damage before anything is built
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--data", str(run[1]),
                         "--videos", str(synthetic / "videos")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"error: {adapter}: not a readable safetensors file, truncated or damaged (")
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing a user types destroys a file (docs/bad-input.md, "What a command writes")
+
+def _preds(test, tmp_path, answer="1 - 2 seconds", name="pred.json"):
+    pred = tmp_path / name
+    pred.write_text(json.dumps([{**r, "a": answer} for r in json.loads(test.read_text())]))
+    return pred
+
+
+def test_a_folder_is_never_replaced(run, tmp_path):
+    run_dir, test = run
+    pred = _preds(test, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for out in (mine, run_dir):  # a user's folder; a whole run (checkpoints, log, results)
+        with pytest.raises(SystemExit, match=rf"--out {re.escape(str(out))}: a folder, which is never replaced; --out names"):
+            evaluate.main(["--score", str(pred), "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"--out \S+mine: a folder, which is never replaced"):
+        synth.main(["--data", str(pred), "--out", str(mine)])
+    assert (mine / "notes.txt").read_text() == "keep" and checkpoint.damaged(run_dir / "step_000002") is None
+    with pytest.raises(ValueError, match=r"mine: a folder, which is never replaced"):
+        with atomic_path(mine) as tmp:
+            tmp.write_text("x")
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_nothing_is_written_inside_a_checkpoint_or_a_run_folder(synthetic, run, tmp_path):
+    run_dir, test = run
+    ckpt = run_dir / "step_000002"
+    with pytest.raises(SystemExit, match=r"--out \S+step_000002/export is inside the checkpoint \S+step_000002: its manifest"):
+        checkpoint.main(["export", "--ckpt", str(ckpt), "--out", str(ckpt / "export")])
+    with pytest.raises(SystemExit, match=r"--out \S+sft/export is inside the run folder \S+r/sft, where only its run"):
+        checkpoint.main(["export", "--ckpt", str(ckpt), "--out", str(run_dir / "export")])
+    with pytest.raises(SystemExit, match=r"--out \S+step_000002 is inside the checkpoint"):
+        train.get_args(["--out", str(ckpt)])
+    with pytest.raises(SystemExit, match=r"--out \S+r/sft is inside the run folder \S+r/sft, where only its run writes"):
+        train.get_args(["--out", str(run_dir), "--name", "x"])
+    with pytest.raises(SystemExit, match=r"--name r/sft/x: the run folder would be inside the run folder \S+r/sft"):
+        train.get_args(["--out", str(run_dir.parent.parent), "--name", "r/sft/x"])
+    with pytest.raises(SystemExit, match=r"--out \S+pairs.json is inside the checkpoint"):
+        synth.main(["--data", str(synthetic / "tvg.json"), "--out", str(ckpt / "pairs.json")])
+    assert checkpoint.damaged(ckpt) is None and not (run_dir / "export").exists()
+
+
+def test_a_file_is_replaced_only_as_its_own_commands_earlier_output(synthetic, tmp_path, capsys):
+    pairs = tmp_path / "pairs.json"
+    make = ["--data", str(synthetic / "tvg.json"), "--out", str(pairs)]
+    synth.main(make)
+    first = pairs.read_text()
+    synth.main(make)  # the same command again: replaced, with a line
+    assert pairs.read_text() == first
+    assert re.search(r"replaced \S+pairs.json: the earlier output of the same synth.py, written 20", capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"pairs.json: holds the output of synth.py \(seed=0\), not of synth.py \(seed=1\)"):
+        synth.main([*make, "--seed", "1"])
+    pairs.write_text(first.replace("shift", "merge", 1))  # edited by hand since
+    with pytest.raises(SystemExit, match=r"pairs.json: was changed since synth.py wrote it; it is left as it is"):
+        synth.main(make)
+    mine = tmp_path / "mine.json"
+    mine.write_text("[]")
+    with pytest.raises(SystemExit, match=r"mine.json: exists, and no command of this project wrote it; it is left as it is "
+                                         r"\(move it, or write --out elsewhere\)"):
+        synth.main(["--data", str(synthetic / "tvg.json"), "--out", str(mine)])
+    assert mine.read_text() == "[]"
+
+
+def test_event_videos_writes_only_a_new_empty_or_its_own_folder(tmp_path, capsys):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "train.json").write_text('[{"mine": 1}]')
+    gen = ["--n-train", "1", "--n-test", "1", "--workers", "1"]
+    with pytest.raises(SystemExit, match=r"--out \S+users: holds files event_videos.py did not generate \(train.json\)"):
+        event_videos.main(["--out", str(users), *gen])
+    assert (users / "train.json").read_text() == '[{"mine": 1}]' and sorted(os.listdir(users)) == ["train.json"]
+    ours = tmp_path / "ours"
+    event_videos.main(["--out", str(ours), *gen])
+    first = (ours / "train.json").read_bytes()
+    event_videos.main(["--out", str(ours), *gen])  # its own folder: written again, said
+    assert (ours / "train.json").read_bytes() == first
+    assert re.search(r"replaced \S+ours/train.json: the earlier output of the same event_videos.py", capsys.readouterr().err)
+    (ours / "test.json").write_text("[]")
+    with pytest.raises(SystemExit, match=r"--out \S+ours: its test.json was changed since event_videos.py wrote it"):
+        event_videos.main(["--out", str(ours), *gen])
+
+
+def test_two_evaluations_never_share_a_file(synthetic, run, tmp_path, monkeypatch, capsys):
+    run_dir, test = run
+    ckpt = run_dir / "step_000002"
+    other = shutil.copy(test, tmp_path / "other.json")
+    base = ["--ckpt", str(ckpt), "--videos", str(synthetic / "videos"), "--max-new-tokens", "2",
+            "--results", str(tmp_path / "res")]
+    for extra in (["--data", str(test)], ["--data", str(other)], ["--data", str(test), "--decoding", "release"],
+                  ["--data", str(test), "--decoding", "release", "--seed", "1"]):
+        evaluate.main([*base, *extra])
+    names = sorted(p.name for p in (tmp_path / "res").iterdir() if p.name != outputs.REGISTRY)
+    assert names == [f"{k}_{n}.json" for k in ("metrics", "predictions")
+                     for n in ("other_max2", "test_max2", "test_release_max2_seed0", "test_release_max2_seed1")]
+    capsys.readouterr()
+    evaluate.main([*base, "--data", str(test)])  # the same evaluation again: its files replaced, each said
+    err = capsys.readouterr().err
+    assert "replaced" in err and "predictions_test_max2.json" in err and "metrics_test_max2.json" in err
+    evaluate.main(["--score", str(tmp_path / "res" / "predictions_test_max2.json")])  # scoring it again: the same metrics file
+    assert re.search(r"replaced \S+metrics_test_max2.json", capsys.readouterr().err)
+    evaluate.main(["--score", str(tmp_path / "res" / "predictions_test_max2.json"), "--protocol", "strict"])
+    assert (tmp_path / "res" / "metrics_test_max2_strict.json").is_file()
+    # another checkpoint into the same --results: refused before any weight is loaded
+    ckpt2 = shutil.copytree(ckpt, tmp_path / "ckpt2")
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--results \S+predictions_test_max2.json: holds the output of evaluate.py "
+                                         r"\(checkpoint='\S+step_000002'\), not of evaluate.py \(checkpoint='\S+ckpt2'\)"):
+        evaluate.main([*base, "--data", str(test), "--ckpt", str(ckpt2)])
+
+
+def test_checkpoints_are_only_what_the_run_wrote(synthetic, run, tmp_path, capsys):
+    shutil.copytree(run[0].parent, tmp_path / "r")
+    sft = tmp_path / "r" / "sft"
+    for backup in ("step_000001_backup", "step_000002_backup"):  # a user's copies, manifest and all
+        shutil.copytree(sft / "step_000002", sft / backup)
+    _train(synthetic, tmp_path, "r", "--max-steps", "3", "--set", "batch_size=2", "--resume", "--keep", "1")
+    assert [d.name for d in checkpoint.checkpoints(sft)] == ["step_000003"]
+    assert (sft / "step_000001_backup").is_dir() and (sft / "step_000002_backup").is_dir()
+    shutil.copytree(run[0].parent, tmp_path / "s")
+    (tmp_path / "s" / "sft" / "step_000003").mkdir()  # where the run will save: not its own
+    with pytest.raises(SystemExit, match=r"s/sft/step_000003: named as this run's checkpoints are, but not one it wrote"):
+        _train(synthetic, tmp_path, "s", "--max-steps", "3", "--set", "batch_size=2", "--resume")
+
+
+def _damage(ckpt):
+    cfg = json.loads((ckpt / checkpoint.CONFIG).read_text())
+    (ckpt / checkpoint.CONFIG).write_text(json.dumps({**cfg, "w_cons": 0.5}))
+
+
+def test_init_names_a_checkpoint_a_run_folder_or_a_released_directory(synthetic, run, tmp_path, capsys):
+    run_dir, _ = run
+
+    def start(*flags, stage="sft"):
+        args = train.get_args(["--stage", stage, "--out", str(tmp_path / "runs"), "--name", "n", *flags])
+        return rundir.starting_point(args, tmp_path / "runs" / "n" / stage, 1)[1]
+    assert start("--init", str(run_dir)) == run_dir / "step_000002"  # a run folder: its newest intact checkpoint
+    assert re.search(r"--init \S+r/sft: its newest intact checkpoint, step_000002", capsys.readouterr().err)
+    for init, says in ((tmp_path / "typo", r"--init \S+typo: not found"),
+                       (run_dir.parent, r"--init \S+/r: a run with the stages sft; name one, e.g. \S+r/sft"),
+                       (run_dir / "step_000002" / checkpoint.CONFIG, r"--init \S+config.json: a file; --init takes"),
+                       (tmp_path, r"--init \S+: neither a checkpoint \(no config.json\), a run folder")):
+        with pytest.raises(SystemExit, match=says):
+            start("--init", str(init))
+    damaged = shutil.copytree(run_dir / "step_000002", tmp_path / "damaged")
+    _damage(damaged)
+    with pytest.raises(SystemExit, match=r"--init \S+damaged: a damaged checkpoint \(config.json changed since it was written\)"):
+        start("--init", str(damaged))
+    # fpo's default start: the newest intact SFT checkpoint of the run, the damaged ones passed over with a line
+    sft = tmp_path / "runs" / "n" / "sft"
+    shutil.copytree(run_dir / "step_000002", sft / "step_000001")  # an intact older one (its manifest lists no step)
+    shutil.copytree(damaged, sft / "step_000002")
+    assert start(stage="fpo") == sft / "step_000001"
+    assert re.search(r"fpo: passed over \S+step_000002 \(config.json changed since it was written\)", capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"--init \S+ with --resume: a resumed run goes on from its own checkpoint"):
+        train.get_args(["--init", str(run_dir), "--resume"])
+
+
+def test_a_run_resumes_only_as_itself(synthetic, run, tmp_path, monkeypatch):
+    shutil.copytree(run[0].parent, tmp_path / "r")
+    shutil.copytree(run[0] / "step_000002", tmp_path / "r" / "fpo" / "step_000002")  # an SFT checkpoint where FPO's go
+    _no_weights(monkeypatch)
+    with pytest.raises(SystemExit, match=r"fpo/step_000002: a checkpoint of the sft stage; --resume goes on with it only "
+                                         r"as --stage sft"):
+        _train(synthetic, tmp_path, "r", "--stage", "fpo", "--max-steps", "3", "--resume")
+    with pytest.raises(SystemExit, match=r"sft/step_000002: was run on other data \(--data, or --pairs, is not the file"):
+        _train(synthetic, tmp_path, "r", "--max-steps", "3", "--set", "batch_size=2", "--resume",
+               data_file=synthetic / "mixed.json")
+    with pytest.raises(SystemExit, match=r"step_000002: was run with batch_size=2 \(now 4\); resume with the same"):
+        _train(synthetic, tmp_path, "r", "--max-steps", "3", "--set", "batch_size=4", "--resume")
+
+
+def test_a_damaged_starting_point_says_what_to_do(run, tmp_path):
+    start = train.start_dir(tmp_path)
+    shutil.copytree(run[0] / "step_000002", start / "step_000000")
+    _damage(start / "step_000000")
+    with pytest.raises(SystemExit, match=r"pretrain: the miniature's starting point is damaged \(step_000000: config.json "
+                                         r"changed since it was written\); remove \S+ to build it again"):
+        train.main(["--out", str(tmp_path), "--name", "n"])
+
+
+def test_a_key_named_twice_is_refused_by_file_record_and_key(synthetic, run, tmp_path):
+    text = json.dumps(_tvg(synthetic), indent=1)
+    dup = tmp_path / "dup.json"
+    dup.write_text(text.replace('"video": "train_0001.mp4"', '"video": "train_0001.mp4", "video": "train_0000.mp4"'))
+    with pytest.raises(ValueError, match=r"dup.json: record 1 \(line \d+\): key 'video' appears twice in one object"):
+        data.load_records(dup)
+    pred = _preds(run[1], tmp_path)
+    pred.write_text(pred.read_text().replace('"a": "1 - 2 seconds"', '"a": "1 - 2 seconds", "a": "3 - 4 seconds"', 1))
+    with pytest.raises(ValueError, match=r"pred.json: record 0 \(line 1\): key 'a' appears twice"):
+        etbench.load_predictions(pred)
+
+
+def test_the_d2vlm_protocol_says_when_answers_hold_no_delimiter(run, tmp_path, capsys):
+    pred = _preds(run[1], tmp_path)
+    metrics = evaluate.main(["--score", str(pred), "--protocol", "d2vlm"])
+    assert metrics["tvg"]["synthetic"]["Failed"] == 1
+    assert "2 of 2 answers hold no </evi>: the d2vlm protocol scores only what follows it" in capsys.readouterr().err
+
+
+def test_a_predictions_folder_is_filtered_by_file_name_and_says_what_it_left_out(run, tmp_path, capsys):
+    folder = tmp_path / "metrics_of_run"  # "metrics" in the folder's path: its files are read all the same
+    folder.mkdir()
+    _preds(run[1], folder, name="preds.json")
+    (folder / "metrics_old.json").write_text("{}")
+    (folder / "notes.txt").write_text("x")
+    metrics = evaluate.main(["--score", str(folder)])
+    assert metrics["tvg"]["synthetic"]["Total"] == 1 and (folder / "metrics.json").is_file()
+    assert "left out metrics_old.json, notes.txt" in capsys.readouterr().err
+
+
+def test_bench_refuses_unknown_parts_and_checks_before_work(tmp_path, monkeypatch):
+    import bench
+    from measure import ablations
+    monkeypatch.chdir(tmp_path)
+    for argv, says in ((["--skip", "decode,bogus"], r"--skip decode,bogus: unknown parts bogus \(parts: decode,"),
+                       (["ablate", "--only", ","], r"--only ,: no row \(rows: A1"),
+                       (["ablate", "--init", "missing"], r"--init missing: not found"),
+                       (["ablate", "--init", "none", "--kept"], r"no kept ablation result in runs/ablate for the rows A1")):
+        monkeypatch.setattr(event_videos, "ensure_synthetic", lambda *a, **k: pytest.fail("the ablation set was made"))
+        with pytest.raises(SystemExit, match=says):
+            bench.main(argv)
+    assert ablations.ROOT == Path("runs/ablate")
+    bench.main(["--skip", ",".join(bench.PARTS), "--json", "new/figures.json"])  # into a folder that is not there yet
+    assert json.loads(Path("new/figures.json").read_text()) == []
+
+
+def test_path_arguments_and_question_spans_fail_in_one_line_before_weights(synthetic, run, tmp_path, monkeypatch):
+    ckpt = run[0] / "step_000002"
+    os.symlink(tmp_path / "b.mp4", tmp_path / "a.mp4")
+    os.symlink(tmp_path / "a.mp4", tmp_path / "b.mp4")  # a loop of links
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--video", str(tmp_path / "a.mp4"),
+                        "--question", "When?", "--plot", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "a.mp4" in r.stderr, r.stderr
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--question: the time 30 - 3 s ends before it starts"):
+        evaluate.main(["--ckpt", str(ckpt), "--video", str(synthetic / "videos" / "test_0000.mp4"),
+                       "--question", "What happens in 30 - 3 seconds?"])
+
+
+def test_a_duration_is_checked_against_the_header_and_the_frames(synthetic, monkeypatch):
+    """A variable-frame-rate file whose header says 4.3 s while its frames run to 20 s: a record of
+    20 s matches its frames; one of 50 s is refused naming both."""
+    cfg, tok = config.PRESETS["tiny"], build_tiny_tokenizer(1000)
+    rec = _tvg(synthetic, 1)[0]
+    monkeypatch.setattr(batches, "probe_all", lambda paths: {p: {"declared": 4.3, "end": 20.0} for p in paths})
+    assert len(batches.VideoDataset([{**rec, "duration": 20.0}], synthetic / "videos", tok, cfg)) == 1
+    with pytest.raises(ValueError, match=r"field 'duration': 50 s, its video \S+ is 4.3 s long by its header, its frames "
+                                         r"end at 20.0 s"):
+        batches.VideoDataset([{**rec, "duration": 50.0}], synthetic / "videos", tok, cfg)
+
+
+def test_weight_directories_that_are_not_one_and_unused_flags_are_refused(synthetic, run, tmp_path):
+    ckpt, empty = run[0] / "step_000002", tmp_path / "empty"
+    empty.mkdir()  # transformers would print a page of text, or reach for the network
+    with pytest.raises(ValueError, match=r"empty: not a Phi-3 tokenizer directory \(it holds none of tokenizer.json, "):
+        checkpoint.llm_tokenizer(config.PRESETS["tiny"], empty)
+    with pytest.raises(FileNotFoundError, match=r"empty/qformer_tokenizer: Q-Former tokenizer directory not found"):
+        checkpoint.from_weights(config.PRESETS["tiny"], vision_weights=empty)
+    (empty / "tokenizer.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"empty: a Phi-3 tokenizer directory that transformers cannot read \("):
+        checkpoint.llm_tokenizer(config.PRESETS["tiny"], empty)
+    with pytest.raises(SystemExit, match=r"--qformer-tokenizer is for a released --ckpt; \S+step_000002 carries its own"):
+        evaluate.main(["--ckpt", str(ckpt), "--qformer-tokenizer", str(empty), "--data", str(run[1]),
+                       "--videos", str(synthetic / "videos")])
+    with pytest.raises(SystemExit, match=r"--qformer-tokenizer is for a released --init; this run starts from none"):
+        _train(synthetic, tmp_path, "q", "--init", "none", "--qformer-tokenizer", str(empty))

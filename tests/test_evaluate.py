@@ -34,11 +34,11 @@ def test_inference_writes_a_scorable_predictions_file(tiny_ckpt, capsys):
              "--max-new-tokens", "12", "--batch-size", "4"])
     results = checkpoint.results_dir(ckpt)
     assert results.parent.parent == ckpt.parent  # beside the checkpoint, never inside it
-    preds = etbench.load_predictions(results / "predictions_test.json")
+    preds = etbench.load_predictions(results / "predictions_test_max12.json")  # named by the data and the settings
     truth = json.loads(test.read_text())
     assert [p["idx"] for p in preds] == [t["idx"] for t in truth]
     assert all(isinstance(p["a"], str) for p in preds)
-    metrics = json.loads((results / "metrics.json").read_text())
+    metrics = json.loads((results / "metrics_test_max12.json").read_text())
     assert set(metrics) == {r["task"] for r in truth} and metrics["tvg"]["synthetic"]["Total"] == 1
     assert "TVG" in capsys.readouterr().out
     # the metrics file is the score of the predictions file written next to it

@@ -211,8 +211,8 @@ def test_etchat_stage_2_to_sft_fpo_export_evaluate(weights, synthetic, tmp_path)
     (tmp_path / "few.json").write_text(json.dumps(test))
     ev = ["--data", str(tmp_path / "few.json"), "--videos", str((synthetic / "videos")), "--max-new-tokens", "6"]
     metrics = evaluate.main(["--ckpt", str(tmp_path / "exported"), *ev])
-    assert metrics and (checkpoint.results_dir(tmp_path / "exported") / "predictions_few.json").is_file()
-    preds = json.loads((checkpoint.results_dir(tmp_path / "exported") / "predictions_few.json").read_text())
+    assert metrics and (checkpoint.results_dir(tmp_path / "exported") / "predictions_few_max6.json").is_file()
+    preds = json.loads((checkpoint.results_dir(tmp_path / "exported") / "predictions_few_max6.json").read_text())
     assert [p["video"] for p in preds] == [r["video"] for r in test] and all(isinstance(p["a"], str) for p in preds)
     metrics = evaluate.main(["--ckpt", str(weights["d2vlm"]), "--qformer-tokenizer", str(weights["bert"]),
                              "--set", "inject_layer=1", "fps=0.2", *ev])

@@ -230,7 +230,7 @@ def test_resume_passes_over_a_damaged_checkpoint_and_cuts_the_log(synthetic, tmp
     weights.write_bytes(bytes(raw))
     assert "model.safetensors changed" in checkpoint.damaged(run_dir / "step_000003")
     _run(synthetic, tmp_path, "r", "--max-steps", "4", "--save-every", "1", "--keep", "4", "--resume")
-    assert f"--resume: skipped {run_dir / 'step_000003'} (model.safetensors changed" in capsys.readouterr().err
+    assert f"--resume: passed over {run_dir / 'step_000003'} (model.safetensors changed" in capsys.readouterr().err
     rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4]  # step 3 once: the old row was cut
     assert rows[-1]["summary"] and checkpoint.damaged(run_dir / "step_000004") is None
