@@ -66,8 +66,7 @@ class VideoDataset(torch.utils.data.Dataset):
         gone = {i for i, _ in missing}
         bad, mismatch, past_end, ends = self._check_videos(evs, gone, where, on_error)
         gone |= {i for i, _ in bad + mismatch}
-        prompts = [CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"]) for ev in evs]
-        n_text = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        n_text = [len(x) for x in prompt_ids(tokenizer, cfg, [ev["prompt"] for ev in evs])]
         if with_response:
             resp = [CHAT[1].format(response=ev["response"]) for ev in evs]
             n_text = [a + len(b) for a, b in zip(n_text, tokenizer(resp, add_special_tokens=False)["input_ids"])]
@@ -184,10 +183,13 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     response: prompts for generation.
 
     Preference samples (evidence with "rejected", see synth.py) are packed: prompt, chosen response,
-    rejected response in one row, labels on both responses, and two more tensors: branch (B, L)
-    (0 prompt, 1 chosen, 2 rejected) and prev (B, L) (the position each token follows: the rejected
-    response follows the prompt, not the chosen response). answer_spans then holds the chosen
-    <evi> spans followed by the rejected ones (`evi_spans` of the rejected response).
+    rejected response in one row, labels on both responses, and three more tensors: branch (B, L)
+    (0 prompt, 1 chosen, 2 rejected), prev (B, L) (the position each token follows: the rejected
+    response follows the prompt, not the chosen response) and answer_times (below). answer_spans
+    then holds the chosen <evi> spans followed by the rejected ones (`evi_spans` of the rejected
+    response); answer_times (B, Na, 2) float64 the same spans as written, times fps, neither rounded
+    nor clamped: what FPO's grounding factor reads (fpo.response_logprob), as the paper's p_g and
+    the release do.
 
     Samples that failed to load ({"failed": message}) are left out; their messages are in
     out["failed"] (only when there are any), and a batch of nothing but failures is {"failed": [...]}."""
@@ -198,13 +200,12 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
     pairs = ["rejected" in s["evidence"] for s in samples]
     if any(pairs) and not all(pairs):
         raise ValueError("collate: a batch mixes preference pairs and plain samples")
-    ids, labels, qids, qspans, aspans, branches, prevs = [], [], [], [], [], [], []
+    ids, labels, qids, qspans, aspans, branches, prevs, times = [], [], [], [], [], [], [], []
     front, back = _specials(qformer_tokenizer) if cfg.qformer_special_tokens else ([], [])
     room = cfg.qformer_max_text - len(front) - len(back)  # instruction tokens inside [CLS] ... [SEP]
     for s in samples:
         ev, n = s["evidence"], s["frames"].shape[0]
-        prompt = CHAT[0].format(system=cfg.system_prompt, prompt=ev["prompt"])
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, cfg, [ev["prompt"]])[0]
         r = tokenizer(CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"] if with_response else []
         clamp = lambda spans: [[min(max(a, 0), n - 1), min(max(b, 0), n - 1)] for a, b in spans]  # noqa: E731
         spans = clamp(ev["evi_frames"] if "evi_frames" in ev else ev["frames"] * 2) if with_response else []
@@ -216,7 +217,8 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
             prev = list(range(-1, c - 1)) + [len(p) - 1] + list(range(c, c + len(q) - 1))
             r, branch = r + q, branch + [2] * len(q)
             spans += clamp(to_frames(rej["evi_spans"], cfg.fps))
-            prevs.append(prev)
+            prevs.append(prev)  # FPO's grounding factor reads the times as written, in frames, unrounded
+            times.append([[s * cfg.fps, e * cfg.fps] for s, e in ev["spans"] * 2 + rej["evi_spans"]])
         ids.append(p + r)
         labels.append([IGNORE] * len(p) + r)
         branches.append(branch)
@@ -239,10 +241,31 @@ def collate(samples, tokenizer, qformer_tokenizer, cfg, with_response: bool = Tr
            "question_spans": _pad_spans(qspans), "answer_spans": _pad_spans(aspans)}
     if pairs[0]:
         out["branch"], out["prev"] = _pad(branches, 0)[0], _pad(prevs, 0)[0]
+        out["answer_times"] = _pad_spans(times, torch.float64)
     if all("index" in s for s in samples):  # dataset positions (FPO looks up reference log-probs by them)
         out["index"] = torch.tensor([s["index"] for s in samples])
     if failed:
         out["failed"] = failed
+    return out
+
+
+def prompt_ids(tokenizer, cfg, prompts) -> list:
+    """The LLM's token ids of each prompt in Phi-3's chat format (CHAT[0], cfg.system_prompt): the
+    text as one piece without special tokens, or with cfg.prompt_as_released as the release
+    tokenizes it: split at the video, each piece with the tokenizer's default special tokens, the
+    first piece's leading ones kept and the later pieces' dropped (Phi-3: one leading <s>, and the
+    text after the video tokenized as a new text, so it starts with a word boundary)."""
+    chats = [CHAT[0].format(system=cfg.system_prompt, prompt=p) for p in prompts]
+    if not cfg.prompt_as_released:
+        return tokenizer(chats, add_special_tokens=False)["input_ids"]
+    front, video = _specials(tokenizer)[0], tokenizer.convert_tokens_to_ids(VIDEO)
+    out = []
+    for chat in chats:
+        pieces = [tokenizer(x)["input_ids"] for x in chat.split(VIDEO)]
+        ids = pieces[0]
+        for piece in pieces[1:]:
+            ids = ids + [video] + (piece[len(front):] if piece[:len(front)] == front else piece)
+        out.append(ids)
     return out
 
 
@@ -264,11 +287,11 @@ def _pad(rows, value):
     return out, mask
 
 
-def _pad_spans(rows):
-    out = torch.full((len(rows), max([len(r) for r in rows] + [0]), 2), -1, dtype=torch.long)
+def _pad_spans(rows, dtype=torch.long):
+    out = torch.full((len(rows), max([len(r) for r in rows] + [0]), 2), -1, dtype=dtype)
     for i, r in enumerate(rows):
         if r:
-            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            out[i, :len(r)] = torch.tensor(r, dtype=dtype)
     return out
 
 

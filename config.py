@@ -113,6 +113,9 @@ class D2VLMConfig:
     max_duration: float = 0.0    # seconds of video at most
     max_answer_words: int = 0    # words of the answer at most, split on spaces as the release splits them
     system_prompt: str = "You are a helpful AI assistant."
+    # the prompt tokenized as released: split at the video, each piece with the tokenizer's default special
+    # tokens, the first piece's leading ones kept (Phi-3: one <s>; the text after the video a new piece)
+    prompt_as_released: bool = False
     tiny_vocab: int = 1000  # size of the in-code BPE tokenizer used when no LLM weights are given
 
     def to_json(self) -> str:

@@ -229,8 +229,10 @@ def fmt_time(x: float) -> str:
 
 
 def to_frames(spans, fps: float = 1.0):
-    """Spans in seconds -> inclusive frame-index spans at `fps` (frame k shows t = k/fps)."""
-    return [[int(math.floor(s * fps + 0.5)), int(math.floor(e * fps + 0.5))] for s, e in spans]
+    """Spans in seconds -> inclusive frame-index spans at `fps` (frame k shows t = k/fps): each time
+    to the nearest frame, a tie to the even one, as the release rounds times (Python's round for the
+    grounding targets, torch.round for the injected spans): [2.5, 5.5] -> [2, 6]."""
+    return [[round(s * fps), round(e * fps)] for s, e in spans]
 
 
 def render(response: str, spans, style: str = "seconds", fps: float = 1.0) -> str:

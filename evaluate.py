@@ -123,8 +123,7 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
     if late:
         raise SystemExit(f"--question: the time {late[0][0]:g} - {late[0][1]:g} s is past the end of {video} "
                          f"({end:.1f} s)")
-    chat = batches.CHAT[0].format(system=cfg.system_prompt, prompt=prompt)
-    budget = cfg.max_len - len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - max_new_tokens
+    budget = cfg.max_len - len(batches.prompt_ids(tokenizer, cfg, [prompt])[0]) - max_new_tokens
     if budget < 1:
         raise SystemExit(f"--question and --max-new-tokens leave no room for frames in max_len={cfg.max_len}")
     frames = sample_frames(video, cfg.fps, cfg.image_size, max_frames=budget)

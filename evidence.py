@@ -14,7 +14,7 @@ event shows (semantic capture).
     select_frame(logits, mask)               logits (B, K, T) -> the argmax frame [t, t] (B, K, 2)
                                              (frame-level evidence, ablation B1)
 
-All spans are long tensors of inclusive frame indices [s, e].
+Spans are tensors of inclusive frame indices [s, e] (long); soft_targets also takes float positions.
 """
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def similarity(evi: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
 
 
 def soft_targets(spans: torch.Tensor, num_frames: int, alpha: float = 2.0) -> torch.Tensor:
-    """Soft grounding targets: spans (B, K, 2) long inclusive [s, e] -> (B, K, num_frames) float.
+    """Soft grounding targets: spans (B, K, 2) inclusive [s, e] in frames -> (B, K, num_frames) float.
 
     y_t = alpha ** -d_t, with d_t = 0 inside [s, e] and the distance in frames to the nearer end
     outside it. A point span [5, 5] with alpha = 2 gives ... 0.25, 0.5, 1, 0.5, 0.25 ... around frame 5.
+    Spans are long frame indices (SFT), or float frame positions (FPO: times as written x fps), whose
+    distances are fractional: [2.4, 5.6] gives frame 2 the target alpha ** -0.4.
     """
     if alpha <= 1:
         raise ValueError(f"alpha must be > 1 for the targets to decay away from the span, got {alpha}")

@@ -3,8 +3,11 @@
 A response's log-probability has two factors: its tokens, and where its <evi> tokens ground.
 
     log p_g(R)  = sum_k sum_t log(y_kt * sigmoid(s_kt) + (1 - y_kt) * (1 - sigmoid(s_kt)) + 1e-10)
-                  (y: the soft targets of the response's spans; with hard 0/1 targets this is the
-                  log of the paper's product over frames)
+                  (y: the soft targets of the response's spans as written, in frames but not
+                  rounded to them: frames t with s_k <= t <= e_k get 1, the others alpha ** -(the
+                  distance to the span, fractional for a fractional time), as the paper's p_g
+                  and the release read them; with hard 0/1 targets this is the log of the paper's
+                  product over frames)
     log pi(R)   = sum of the response's token log-probs (no length normalisation) + log p_g(R)
     L_FPO       = -log sigmoid(beta * [(log pi(R+) - log pi_ref(R+)) - (log pi(R-) - log pi_ref(R-))])
 
@@ -61,7 +64,7 @@ def response_logprob(out: dict, batch: dict, branch: int, alpha: float) -> torch
     Shape: (B, 2) = [text, grounding]; their sum over the last dim is log pi(R)."""
     lab = batch["labels"].masked_fill(batch["branch"] != branch, IGNORE)
     text = token_logprobs(out["logits"], lab, batch["prev"]).sum(1)
-    y = evidence.soft_targets(batch["answer_spans"].clamp(min=0), out["sim"].shape[-1], alpha)
+    y = evidence.soft_targets(batch["answer_times"].clamp(min=0), out["sim"].shape[-1], alpha)  # times as written
     rows = out["evi_mask"] & (out["evi_branch"] == branch)
     mask = rows[..., None] & out["frame_mask"][:, None, :]
     return torch.stack([text, grounding_logprob(out["sim"], y, mask)], 1)

@@ -155,8 +155,7 @@ def llm_shapes(ds, batch_size: int, multiple: int, seed: int = 0) -> set:
     order = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed))
     pre, suf = [], []
     for ev, n_frames in zip(ds.items, ds.n_frames):
-        p = ds.tokenizer(batches.CHAT[0].format(system=ds.cfg.system_prompt, prompt=ev["prompt"]),
-                         add_special_tokens=False)["input_ids"]
+        p = batches.prompt_ids(ds.tokenizer, ds.cfg, [ev["prompt"]])[0]
         r = ds.tokenizer(batches.CHAT[1].format(response=ev["response"]), add_special_tokens=False)["input_ids"]
         v = p.index(vid)
         pre.append(v + n_frames)

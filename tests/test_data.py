@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_instruct_txt_and_vid_convert_to_the_same_evidence(task, human, gpt, gpt
     ev = data.to_evidence(instruct(task, human, gpt))
     assert ev["response"] == response
     assert ev["spans"] == spans
-    assert ev["frames"] == [[math.floor(s + 0.5), math.floor(e + 0.5)] for s, e in spans]
+    assert ev["frames"] == np.rint(np.array(spans)).astype(int).tolist()  # to the nearest frame, a tie to the even one
     assert ev["prompt"] == human and ev["question_spans"] == [] and ev["task"] == task
     assert ev["response"].count(EVI) == 2 * len(spans)
     assert data.to_evidence(instruct(task, human, gpt_vid, tgt=tgt)) == ev
@@ -69,8 +70,9 @@ def test_question_timestamps_become_question_evidence():
     for rec in (txt, vid):
         ev = data.to_evidence(rec)
         assert ev["prompt"] == f"What happens after {EVI} seconds?"
-        assert ev["question_spans"] == [[2.5, 4.0]] and ev["question_frames"] == [[3, 4]]
+        assert ev["question_spans"] == [[2.5, 4.0]] and ev["question_frames"] == [[2, 4]]  # 2.5: a tie, to even
         assert ev["response"] == f"{EVI}{EVI_END}It happens in {EVI} seconds." and ev["spans"] == [[5.0, 7.5]]
+        assert ev["frames"] == [[5, 8]]  # 7.5: a tie, to the even frame, as the release's round() and torch.round
 
 
 def test_timestamp_phrasings_in_text():
@@ -296,3 +298,25 @@ def test_qformer_instruction_as_the_release_tokenizes_it():
     plain = dataclasses.replace(config.PRESETS["d2vlm-3.8b"], qformer_max_text=6, qformer_special_tokens=False)
     assert batches.collate([s], tok, tok, plain, with_response=False)["qformer_ids"][0].tolist() == \
         tok(q, add_special_tokens=False)["input_ids"][-6:]
+
+
+def test_the_prompt_is_tokenized_as_the_release_does_when_asked():
+    """prompt_as_released: the release's tokenize() (utils/tokenization.py:14-28), written again here:
+    split at the video, each piece with the tokenizer's defaults, the first piece's <s> kept and the
+    later pieces' dropped. On Phi-3's layout that is a leading <s> and a word-boundary piece after
+    the video; without the switch, the chat template as one text."""
+    import layouts
+    tok = model.add_special_tokens(layouts.phi3_tokenizer())
+    plain_cfg = config.PRESETS["tiny"]
+    cfg = dataclasses.replace(plain_cfg, prompt_as_released=True)
+    prompt = "You are given a video. When does the red square appear?"
+    text = batches.CHAT[0].format(system=cfg.system_prompt, prompt=prompt)
+    video = tok.convert_tokens_to_ids(data.VIDEO)
+    chunks = [tok(c).input_ids for c in text.split(data.VIDEO)]
+    offset = 1 if chunks[0][0] == tok.bos_token_id else 0
+    want = chunks[0][:offset] + [x for k, c in enumerate(chunks) for x in ([video] if k else []) + c[offset:]]
+    got = batches.prompt_ids(tok, cfg, [prompt])[0]
+    plain = batches.prompt_ids(tok, plain_cfg, [prompt])[0]
+    assert got == want and got[0] == 1 and plain[0] != 1  # Phi-3's <s> is id 1
+    assert len(got) == len(plain) + 2  # the <s>, and the word-boundary piece the release's new text starts with
+    assert plain == tok(text, add_special_tokens=False).input_ids

@@ -105,6 +105,44 @@ def test_packed_pair_equals_two_separate_forwards():
     assert (chosen[:, 0] != rejected[:, 0]).all()
 
 
+def _release_grounding(sim, intervals, n_frames, alpha):
+    """The release's grounding log-prob of one response (d2vlm_fpo_arch.py, calculate_logps), written
+    again in numpy: for every <evi> k with its interval (start, end) as written and every frame idx,
+    distance 0 when start <= idx <= end, else min(|idx - start|, |idx - end|); target alpha ** -distance."""
+    total = 0.0
+    for k, (start, end) in enumerate(intervals):
+        for idx in range(n_frames):
+            d = 0.0 if start <= idx <= end else min(abs(idx - start), abs(idx - end))
+            y, p = alpha ** -d, 1 / (1 + math.exp(-sim[k, idx]))
+            total += math.log(y * p + (1 - y) * (1 - p) + 1e-10)
+    return total
+
+
+@pytest.mark.parametrize("chosen, rejected", [([[2.0, 5.0], [7.0, 9.0]], [[5.0, 7.0], [9.0, 11.0]]),  # whole seconds
+                                              ([[2.4, 5.6], [7.2, 9.9]], [[4.6, 7.0], [9.3, 11.8]]),  # fractional
+                                              ([[2.5, 5.5], [7.5, 9.5]], [[4.5, 7.0], [8.5, 10.5]])])  # half seconds
+def test_the_grounding_factor_reads_the_times_as_written(chosen, rejected):
+    """FPO's grounding factor of both branches equals the release's formula on the times as written
+    (not rounded to frames first), for two events per answer; SFT's targets keep the rounded frames."""
+    torch.manual_seed(0)
+    m = model.build_model(CFG).eval()
+    response = f"{EVI}{EVI}{EVI_END}{EVI} seconds, a red square grows.\n{EVI} seconds, a blue circle blinks."
+    ev = {"task": "dvc", "duration": 14.0, "prompt": "Describe the events.", "question_spans": [], "question_frames": [],
+          "spans": chosen, "frames": data.to_frames(chosen), "response": response,
+          "rejected": {"response": response, "spans": rejected, "evi_spans": rejected * 2}}
+    batch = batches.collate([{"evidence": ev, "frames": clip(14, 0)}], m.tokenizer, m.qformer_tokenizer, CFG)
+    with torch.no_grad():
+        out = m(batch)
+    sim = out["sim"][0].double().numpy()
+    branch = out["evi_branch"][0].numpy()
+    for b, spans in ((1, chosen * 2), (2, rejected * 2)):
+        got = fpo.response_logprob(out, batch, b, CFG.alpha)[0, 1].item()
+        assert got == pytest.approx(_release_grounding(sim[branch == b], spans, 14, CFG.alpha), rel=1e-5)
+        rounded = _release_grounding(sim[branch == b], data.to_frames(spans), 14, CFG.alpha)
+        assert (got == pytest.approx(rounded, rel=1e-5)) == all(x == int(x) for s in spans for x in s)
+    assert batch["answer_spans"][0, :4].tolist() == data.to_frames(chosen * 2)  # SFT: frames, rounded as released
+
+
 def test_fpo_loss_is_log2_at_equal_inputs_and_its_gradient_widens_the_margin():
     g = torch.Generator().manual_seed(0)
     c = torch.randn(4, 2, generator=g) * torch.tensor([10.0, 5.0])  # [text, grounding] log-probs of 4 pairs
