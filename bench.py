@@ -1,7 +1,7 @@
 """Speed, memory and learnability figures (not tests). Each ratio is measured within one run, on
 this machine, between things that do the same work.
 
-    python bench.py [--json FILE]         one table: frame sampling, the <evi> overhead of a training
+    python bench.py [--json FILE]         one table: frame sampling and its peak memory, the <evi> overhead of a training
                                           step, FPO step / SFT step, generation tokens/s at batch
                                           1 / 8 / 32, the GPU proxies (aten ops and host reads per
                                           step and per token, distinct LLM shapes per epoch:
@@ -44,7 +44,7 @@ import torch
 
 import checkpoint
 from measure import ablations, gpu
-from measure.decode import decode_figures, loader_figures
+from measure.decode import decode_figures, decode_memory_figures, loader_figures
 from measure.runs import kill_figures, learn, learn_rows, realwidth_figures
 from measure.steps import generation_figures, memory_figures, realsize_figures, step_figures
 from support import cli, outputs
@@ -157,7 +157,7 @@ def main(argv=None):
     else:
         rows = []
         if "decode" not in skip:
-            rows += decode_figures(args.clips)
+            rows += decode_figures(args.clips) + decode_memory_figures(args.clips)
         if "loader" not in skip:
             rows += loader_figures(args.clips)
         if "memory" not in skip:

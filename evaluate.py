@@ -106,9 +106,9 @@ def autocast(m):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
-    """The sample of one question about one video file, {"evidence", "frames"}, checked before any
-    weight is loaded: the question is text a record may hold (data.check_text), its timestamps
+def video_question(video, question, cfg, tokenizer, max_new_tokens=256, upright=True):
+    """The sample of one question about one video file, {"evidence", "frames"} (upright: turned as
+    the file's display matrix says, as a player shows it), checked before any weight is loaded: the question is text a record may hold (data.check_text), its timestamps
     ("after 3.0 - 5.0 seconds", which become question <evi>) lie inside the video, the prompt and
     max_new_tokens leave room for frames in cfg.max_len. SystemExit naming --question otherwise."""
     try:
@@ -126,7 +126,7 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256):
     budget = cfg.max_len - len(batches.prompt_ids(tokenizer, cfg, [prompt])[0]) - max_new_tokens
     if budget < 1:
         raise SystemExit(f"--question and --max-new-tokens leave no room for frames in max_len={cfg.max_len}")
-    frames = sample_frames(video, cfg.fps, cfg.image_size, max_frames=budget)
+    frames = sample_frames(video, cfg.fps, cfg.image_size, max_frames=budget, upright=upright)
     evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, cfg.fps), "response": "", "frames": []}
     return {"evidence": evidence, "frames": frames}
 
@@ -208,6 +208,9 @@ def get_args(argv=None):
     ap.add_argument("--video", help="answer --question about this one video file")
     ap.add_argument("--question")
     ap.add_argument("--plot", metavar="PNG", help="with --video: plot each <evi>'s similarity over time")
+    ap.add_argument("--as-stored", action="store_true", help="with --video: the frames as the file stores them, "
+                    "not turned as its display matrix says (a phone's portrait clip); training and the benchmarks "
+                    "read them so, as the release does")
     args = ap.parse_args(argv)
     if args.video and not args.question:
         raise SystemExit("--video needs --question")
@@ -318,7 +321,8 @@ def main(argv=None):
         proto = decoding.DECODINGS[args.decoding]
         max_new = args.max_new_tokens or proto["max_new_tokens"]
         tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
-        sample = video_question(args.video, args.question, cfg, tokenizer, max_new)  # before any weight is loaded
+        # checked before any weight is loaded; the frames turned upright unless --as-stored
+        sample = video_question(args.video, args.question, cfg, tokenizer, max_new, upright=not args.as_stored)
         m = load_model(ckpt, args, cfg, tokenizer)
         answer = answer_video(m, sample, max_new, proto["temperature"] if args.temperature is None else args.temperature)
         print(answer["text"])
@@ -329,8 +333,8 @@ def main(argv=None):
                 plot_evidence(answer, m.cfg.fps, tmp)
             print(f"plot: {args.plot}", file=sys.stderr)
         return
-    if args.plot:
-        raise SystemExit("--plot draws the answer of --video; add --video and --question")
+    if args.plot or args.as_stored:
+        raise SystemExit(f"{'--plot' if args.plot else '--as-stored'} is for one video: add --video and --question")
     if args.data is None:
         _, test = event_videos.ensure_synthetic(event_videos.SYNTHETIC)
         args.data, args.videos = str(test), args.videos or str(test.parent / "videos")

@@ -25,68 +25,136 @@ from support.files import atomic_path, is_number, read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TAIL = 3.0              # seconds before the declared end where probe() starts decoding
+TAIL_BACK = (3.0, 30.0)  # seconds before the declared end probe() seeks to, then further back (then decodes all)
 TRUNCATION_SLACK = 1.0  # seconds of declared duration a video may lack before it counts as truncated
+# containers whose frame times are not presentation times: AVI stamps frames in decode order, one per
+# tick of its constant rate, so frame i is shown at i / rate (FFmpeg's own reading reorders them wrongly)
+INDEX_TIMED = ("avi",)
+EXTREME_ASPECT = 8  # a frame longer than this many times its crop is cropped before it is scaled (the scaler's limits)
 CACHE_ENV = "D2VLM_CACHE"  # the folder of probe_all's cache (default ~/.cache/d2vlm)
+PROBE_VERSION = 2  # in the cache's keys: a probe of another version is made again
 # FFmpeg's demuxers of single pictures (the *_pipe ones too: png_pipe, jpeg_pipe, ...): a PNG renamed .mp4
 # opens as a 1-frame "video", and is refused as the picture it is
 STILL_IMAGE_FORMATS = ("image2", "image2pipe")
 PROGRESS_DELAY = 2.0  # seconds before the check's progress bar shows: a quick check prints nothing
 
 def _open(path: Path):
-    """(the open container, its first video stream), or one error naming the file."""
+    """(the open container, its main video stream: the largest picture, attached cover art left out),
+    or one error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: video file not found")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot open as a video ({e})") from None
-    if not container.streams.video:
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
         container.close()
         raise ValueError(f"{path}: has no video stream (audio-only or not a video)")
     if container.format.name in STILL_IMAGE_FORMATS or container.format.name.endswith("_pipe"):
         name = container.format.name
         container.close()
         raise ValueError(f"{path}: a still image ({name}), not a video")
-    return container, container.streams.video[0]
+    return container, max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
 
 
-def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None) -> torch.Tensor:
+class _Clock:
+    """The presentation time (s) of each frame a stream decodes, in order: the container's own where it
+    is one; frame index / rate where it is not (INDEX_TIMED containers, frames without timestamps:
+    raw streams). Times never go backwards."""
+
+    def __init__(self, container, stream, path):
+        self.by_index = container.format.name in INDEX_TIMED
+        # FFmpeg's guess reads the codec's own rate where the container has none (a raw stream's
+        # demuxer reports 25 whatever the stream says)
+        self.rate = float(stream.guessed_rate or stream.average_rate or stream.base_rate or 0)
+        self.path, self.n, self.last = path, 0, float("-inf")
+
+    def __call__(self, frame) -> float:
+        if self.by_index or frame.pts is None:
+            if not self.rate:
+                raise ValueError(f"{self.path}: frames without timestamps in a stream without a frame rate: "
+                                 "when each frame is shown is unknown")
+            t = self.n / self.rate
+        else:
+            t = float(frame.time)
+        self.n += 1
+        self.last = max(self.last, t)
+        return self.last
+
+
+def _declared_end(container, stream):
+    """(the time the file says the video ends at, absolute s; where it says so: "video track", or
+    "container" (all streams: audio may outlast the video, so only a hint)), or (None, None)."""
+    if stream.duration:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base), "video track"
+    tag = stream.metadata.get("DURATION")  # Matroska's track end, h:mm:ss.nnnnnnnnn
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec), "video track"
+        except ValueError:
+            pass
+    if container.duration:
+        return ((container.start_time or 0) + container.duration) / av.time_base, "container"
+    return None, None
+
+
+def _truncated(path, length, declared, rate, stopped=None) -> None:
+    """ValueError when the frames end more than TRUNCATION_SLACK (and a frame) before the length the
+    video track declares (both s from the first shown frame); `stopped`: the decoding error that
+    ended them, if one did."""
+    if declared is not None and declared - length > TRUNCATION_SLACK + (1 / rate if rate else 0):
+        why = f"decoding stopped there ({stopped})" if stopped else "a truncated file, or a header that overstates it"
+        raise ValueError(f"{path}: its frames end at {length:.1f} s, its video track declares {declared:.1f} s ({why})")
+
+
+def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | None = None,
+                  upright: bool = False) -> torch.Tensor:
     """Decode `path` once, front to back, and keep for every k with k/fps <= (time of the last frame)
-    the frame nearest to t = k/fps (ties go to the earlier frame). Each kept frame is resized so its
-    short side is `size` (bicubic) and centre-cropped. Returns uint8 (T, 3, size, size). With
-    `max_frames`, decoding stops after that many frames (the first max_frames/fps seconds).
-    Missing, unreadable, audio-only or frameless files raise an error naming the file."""
+    the frame nearest to t = k/fps (ties go to the earlier frame), times counted from the first shown
+    frame (_Clock). Each kept frame is resized so its short side is `size` (bicubic) and
+    centre-cropped (resize_crop); `upright`: turned as the file's display matrix says (a phone's
+    portrait clip), else as stored, as the release reads frames. Returns uint8 (T, 3, size, size),
+    channels last in memory (torch.channels_last), filled in place in one tensor sized from the video
+    track's length (grown only when the frames outlast it). With `max_frames`, decoding stops after that many frames (the first max_frames/fps
+    seconds). Missing, unreadable, audio-only, frameless or truncated files raise an error naming
+    the file."""
     path = Path(path)
     container, stream = _open(path)
-    out = []
     with container:
         stream.thread_type = "AUTO"
-        t0 = float((stream.start_time or 0) * stream.time_base)
-        k, prev, prev_t, picked, decoded = 0, None, 0.0, {}, 0
+        clock, (end, source) = _Clock(container, stream, path), _declared_end(container, stream)
+        out, k, prev, t0, picked = None, 0, None, None, None
         try:
             for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                decoded += 1
-                t = frame.time - t0
-                while t >= k / fps and (max_frames is None or len(out) < max_frames):
-                    pick = prev if prev is not None and k / fps - prev_t <= t - k / fps else frame
-                    if id(pick) not in picked:  # a frame may serve several k when fps > video rate
-                        picked = {id(pick): resize_crop(pick, size)}
-                    out.append(picked[id(pick)])
+                t = clock(frame)
+                if t0 is None:
+                    t0 = t
+                    cap = max_frames if max_frames is not None else int((end - t0) * fps) + 2 if end else 64
+                    out = torch.empty((max(cap, 1), size, size, 3), dtype=torch.uint8)  # as decoded: no transposing
+                t -= t0
+                while t >= k / fps and (max_frames is None or k < max_frames):
+                    pick = prev if prev is not None and k / fps - prev[0] <= t - k / fps else (t, frame)
+                    if k == len(out):  # the frames outlast the header's length
+                        out = torch.cat([out, torch.empty_like(out)])
+                    if pick[1] is picked:  # a frame serving several k (fps above the video's rate)
+                        out[k] = out[k - 1]
+                    else:
+                        out[k] = torch.from_numpy(resize_crop(pick[1], size, upright))
+                        picked = pick[1]
                     k += 1
-                if max_frames is not None and len(out) >= max_frames:
+                if max_frames is not None and k >= max_frames:
                     break
-                prev, prev_t = frame, t
+                prev = (t, frame)
         except av.FFmpegError as e:
-            raise ValueError(f"{path}: corrupt video, decoding failed after {len(out)} frames ({e})") from None
-        declared, rate = stream.frames, float(stream.average_rate or 0)
-    if not out:
+            raise ValueError(f"{path}: corrupt video, decoding failed after {k} frames ({e})") from None
+    if not k:
         raise ValueError(f"{path}: no decodable video frames")
-    if max_frames is None and declared and declared - decoded > max(rate, 1):  # > 1 s of frames missing
-        raise ValueError(f"{path}: truncated video, decoded {decoded} of the {declared} frames its header declares")
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+    if max_frames is None and source == "video track":
+        _truncated(path, prev[0], end - t0, clock.rate)
+    out = out[:k] if 4 * k >= 3 * len(out) else out[:k].clone()  # a header far too long: give the rest back
+    return out.permute(0, 3, 1, 2)  # (T, 3, size, size), channels last in memory
 
 
 class FrameCache:
@@ -130,36 +198,50 @@ class FrameCache:
 
 def probe(path) -> dict:
     """Check that `path` is a whole, decodable video without decoding all of it: open it, find its
-    video stream, decode the first frame, seek near the end and decode to the last frame. Returns
-    {"end": time of the last decodable frame (s, from the first), "declared": the duration its
-    header declares (s, or None)}. Raises ValueError naming the file when it cannot be opened, has
-    no video stream or no frame, fails to decode, or decodes to more than TRUNCATION_SLACK seconds
-    short of its declared duration (a truncated file)."""
+    main video stream, decode the first frame, seek near the end and decode to the last frame
+    (further back when a seek lands where nothing decodes, a long keyframe interval; every frame
+    where frame times are by index). Returns {"end": the last frame's time, "declared": the length
+    the video track declares, or None when only the container declares one (its audio may outlast
+    the video)}, both in seconds from the first shown frame. Raises ValueError naming the file when
+    it cannot be opened, has no video stream or no frame, fails to decode, or its frames end more
+    than TRUNCATION_SLACK seconds short of its video track's length (a truncated file)."""
     path = Path(path)
     container, stream = _open(path)
     with container:
-        tb = stream.time_base
-        declared = (float(stream.duration * tb) if stream.duration else
-                    float(container.duration / av.time_base) if container.duration else None)
+        clock, (end, source) = _Clock(container, stream, path), _declared_end(container, stream)
+        frames = container.decode(stream)
         try:
-            frames = container.decode(stream)
-            first = next((f for f in frames if f.pts is not None), None)
-            if first is None:
-                raise ValueError(f"{path}: no decodable video frames")
-            t0, end = first.time, first.time
-            if declared is not None and declared > TAIL:  # on to the last seconds
-                container.seek(int((float(first.time) + declared - TAIL) / tb), stream=stream, backward=True)
-                frames = container.decode(stream)
-            for frame in frames:  # a short video goes on with the same decoder (a new one would read "End of file")
-                if frame.pts is not None:
-                    end = max(end, frame.time)
+            first = next(frames, None)
         except av.FFmpegError as e:
             raise ValueError(f"{path}: corrupt video, decoding failed ({e})") from None
-    end -= t0
-    rate = float(stream.average_rate or 0)
-    if declared is not None and declared - end > TRUNCATION_SLACK + (1 / rate if rate else 0):
-        raise ValueError(f"{path}: truncated video, its frames end at {end:.1f} s of the {declared:.1f} s its header declares")
-    return {"end": end, "declared": declared}
+        if first is None:
+            raise ValueError(f"{path}: no decodable video frames")
+        t0 = last = clock(first)
+        if clock.by_index or end is None or end - t0 <= TAIL_BACK[0]:  # every frame, with the same decoder
+            last, stopped = _last(frames, clock, last)
+        else:
+            for back in (*TAIL_BACK, None):
+                container.seek(int(max(end - back, 0) / stream.time_base) if back else 0, stream=stream, backward=True)
+                tail, stopped = _last(container.decode(stream), lambda f: float(f.time) if f.pts is not None else None)
+                if tail is not None:  # decoded from a keyframe on: the last frame is among these
+                    last = max(last, tail)
+                    break
+    declared = end - t0 if source == "video track" else None
+    _truncated(path, last - t0, declared, clock.rate, stopped)
+    return {"end": last - t0, "declared": declared}
+
+
+def _last(frames, time_of, last=None):
+    """(the latest time_of(frame) over `frames` (None: no timed frame), the decoding error that ended
+    them or None)."""
+    try:
+        for frame in frames:
+            t = time_of(frame)
+            if t is not None:
+                last = t if last is None else max(last, t)
+    except av.FFmpegError as e:
+        return last, e
+    return last, None
 
 
 def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
@@ -174,7 +256,7 @@ def probe_all(paths, workers: int | None = None, progress: bool = True) -> dict:
 
     def key(p):
         st = Path(p).stat()
-        return f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return f"v{PROBE_VERSION}|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
     def one(p):
         try:
@@ -217,14 +299,22 @@ def _read_cache(path: Path) -> dict:
             and (v.get("declared") is None or is_number(v.get("declared")))}
 
 
-def resize_crop(frame, size: int):
-    """A PyAV frame -> RGB uint8 (size, size, 3): short side resized to `size` (bicubic), centre crop."""
-    w, h = frame.width, frame.height
+def resize_crop(frame, size: int, upright: bool = False):
+    """A PyAV frame -> RGB uint8 (size, size, 3): short side resized to `size` (bicubic), centre crop.
+    A frame more than EXTREME_ASPECT times as long as wide (or wide as long) is cropped to its central
+    square first, in source pixels (scaling it whole would ask the scaler for a picture millions of
+    pixels long). upright: turned as frame.rotation (the display matrix) says."""
+    turn, w, h = frame.rotation, frame.width, frame.height
+    if max(w, h) > EXTREME_ASPECT * min(w, h):
+        m = min(w, h)
+        img = frame.to_ndarray(format="rgb24")[(h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
+        frame, w, h = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24"), m, m
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="BICUBIC").to_ndarray()
     top, left = (nh - size) // 2, (nw - size) // 2
-    return img[top:top + size, left:left + size]
+    img = img[top:top + size, left:left + size]
+    return np.ascontiguousarray(np.rot90(img, turn // 90)) if upright and turn else img
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,15 @@
 decord, on generated test clips; and whether the data loader keeps up with a GPU at real size.
 
     decode_figures(clip_dir)    frames/s of each reader on a short and a long clip (the same frames)
+    decode_memory_figures(clip_dir)   the peak memory of a decode against its output (long, extreme aspect)
     loader_figures(clip_dir)    one E.T.Instruct-like clip's decode time against the projected
                                 training step per sample of d2vlm-3.8b; DataLoader workers per GPU
 """
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import model
 import train
 import video
 from config import PRESETS
+from measure import REPO
 
 # E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included, DESIGN
 # §8), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
@@ -122,6 +126,40 @@ def decode_figures(clip_dir, size=224, repeat=2):
             rows.append(("frame sampling", f"{name}: sequential / {rname}", t / t_seq, "x", None))
     if not readers:
         rows.append(("frame sampling", "decord: not installed (pip install decord to compare)", math.nan, "", None))
+    return rows
+
+
+# the peak memory of one decode, measured in a process of its own (Linux): after a warm-up decode
+# (libraries and decoder loaded) the high-water mark of its resident memory is reset (clear_refs 5),
+# then the decode's high-water mark over the resident memory before it, against the frames it returns
+_PEAK = """import re, sys
+sys.path.insert(0, {repo!r})
+import video
+def kb(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+video.sample_frames({clip!r}, 1.0, 16)
+open("/proc/self/clear_refs", "w").write("5")
+base = kb("VmRSS")
+frames = video.sample_frames({clip!r}, 1.0, {size})
+print((kb("VmHWM") - base) * 1024, frames.numel())"""
+
+
+def decode_memory(clip, size=224) -> tuple:
+    """(bytes the decode of `clip` raised its process's peak memory by, bytes of the frames it returned)."""
+    code = _PEAK.format(repo=str(REPO), clip=str(clip), size=size)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[-2]), int(out[-1])
+
+
+def decode_memory_figures(clip_dir, size=224):
+    """The peak memory of a decode against its output, on a long clip and an extreme-aspect one."""
+    clips = {"600-s clip, 64x48, 600 frames": make_clip(Path(clip_dir) / "long_600s.mp4", 600, 64, 48, 2),
+             "30-s clip of 16x2000 (extreme aspect), 30 frames": make_clip(Path(clip_dir) / "tall.mp4", 30, 16, 2000, 5)}
+    rows = []
+    for name, clip in clips.items():
+        peak, out = decode_memory(clip, size)
+        rows.append(("decode memory", f"{name} at {size} px: peak memory of the decode / its output ({out / 2**20:.0f} MB)",
+                     peak / out, "x", ("<=", 1.5)))
     return rows
 
 

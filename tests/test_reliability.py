@@ -61,7 +61,7 @@ def bad_videos(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, says", [("empty.mp4", "cannot open as a video"), ("text.mp4", "cannot open as a video"),
-                                        ("audio.m4a", "has no video stream"), ("truncated.mp4", "corrupt video|truncated")])
+                                        ("audio.m4a", "has no video stream"), ("truncated.mp4", r"its frames end at 4.\d s, its video track declares 9.0 s")])
 def test_probe_finds_each_bad_video(bad_videos, name, says):
     with pytest.raises(ValueError, match=rf"{name}: ({says})"):
         video.probe(bad_videos / name)

@@ -1,5 +1,6 @@
 """video.py: the frame sampler against clips whose frames carry their own index, resizing and
 cropping, CLIP normalisation, writing mp4 files, and unreadable files."""
+import math
 import struct
 
 import av
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import video
+import video_zoo
 
 
 LEVELS = (0, 85, 170, 255)
@@ -138,10 +140,67 @@ def test_sampler_bad_files(tmp_path):
     with pytest.raises(ValueError, match="zero.mp4: no decodable video frames"):
         video.sample_frames(tmp_path / "zero.mp4")
     (tmp_path / "half.mp4").write_bytes(full[:len(full) // 2])
-    with pytest.raises(ValueError, match=r"half.mp4: truncated video, decoded \d+ of the 40 frames"):
+    with pytest.raises(ValueError, match=r"half.mp4: its frames end at [0-9.]+ s, its video track declares 10.0 s"):
         video.sample_frames(tmp_path / "half.mp4")
     mid = bytearray(full)
     mid[len(full) // 2:len(full) // 2 + 4000] = bytes(4000)
     (tmp_path / "mid.mp4").write_bytes(bytes(mid))
     with pytest.raises(ValueError, match="mid.mp4: (corrupt|truncated) video"):
         video.sample_frames(tmp_path / "mid.mp4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real files as users have them (tests/video_zoo.py)
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return video_zoo.collection(tmp_path_factory.mktemp("zoo"))
+
+
+def expected_samples(shown, fps=1.0):
+    """The frame index each sample k should show: the shown frame nearest k / fps (ties: earlier)."""
+    idx = [i for i, t in enumerate(shown) if t is not None]
+    last = max(shown[i] for i in idx)
+    return [min(idx, key=lambda i: (abs(shown[i] - k / fps), shown[i], i)) for k in range(int(last * fps + 1e-9) + 1)]
+
+
+def test_every_file_reads_the_frames_a_player_shows_or_fails_in_one_line(zoo):
+    for path, what, shown, error in zoo:
+        if error:
+            with pytest.raises(ValueError, match=rf"^{path}: .*{error}") as e:
+                video.probe(path)
+                video.sample_frames(path, 1.0, 32)
+            assert "\n" not in str(e.value), what
+            continue
+        info = video.probe(path)
+        frames = video.sample_frames(path, 1.0, 32)
+        want = expected_samples(shown)
+        assert [video_zoo.read_index(f) for f in frames] == want, what
+        assert info["end"] == pytest.approx(max(t for t in shown if t is not None), abs=1e-3), what
+        assert len(frames) == math.floor(info["end"] + 1e-9) + 1, what  # the probe and the sampler agree
+        half = video.sample_frames(path, 1.0, 32, max_frames=2)
+        assert torch.equal(half, frames[:2]), what
+
+
+def test_the_main_stream_and_the_tracks_own_length_are_read(zoo):
+    files = {p.name: p for p, *_ in zoo}
+    assert video.probe(files["long_audio.mkv"])["declared"] == pytest.approx(4.0)  # not the audio's 9 s
+    assert video.probe(files["offset.mkv"])["declared"] == pytest.approx(4.0)  # its track ends at 14 s, starts at 10
+    assert video.probe(files["raw.h264"])["declared"] is None  # a raw stream declares no length
+
+
+def test_a_rotated_clip_is_turned_upright_only_when_asked(zoo):
+    path = next(p for p, *_ in zoo if p.name == "rotated.mp4")
+    stored = video.sample_frames(path, 1.0, 32)
+    upright = video.sample_frames(path, 1.0, 32, upright=True)
+    assert [video_zoo.read_index(f) for f in stored] == [0, 10, 20, 30]  # as stored, as the release reads it
+    assert torch.equal(upright, torch.rot90(stored, -1, dims=(2, 3)))  # 90 degrees clockwise, as a player shows it
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_it_is_scaled(tmp_path):
+    path = video_zoo.write(tmp_path / "x.mkv", [i / 10 for i in range(20)], codec="ffv1", size=(2, 16000),
+                           pix_fmt="yuv444p")
+    assert video.probe(path)["end"] == pytest.approx(1.9)
+    frames = video.sample_frames(path, 1.0, 32)  # scaled whole, the picture would be 32 x 256,000
+    assert frames.shape == (2, 3, 32, 32)
+    assert frames.untyped_storage().nbytes() == frames.numel()  # one tensor, no more than the frames
