@@ -116,7 +116,7 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
     frame (_Clock). Each kept frame is resized so its short side is `size` (bicubic) and
     centre-cropped (resize_crop); `upright`: turned as the file's display matrix says (a phone's
     portrait clip), else as stored, as the release reads frames. Returns uint8 (T, 3, size, size),
-    channels last in memory (torch.channels_last), filled in place in one tensor sized from the video
+    channels last in memory (torch.channels_last), filled in place in one array sized from the video
     track's length (grown only when the frames outlast it). With `max_frames`, decoding stops after that many frames (the first max_frames/fps
     seconds). Missing, unreadable, audio-only, frameless or truncated files raise an error naming
     the file."""
@@ -132,29 +132,31 @@ def sample_frames(path, fps: float = 1.0, size: int = 224, max_frames: int | Non
                 if t0 is None:
                     t0 = t
                     cap = max_frames if max_frames is not None else int((end - t0) * fps) + 2 if end else 64
-                    out = torch.empty((max(cap, 1), size, size, 3), dtype=torch.uint8)  # as decoded: no transposing
+                    # numpy, as decoded (no transposing): a torch copy per frame would wake torch's threads, and
+                    # their spinning slows FFmpeg's decoding threads on a small machine
+                    out = np.empty((max(cap, 1), size, size, 3), dtype=np.uint8)
                 t -= t0
                 while t >= k / fps and (max_frames is None or k < max_frames):
-                    pick = prev if prev is not None and k / fps - prev[0] <= t - k / fps else (t, frame)
+                    pick = prev if prev is not None and k / fps - prev[0] <= t - k / fps else (t, frame, clock.n)
                     if k == len(out):  # the frames outlast the header's length
-                        out = torch.cat([out, torch.empty_like(out)])
-                    if pick[1] is picked:  # a frame serving several k (fps above the video's rate)
+                        out = np.concatenate([out, np.empty_like(out)])
+                    if pick[2] == picked:  # a frame serving several k (fps above the video's rate)
                         out[k] = out[k - 1]
                     else:
-                        out[k] = torch.from_numpy(resize_crop(pick[1], size, upright))
-                        picked = pick[1]
+                        out[k] = resize_crop(pick[1], size, upright)
+                        picked = pick[2]
                     k += 1
                 if max_frames is not None and k >= max_frames:
                     break
-                prev = (t, frame)
+                prev = (t, frame, clock.n)
         except av.FFmpegError as e:
             raise ValueError(f"{path}: corrupt video, decoding failed after {k} frames ({e})") from None
     if not k:
         raise ValueError(f"{path}: no decodable video frames")
     if max_frames is None and source == "video track":
         _truncated(path, prev[0], end - t0, clock.rate)
-    out = out[:k] if 4 * k >= 3 * len(out) else out[:k].clone()  # a header far too long: give the rest back
-    return out.permute(0, 3, 1, 2)  # (T, 3, size, size), channels last in memory
+    out = out[:k] if 4 * k >= 3 * len(out) else out[:k].copy()  # a header far too long: give the rest back
+    return torch.from_numpy(out).permute(0, 3, 1, 2)  # (T, 3, size, size), channels last in memory
 
 
 class FrameCache:
