@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data import DURATION_TOLERANCE, END, VIDEO, Records, arrange, load_records, to_evidence, to_frames
+from data import (ASSISTANT, DURATION_TOLERANCE, END, SYSTEM, USER, VIDEO, Records, arrange, load_records, to_evidence,
+                  to_frames)
 from evidence import EVI
 from video import FrameCache, normalize, probe_all
 
 # how far a record's `duration` may be from its video's length (VideoDataset): 2 s or 10 %, whichever is more
 DURATION_SLACK_S, DURATION_SLACK_FRACTION = 2.0, 0.1
-CHAT = (f"<|system|>\n{{system}}{END}\n<|user|>\n{VIDEO}\n{{prompt}}{END}\n<|assistant|>\n", f"{{response}}{END}")
+CHAT = (f"{SYSTEM}\n{{system}}{END}\n{USER}\n{VIDEO}\n{{prompt}}{END}\n{ASSISTANT}\n", f"{{response}}{END}")
 FRAME_CACHE_BYTES = 2**30  # decoded frames a VideoDataset keeps (per process): every synthetic video fits
 IGNORE = -100  # the label of tokens that are not trained on (the prompt, padding)
 
@@ -272,9 +273,9 @@ def prompt_ids(tokenizer, cfg, prompts) -> list:
 def _specials(tokenizer):
     """(the ids a tokenizer puts before a text, those it puts after), e.g. ([CLS], [SEP]) for BERT."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    i = next(k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain)
-    return full[:i], full[i + len(plain):]
+    wrapped = tokenizer("a")["input_ids"]
+    i = next(k for k in range(len(wrapped) - len(plain) + 1) if wrapped[k:k + len(plain)] == plain)
+    return wrapped[:i], wrapped[i + len(plain):]
 
 
 def _pad(rows, value):
@@ -329,8 +330,10 @@ def readable(stream, limit):
                      f"since the pre-flight check (first: {failed[0]})")
 
 
-def micro_batches(ds, sampler, batch_size, collate, workers, pin_memory, epoch, micro):
-    """Micro-batches from (epoch, micro) on, forever; the order is a function of (seed, epoch) only."""
+def micro_batches(ds, sampler, collate, *, batch_size: int, workers: int, pin_memory: bool, start=(0, 0)):
+    """Micro-batches of batch_size from start = (epoch, micro-batch) on, forever; the order is a
+    function of (seed, epoch) only."""
+    epoch, micro = start
     while True:
         sampler.set_epoch(epoch)
         order = list(sampler)[micro * batch_size:]

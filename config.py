@@ -1,5 +1,6 @@
-"""Every number of D2VLM in one dataclass, and the presets. DESIGN.md §2-§3 (architecture), §5-§6
-(losses, FPO), §8 (training).
+"""Every number of D2VLM in one dataclass, and the presets. Where they come from: docs/design.md#model
+and docs/design.md#evidence-tokens (architecture), docs/design.md#sft-objective and
+docs/design.md#fpo (losses), docs/design.md#training-recipe (training).
 
     D2VLMConfig            the fields, grouped: vision, Q-Former, LLM, evidence tokens, LoRA, losses,
                            FPO, training, data; to_json / from_dict (checkpoints hold it as config.json)
@@ -54,7 +55,7 @@ class D2VLMConfig:
     # evidence tokens
     inject_layer: int = 6      # hidden_states[6]: layer-6 video states are added to <evi> embeddings
     match_layer: int = -2      # hidden_states[-2]: what frm_head / evi_head read
-    select_ratio: float = 0.6  # frames with p >= 0.6 * max p form the candidate runs
+    select_ratio: float = 0.6  # frames with p >= select_ratio * max p form the candidate runs (select_interval)
     alpha: float = 2.0         # soft targets alpha^-distance
     semantic_capture: bool = True  # answer <evi> take in their span's video states (False: ablation B2;
                                    # question <evi> keep theirs, they come from the question's times)
@@ -88,7 +89,7 @@ class D2VLMConfig:
     itc_temperature: float = 0.07
     itm: bool = True  # and BLIP-2's image-text matching, the Q-Former reading an instruction with the frame
     pretrain_epochs: float = 1.0  # phase 2 (captions and questions): passes over the pretraining records
-    # training (train.py; DESIGN §8): AdamW, two learning rates, cosine with warm-up
+    # training (train.py; docs/design.md#training-recipe): AdamW, two learning rates, cosine with warm-up
     lr_lora: float = 5e-5
     lr_other: float = 2e-5
     weight_decay: float = 0.0

@@ -2,7 +2,7 @@
 
 Paper: "Experiments / implementation details" (E.T.Instruct-164K for training, E.T.Bench for testing)
 and "Overall Architecture" (the two-stage response: K <evi>, </evi>, then the answer with one <evi>
-per event). DESIGN.md §4 (conversion).
+per event). docs/design.md#response-format (conversion).
 
     load_records(path)          E.T.Instruct-164K (txt / vid) or E.T.Bench JSON/JSONL, validated
     to_evidence(record)         -> prompt, two-stage response, spans (seconds and frames)
@@ -27,29 +27,42 @@ DURATION_TOLERANCE = 1.0  # seconds a timestamp may run past `duration` (roundin
 # vocabulary) times Phi-3's 4096 positions; a longer text fits no context, and tokenizing it costs gigabytes
 MAX_TEXT_CHARS = 65536
 
-# E.T.Bench tasks and the shape of their `tgt` field (scoring-spec §1.1)
-SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]
-CAPTION_TASKS = ("dvc", "slc")                   # g, one caption per tgt span
-BENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
+# E.T.Bench's tasks by the capability its table reports them under, in the table's order
+# (docs/scoring-rules.md#the-overall-row; scoring.etbench.MERGED averages each group into one row); the
+# other task lists derive from them
+MCQ_TASKS = ("rar", "eca", "rvq")                # referring: multiple choice alone
+GROUNDING_TASKS = ("tvg", "epm", "tal", "evs", "vhd")
+CAPTION_TASKS = ("dvc", "slc")                   # dense captioning: g, one caption per tgt span
+COMPLEX_TASKS = ("tem", "gvq")
+BENCH_TASKS = MCQ_TASKS + GROUNDING_TASKS + CAPTION_TASKS + COMPLEX_TASKS
+# the shape of their `tgt` field (docs/scoring-rules.md#input-file; vhd's: see _bench_answer; multiple choice
+# alone has none), and the tasks with options
+ONE_SPAN_TASKS = ("tvg", "epm", "gvq")           # tgt = [s, e]
+SPAN_LIST_TASKS = ("tem", "tal", "evs", "dvc", "slc")  # tgt = [[s, e], ...]: the answer is a list of events
+OPTION_TASKS = MCQ_TASKS + ("gvq",)              # o, the options, and p, the answer's index
 # E.T.Instruct-164K's nine: the grounding and dense-captioning tasks above, and two more captioning
 # tasks the release's FPO builder names (tvc, rvc); records in its format may also use E.T.Bench's
-INSTRUCT_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tvc", "rvc")
+INSTRUCT_TASKS = GROUNDING_TASKS + CAPTION_TASKS + ("tvc", "rvc")
 # the pretraining set's (event_videos.make_pretrain; E.T.Chat's stages 1 and 2 in miniature): an answer in
 # words alone, trained as it is, with no evidence (no <evi>, no </evi>), as a model that knows no <evi> answers
 PLAIN_TASKS = ("caption", "qa")
-# tasks whose answer names when its events happen: an answer of one of them without a time is refused
-GROUNDED_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
+# tasks whose answer names when its events happen (every E.T.Bench task but multiple choice alone): an
+# answer of one of them without a time is refused
+GROUNDED_TASKS = GROUNDING_TASKS + CAPTION_TASKS + COMPLEX_TASKS
 LETTERS = "ABCDE"  # multiple-choice options, in order
 
-# Phi-3's chat format's end of a turn, and the one video placeholder of its user turn (model.py turns it
-# into T video tokens; batches.CHAT is the format)
-VIDEO, END = "<video>", "<|end|>"
+# Phi-3's chat format (batches.CHAT): the headers of its turns, the end of a turn, the end of a text
+# (the in-code tokenizer's padding), and the one video placeholder of its user turn (model.py turns it
+# into T video tokens)
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+VIDEO, END, END_OF_TEXT = "<video>", "<|end|>", "<|endoftext|>"
 DEC = "[DEC]"  # the Q-Former tokenizer's bos, added to bert-base-uncased by InstructBLIP
 # text a tokenizer would read as one of its special tokens, refused inside a record's text by name: ours,
 # Phi-3's (<|...|>: the chat turns, <|endoftext|>, placeholders; <s> </s> <unk>), the Q-Former's (BERT's + [DEC])
 RESERVED = (EVI, EVI_END, VIDEO, "<s>", "</s>", "<unk>", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", DEC)
 _CHAT_TOKEN = re.compile(r"<\|\w{1,40}\|>")
 SPAN_STYLES = ("seconds", "release")  # how render writes a span (see render)
+ON_ERROR = ("raise", "skip")  # what load_records (and the CLIs' --on-error) do with a bad record
 
 
 class BadRecord(ValueError):
@@ -77,20 +90,20 @@ def load_records(path, on_error: str = "raise") -> Records:
     every record (fields per task, `tgt` shape, finite times inside the video, <vid> counts, and
     that it converts to the evidence format). A bad record raises ValueError naming file, index and
     field; with on_error="skip" it is left out, counted in `.skipped` and reported on stderr."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be {' or '.join(map(repr, ON_ERROR))}, not {on_error!r}")
     path = Path(path)
     text = read_text(path, "annotation file")
     if path.suffix == ".jsonl":
-        raw = [parse_json(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        parsed = [parse_json(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
-        raw = parse_json(text, path)
-        if not isinstance(raw, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
-    if not raw:
+        parsed = parse_json(text, path)
+        if not isinstance(parsed, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(parsed).__name__}")
+    if not parsed:
         raise ValueError(f"{path}: holds no records")
     good, skipped = [], []
-    for i, rec in enumerate(raw):
+    for i, rec in enumerate(parsed):
         try:
             to_evidence(rec)  # validates as it converts
         except BadRecord as e:
@@ -100,7 +113,7 @@ def load_records(path, on_error: str = "raise") -> Records:
             continue
         good.append(rec)
     if skipped:
-        print(f"{path}: skipped {len(skipped)} of {len(raw)} records (first: record {skipped[0]})",
+        print(f"{path}: skipped {len(skipped)} of {len(parsed)} records (first: record {skipped[0]})",
               file=sys.stderr)
     return Records(good, path, skipped)
 
@@ -426,7 +439,7 @@ def _options(record):
 def _bench_answer(record, task, duration):
     """The ground-truth answer of an E.T.Bench record, phrased as E.T.Instruct answers are."""
     tgt = record.get("tgt")
-    if task in ("rar", "eca", "rvq"):
+    if task in MCQ_TASKS:
         return _options(record), []
     if task in ("tvg", "epm"):
         return f"The event happens in {EVI} seconds.", [_span(tgt, "tgt", duration)]

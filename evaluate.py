@@ -38,13 +38,14 @@ from support import cli, outputs, released
 from video import probe, sample_frames
 
 PREDICTIONS = "predictions"  # the results files: predictions_<name>.json, and METRICS_<name>.json
+DEFAULT_DECODING = decoding.DECODINGS[decoding.DEFAULT]  # --decoding's default protocol, what --video answers with
 
 
 # ---------------------------------------------------------------------------------------------
 # Inference
 
-def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperature=None, max_new_tokens=None, seed=0,
-            progress=True, on_error="raise", ds=None):
+def predict(m, records, videos, *, batch_size=8, decoding_name=decoding.DEFAULT, temperature=None, max_new_tokens=None,
+            seed=0, progress=True, on_error="raise", ds=None):
     """Run batched generation on E.T.Bench-format records; returns copies with the response in "a".
     decoding_name: a protocol of decoding.DECODINGS ("greedy", or "release": sampling at 0.2 with
     the repetition penalty on multiple choice, the release's span text); temperature and
@@ -72,7 +73,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
         batch = on_device(m, batches.collate(ok, m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
         rec = [ds.kept[x["index"]] for x in ok]
         with autocast(m):
-            outs = decoding.generate(m, batch, proto["max_new_tokens"], proto["temperature"],
+            outs = decoding.generate(m, batch, proto["max_new_tokens"], temperature=proto["temperature"],
                                      seeds=[seed * len(records) + j for j in rec], penalty=proto["repetition_penalty"],
                                      penalize=[records[j].get("task") in decoding.PENALIZED_TASKS for j in rec],
                                      span_style=proto["span_style"])
@@ -83,7 +84,7 @@ def predict(m, records, videos, batch_size=8, decoding_name="greedy", temperatur
     for message in failed:
         print(f"skipped: {message}", file=sys.stderr)
     if any(unfinished.values()):
-        print(f"{sum(unfinished.values())} answers stopped before <|end|>: {unfinished['max_new_tokens']} at "
+        print(f"{sum(unfinished.values())} answers stopped before {data.END}: {unfinished['max_new_tokens']} at "
               f"{proto['max_new_tokens']} new tokens, {unfinished['context']} at the end of the LLM's context "
               f"({m.cfg.llm_max_positions} positions); scored as they are", file=sys.stderr)
     if len(ds) < len(records) or failed:
@@ -106,7 +107,7 @@ def autocast(m):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def video_question(video, question, cfg, tokenizer, max_new_tokens=256, upright=True):
+def video_question(video, question, cfg, tokenizer, max_new_tokens=DEFAULT_DECODING["max_new_tokens"], upright=True):
     """The sample of one question about one video file, {"evidence", "frames"} (upright: turned as
     the file's display matrix says, as a player shows it), checked before any weight is loaded: the question is text a record may hold (data.check_text), its timestamps
     ("after 3.0 - 5.0 seconds", which become question <evi>) lie inside the video, the prompt and
@@ -131,11 +132,12 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=256, upright=
     return {"evidence": evidence, "frames": frames}
 
 
-def answer_video(m, sample, max_new_tokens=256, temperature=0.0):
+def answer_video(m, sample, max_new_tokens=DEFAULT_DECODING["max_new_tokens"],
+                 temperature=DEFAULT_DECODING["temperature"]):
     """Answer video_question's sample. Returns generate()'s dict for it, plus "frames" (how many)."""
     batch = on_device(m, batches.collate([sample], m.tokenizer, m.qformer_tokenizer, m.cfg, with_response=False))
     with autocast(m):
-        out = decoding.generate(m, batch, max_new_tokens, temperature)[0]
+        out = decoding.generate(m, batch, max_new_tokens, temperature=temperature)[0]
     return {**out, "frames": len(sample["frames"])}
 
 
@@ -176,7 +178,7 @@ def load_model(ckpt, args, cfg, tokenizer):
 def get_args(argv=None):
     ap = cli.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
-    ap.add_argument("--protocol", choices=list(PROTOCOLS), default="etchat",
+    ap.add_argument("--protocol", choices=list(PROTOCOLS), default=PROTOCOLS[0],
                     help="etchat: the original E.T.Bench rules; strict: letter final for multiple choice; "
                          "d2vlm: the </evi>-aware rules of the D2VLM release, with *_evi evidence metrics")
     ap.add_argument("--benchmark", choices=["etbench", "charades", "youcook2"], default="etbench",
@@ -195,7 +197,7 @@ def get_args(argv=None):
                     help="override the checkpoint's D2VLMConfig fields, e.g. --set select_ratio=0.5")
     ap.add_argument("--data", help="E.T.Bench-format annotation file (default: the synthetic test split)")
     ap.add_argument("--videos")
-    ap.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+    ap.add_argument("--on-error", choices=list(data.ON_ERROR), default="raise",
                     help="an unreadable video: stop, or leave its records out (empty responses, counted Failed)")
     ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--decoding", choices=list(decoding.DECODINGS), default=decoding.DEFAULT,
@@ -351,19 +353,20 @@ def main(argv=None):
     # ---- the data, checked in full (records, videos, lengths) before any weight is loaded
     tokenizer = checkpoint.tokenizer_of(ckpt, args.vision_weights, args.llm_weights)
     if args.benchmark == "charades":
-        raw = charades_records(args.data)
-        for r in raw:  # the duration the converter leaves out: read it from the video (checked on the way)
+        annotations = charades_records(args.data)
+        for r in annotations:  # the duration the converter leaves out: read it from the video (checked on the way)
             info = probe(Path(args.videos) / r["video"])
             r["duration"] = info["declared"] or info["end"]
     elif args.benchmark == "youcook2":
-        raw = youcook2_records(args.data)
+        annotations = youcook2_records(args.data)
     else:
-        raw = list(data.load_records(args.data))  # every record validated (one-line error naming it)
-    ds = batches.VideoDataset(raw, args.videos, tokenizer, cfg, on_error=args.on_error, with_response=False)
+        annotations = list(data.load_records(args.data))  # every record validated (one-line error naming it)
+    ds = batches.VideoDataset(annotations, args.videos, tokenizer, cfg, on_error=args.on_error, with_response=False)
     results.mkdir(parents=True, exist_ok=True)  # a folder that cannot be written fails now, not after inference
     m = load_model(ckpt, args, cfg, tokenizer)
-    records = predict(m, raw, args.videos, args.batch_size, args.decoding, args.temperature, args.max_new_tokens,
-                      args.seed, on_error=args.on_error, ds=ds)
+    records = predict(m, annotations, args.videos, batch_size=args.batch_size, decoding_name=args.decoding,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      on_error=args.on_error, ds=ds)
     with outputs.output(pred_path, made, "--results") as tmp:
         tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(f"predictions: {pred_path}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The embedded default dataset: synthetic event videos (DESIGN.md §9).
+"""The embedded default dataset: synthetic event videos (docs/design.md#the-embedded-default).
 
 Coloured shapes appear / move / grow / blink during known spans over a textured grey background.
 Spans are whole seconds and a shape is on screen for every frame with start <= t <= end, so the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import fmt_time, load_records, span_text
+from data import CAPTION_TASKS, GROUNDING_TASKS, fmt_time, load_records, span_text
 from support import cli, outputs
 from support.files import write_json_rows
 from video import write_video
@@ -42,7 +42,7 @@ SYN_ACTIONS = ("appears", "moves left", "moves right", "grows", "blinks")
 SYN_STEPS = {"appears": "show the {c} {s}", "moves left": "move the {c} {s} to the left",
              "moves right": "move the {c} {s} to the right", "grows": "enlarge the {c} {s}",
              "blinks": "flash the {c} {s}"}
-SYN_TASKS = ("tvg", "epm", "tal", "evs", "vhd", "dvc", "slc")
+SYN_TASKS = GROUNDING_TASKS + CAPTION_TASKS  # the E.T.Bench tasks E.T.Instruct-164K trains
 SYN_SOURCE = "synthetic"
 # the clips of the pretraining set (make_pretrain): shorter than the SFT videos, other scenes
 PRE_CLIPS, PRE_DURATION = 600, (10, 24)

@@ -36,11 +36,12 @@ def similarity(evi: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return evi @ frames.transpose(1, 2) / math.sqrt(evi.shape[-1])
 
 
-def soft_targets(spans: torch.Tensor, num_frames: int, alpha: float = 2.0) -> torch.Tensor:
+def soft_targets(spans: torch.Tensor, num_frames: int, alpha: float) -> torch.Tensor:
     """Soft grounding targets: spans (B, K, 2) inclusive [s, e] in frames -> (B, K, num_frames) float.
 
-    y_t = alpha ** -d_t, with d_t = 0 inside [s, e] and the distance in frames to the nearer end
-    outside it. A point span [5, 5] with alpha = 2 gives ... 0.25, 0.5, 1, 0.5, 0.25 ... around frame 5.
+    y_t = alpha ** -d_t (the model's alpha: D2VLMConfig.alpha), with d_t = 0 inside [s, e] and the
+    distance in frames to the nearer end outside it. A point span [5, 5] with alpha = 2 gives ... 0.25,
+    0.5, 1, 0.5, 0.25 ... around frame 5.
     Spans are long frame indices (SFT), or float frame positions (FPO: times as written x fps), whose
     distances are fractional: [2.4, 5.6] gives frame 2 the target alpha ** -0.4.
     """
@@ -54,13 +55,14 @@ def soft_targets(spans: torch.Tensor, num_frames: int, alpha: float = 2.0) -> to
     return torch.pow(alpha, -dist.to(torch.get_default_dtype()))
 
 
-def select_interval(logits: torch.Tensor, ratio: float = 0.6, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+def select_interval(logits: torch.Tensor, ratio: float, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Inference-time span of each evidence token: logits (B, K, T), frame_mask (B, T) bool -> (B, K, 2) long.
 
-    p = sigmoid(logits); keep the valid frames with p >= ratio * max p (max over valid frames only);
-    split the kept frames into contiguous runs; return the inclusive [s, e] of the run with the
-    highest mean p (ties: the earliest run). Padded frames (frame_mask False) are never kept and
-    also break runs. Flat scores keep every frame: one run over all valid frames.
+    p = sigmoid(logits); keep the valid frames with p >= ratio * max p (max over valid frames only;
+    the model's ratio: D2VLMConfig.select_ratio); split the kept frames into contiguous runs; return
+    the inclusive [s, e] of the run with the highest mean p (ties: the earliest run). Padded frames
+    (frame_mask False) are never kept and also break runs. Flat scores keep every frame: one run over
+    all valid frames.
     """
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")

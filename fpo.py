@@ -1,4 +1,4 @@
-"""Factorized Preference Optimization. Paper: "Factorized Preference Optimization"; DESIGN.md §6.
+"""Factorized Preference Optimization. Paper: "Factorized Preference Optimization"; docs/design.md#fpo.
 
 A response's log-probability has two factors: its tokens, and where its <evi> tokens ground.
 
@@ -15,7 +15,7 @@ Without a reference (the released recipe, `--ref none`) the pi_ref terms are 0.
 
     grounding_logprob(sim, targets, mask)            -> (B,)
     response_logprob(out, batch, branch, alpha)      -> (B, 2) [text, grounding] of one branch
-    fpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta) -> per-pair losses (B,), rewards (B, 2) x 2
+    fpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta) -> per-pair losses (B,), rewards (B, 2) x 2
     reference_logprobs(model, pairs, ...)            -> (N, 4) the reference's factors, computed once
     objective(out, batch, cfg, ref)                  the FPO stage's loss: SFT on the chosen + w_fpo * L_FPO
 """
@@ -76,7 +76,7 @@ def policy_logprobs(out: dict, batch: dict, alpha: float):
 
 
 def fpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor | None = None,
-             reference_rejected: torch.Tensor | None = None, beta: float = 0.1):
+             reference_rejected: torch.Tensor | None = None, *, beta: float):
     """The FPO loss of B preference pairs: DPO's loss on log-probs that factor into text and grounding.
 
     Shape:
@@ -84,26 +84,29 @@ def fpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
         reference_chosen, reference_rejected  (B, 2) the same under the reference, or None (reference-free,
                                               as released: 0)
         returns losses (B,), chosen_rewards (B, 2), rejected_rewards (B, 2): beta * (policy - reference)
-        per factor; a pair's reward is the sum over the last dim.
+        per factor; a pair's reward is the sum over the last dim. beta: the model's is D2VLMConfig.beta.
     """
     chosen_rewards = beta * (policy_chosen - (0.0 if reference_chosen is None else reference_chosen))
     rejected_rewards = beta * (policy_rejected - (0.0 if reference_rejected is None else reference_rejected))
-    losses = -F.logsigmoid(chosen_rewards.sum(1) - rejected_rewards.sum(1))
-    return losses, chosen_rewards, rejected_rewards
+    per_pair = -F.logsigmoid(chosen_rewards.sum(1) - rejected_rewards.sum(1))
+    return per_pair, chosen_rewards, rejected_rewards
 
 
 # The logged figures, named as TRL names them, each from (policy chosen, policy rejected, chosen
-# rewards, rejected rewards), all (B, 2); plus the text and grounding parts of each.
+# rewards, rejected rewards) = (logp_c, logp_r, reward_c, reward_r), all (B, 2); plus the text and
+# grounding parts of each.
 _FIGURES = {
-    "rewards/chosen": lambda pc, pr, rc, rr: rc.sum(1),
-    "rewards/rejected": lambda pc, pr, rc, rr: rr.sum(1),
-    "rewards/accuracies": lambda pc, pr, rc, rr: (rc.sum(1) > rr.sum(1)).float(),
-    "rewards/margins": lambda pc, pr, rc, rr: rc.sum(1) - rr.sum(1),
-    "logps/chosen": lambda pc, pr, rc, rr: pc.sum(1),
-    "logps/rejected": lambda pc, pr, rc, rr: pr.sum(1),
-    **{f"logps/{side}_{f}": (lambda pc, pr, rc, rr, i=i, s=side: (pc if s == "chosen" else pr)[:, i])
+    "rewards/chosen": lambda logp_c, logp_r, reward_c, reward_r: reward_c.sum(1),
+    "rewards/rejected": lambda logp_c, logp_r, reward_c, reward_r: reward_r.sum(1),
+    "rewards/accuracies": lambda logp_c, logp_r, reward_c, reward_r: (reward_c.sum(1) > reward_r.sum(1)).float(),
+    "rewards/margins": lambda logp_c, logp_r, reward_c, reward_r: reward_c.sum(1) - reward_r.sum(1),
+    "logps/chosen": lambda logp_c, logp_r, reward_c, reward_r: logp_c.sum(1),
+    "logps/rejected": lambda logp_c, logp_r, reward_c, reward_r: logp_r.sum(1),
+    **{f"logps/{side}_{f}": (lambda logp_c, logp_r, reward_c, reward_r, i=i, s=side:
+                              (logp_c if s == "chosen" else logp_r)[:, i])
        for i, f in enumerate(FACTORS) for side in ("chosen", "rejected")},
-    **{f"rewards/margins_{f}": (lambda pc, pr, rc, rr, i=i: rc[:, i] - rr[:, i]) for i, f in enumerate(FACTORS)},
+    **{f"rewards/margins_{f}": (lambda logp_c, logp_r, reward_c, reward_r, i=i: reward_c[:, i] - reward_r[:, i])
+       for i, f in enumerate(FACTORS)},
 }
 METRICS = ("fpo", *_FIGURES)  # what fpo.objective adds to the SFT terms
 
@@ -115,10 +118,12 @@ def figures(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards) ->
 
 
 @torch.no_grad()
-def reference_logprobs(model, ds, collate, cfg, rank: int, world: int, device, autocast) -> torch.Tensor:
+def reference_logprobs(model, ds, collate, cfg, proc, autocast) -> torch.Tensor:
     """The log-prob factors of every pair of `ds` under `model` (the SFT model FPO starts from), no
     dropout. Shape: (len(ds), 4) float64 = [chosen text, chosen grounding, rejected text, rejected
-    grounding]. Each rank computes every world-th pair, then the ranks sum their tables."""
+    grounding]. proc: this process of the run (support.rundir.Proc); each rank computes every
+    world-th pair, then the ranks sum their tables."""
+    rank, world, device = proc.rank, proc.world, proc.device
     was = model.training
     model.eval()
     table = torch.zeros(len(ds), 4, dtype=torch.float64, device=device)
@@ -153,11 +158,13 @@ def objective(out: dict, batch: dict, cfg, ref: torch.Tensor | None = None) -> d
     batch_c = {"labels": batch["labels"].masked_fill(batch["branch"] != 1, IGNORE),
                "answer_spans": batch["answer_spans"].masked_fill(~chosen_rows[..., None], -1)}
     terms = losses.sft_objective(out_c, batch_c, cfg)
-    pc, pr = policy_logprobs(out, batch, cfg.alpha)
-    ref_c = ref_r = None
+    policy_chosen, policy_rejected = policy_logprobs(out, batch, cfg.alpha)
+    ref_chosen = ref_rejected = None
     if ref is not None:
-        r = ref[batch["index"]].to(pc.device)
-        ref_c, ref_r = r[:, :2], r[:, 2:]
-    per_pair, rc, rr = fpo_loss(pc, pr, ref_c, ref_r, cfg.beta)
+        ref_rows = ref[batch["index"]].to(policy_chosen.device)
+        ref_chosen, ref_rejected = ref_rows[:, :2], ref_rows[:, 2:]
+    per_pair, chosen_rewards, rejected_rewards = fpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                          beta=cfg.beta)
     loss = per_pair.mean()
-    return {**terms, "loss": terms["loss"] + cfg.w_fpo * loss, "fpo": loss.detach(), **figures(pc, pr, rc, rr)}
+    return {**terms, "loss": terms["loss"] + cfg.w_fpo * loss, "fpo": loss.detach(),
+            **figures(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)}

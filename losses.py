@@ -1,4 +1,4 @@
-"""The SFT objective. Paper: "Loss & Training"; DESIGN.md §5.
+"""The SFT objective. Paper: "Loss & Training"; docs/design.md#sft-objective.
 
     L = w_sft * L_sft + w_gnd * L_gnd + w_cons * L_cons        (1, 10, 10 in D2VLMConfig)
 

@@ -1,10 +1,13 @@
 """The D2VLM model: EVA ViT-G/14 -> Q-Former -> one token per frame -> Phi-3 with <evi> tokens.
 
-Paper: "Overall Architecture" and "Evidence Token". DESIGN.md §2-§3.
+Paper: "Overall Architecture" and "Evidence Token". docs/design.md#model, docs/design.md#evidence-tokens.
 
     build_model(cfg, tokenizer, ...)  vision + Q-Former + aggregator, Phi-3 + LoRA, frm/evi heads
-    D2VLM.forward(batch)              training forward: logits, <evi>-frame similarity logits, evi_head features
+    D2VLM.forward(batch)              training forward, the paper's steps in order: encode_prompt (the video
+                                      encoded, pass 1), answer_evidence, capture_evidence (average pooling
+                                      and addition), the response (pass 2), grounding (evidence.similarity)
     D2VLM.encode_prompt(batch)        video tokens, the layout, pass 1 -> Prompt (decoding.py goes on from it)
+    layout(...)                       what makes the two passes one LLM forward: where each position goes
     build_tiny_tokenizer(vocab)       the in-code BPE of the embedded default
 (config.py holds the numbers, decoding.py the generation loop, checkpoint.py the weight files.)
 
@@ -28,7 +31,7 @@ import event_videos
 import evidence
 from batches import IGNORE
 from config import D2VLMConfig, check, check_size
-from data import END, VIDEO
+from data import ASSISTANT, END, END_OF_TEXT, SYSTEM, USER, VIDEO
 from evidence import EVI, EVI_END
 
 
@@ -42,13 +45,13 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
     # the synthetic questions and answers, and timestamps as E.T.Instruct writes them (0.0 - 400.5 s)
     corpus = event_videos.corpus() + [f"{i}.{j} - {i + 1}.{j} seconds" for i in range(400) for j in (0, 5)]
-    special = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", END, VIDEO, EVI, EVI_END]
+    special = [END_OF_TEXT, SYSTEM, USER, ASSISTANT, END, VIDEO, EVI, EVI_END]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END, pad_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END, pad_token=END_OF_TEXT,
                                    additional_special_tokens=special[1:])
 
 
@@ -70,7 +73,7 @@ def _mlp_head(d):
 
 
 class Aggregator(nn.Module):
-    """One token per frame from the Q-Former queries Q and the raw patches P (DESIGN §2):
+    """One token per frame from the Q-Former queries Q and the raw patches P (docs/design.md#model):
     token = mean_q(softmax(q k^T / sqrt(w)) P + Q), then LN + Linear to the LLM width."""
 
     def __init__(self, cfg: D2VLMConfig):
@@ -97,6 +100,9 @@ class D2VLM(nn.Module):
         self.vision, self.qformer, self.llm = vision, qformer, llm
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.qformer_width) * cfg.init_range)
         self.aggregator = Aggregator(cfg)
+        # the paper's MLP projections that decouple the <evi> token's two roles: its state goes on
+        # generating text through lm_head, while evi_head (the token) and frm_head (each frame's video
+        # token) project the states in which it queries the frames (evidence.similarity)
         self.frm_head, self.evi_head = _mlp_head(cfg.llm_width), _mlp_head(cfg.llm_width)
         self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
         self.token_id = {t: tokenizer.convert_tokens_to_ids(t) for t in (VIDEO, EVI, EVI_END, END)}
@@ -129,12 +135,14 @@ class D2VLM(nn.Module):
         """patches (N, P, vision_width) [+ text ids, mask (N, L)] -> Q-Former query outputs (N, Q, qformer_width),
         the patches read through a LayerNorm that trains (upstream's qformer_ln; the aggregator reads them raw)."""
         n_q, q = self.cfg.num_query_tokens, self.query_tokens.expand(len(patches), -1, -1)
-        full = None if ids is None else torch.cat([mask.new_ones(len(patches), n_q), mask], 1)  # queries + text
-        return self.qformer(input_ids=ids, attention_mask=full, query_embeds=q,
+        seen = None if ids is None else torch.cat([mask.new_ones(len(patches), n_q), mask], 1)  # queries + text
+        return self.qformer(input_ids=ids, attention_mask=seen, query_embeds=q,
                             encoder_hidden_states=self.vision.post_layernorm(patches)).last_hidden_state[:, :n_q]
 
     def forward(self, batch):
-        """Training forward on a collated batch (batches.collate). Returns a dict:
+        """Training forward on a collated batch (batches.collate), the paper's steps in order. With the
+        spans known (teacher forcing), both stages of the response run in one pass: the video and the
+        text before it once (encode_prompt), then the whole response on that cache. Returns a dict:
         logits     (B, L, V) next-token logits aligned with batch["input_ids"] (at the video
                    placeholder: those of the last video token)
         sim        (B, Na, T) similarity logits of each answer <evi> over the frames
@@ -146,28 +154,35 @@ class D2VLM(nn.Module):
         seeing the chosen ones and restarts their positions where the response starts;
         batch["prev"] gives the position each token follows (its predictor).
         """
-        pr = self.encode_prompt(batch)
-        ids, labels = batch["input_ids"], batch["labels"]
-        is_evi = ids == self.token_id[EVI]
-        ans_pos, evi_mask = _positions(is_evi & (labels != IGNORE))
-        spans = batch["answer_spans"]
-        if spans.shape[1] != ans_pos.shape[1] or not (evi_mask == (spans[..., 0] >= 0)).all():
-            raise ValueError("answer_spans must give one span per answer <evi> token")
-        emb = self.suffix_embeds(pr, ans_pos, evi_mask, spans)
+        # 1. encode the video; the text before it and the video through the LLM (pass 1)
+        prompt = self.encode_prompt(batch)
+        # 2. the response's <evi>: stage 1's (the evidence) and stage 2's (the answer's references to it)
+        pos, evi_mask, spans = self.answer_evidence(batch)
+        # 3. each <evi> takes in the video states of its span (average pooling and addition)
+        response = self.capture_evidence(prompt, pos, evi_mask, spans)
+        # 4. the response through the LLM on the prefix's cache (pass 2): its tokens and its <evi>
         branch = batch.get("branch")
-        if branch is not None:
-            branch = _to_suffix_columns(branch, pr)
-        hs = self.run(emb, pr.suf_mask, pr.cache, pr.pre_mask, branch=branch)
-        final = torch.cat([pr.pre_hs[-1], hs[-1]], 1)
-        match = torch.cat([pr.pre_hs[self.cfg.match_layer], hs[self.cfg.match_layer]], 1)
-        logits = self.lm_head(_gather(final, pr.col))
-        pred = batch["prev"].gather(1, ans_pos) if "prev" in batch else ans_pos - 1
-        feats = self.evi_head(_gather(match, _gather_idx(pr.col, pred)))
-        out = {"logits": logits, "sim": evidence.similarity(feats, pr.frm), "evi_feats": feats,
-               "evi_mask": evi_mask, "frame_mask": pr.frame_mask}
-        if "branch" in batch:  # which response each answer <evi> belongs to (1 chosen, 2 rejected)
-            out["evi_branch"] = batch["branch"].gather(1, ans_pos)
+        hs = self.run(response, prompt.suf_mask, prompt.cache, prompt.pre_mask,
+                      branch=None if branch is None else _to_suffix_columns(branch, prompt))
+        logits = self.lm_head(prompt.at(prompt.states(hs, -1)))
+        # 5. grounding: the evi_head feature of the state that predicts each <evi> against each frame's
+        # frm_head feature (the heads that keep the token's querying role apart from its generating one)
+        predictor = batch["prev"].gather(1, pos) if "prev" in batch else pos - 1
+        feats = self.evi_head(prompt.at(prompt.states(hs, self.cfg.match_layer), predictor))
+        out = {"logits": logits, "sim": evidence.similarity(feats, prompt.frm), "evi_feats": feats,
+               "evi_mask": evi_mask, "frame_mask": prompt.frame_mask}
+        if branch is not None:  # which response each answer <evi> belongs to (1 chosen, 2 rejected)
+            out["evi_branch"] = branch.gather(1, pos)
         return out
+
+    def answer_evidence(self, batch):
+        """The response's <evi> tokens (those with a label): positions in input_ids (B, Na), padded
+        with 0, their mask (B, Na) and their spans batch["answer_spans"] (B, Na, 2) in frames."""
+        pos, mask = _positions((batch["input_ids"] == self.token_id[EVI]) & (batch["labels"] != IGNORE))
+        spans = batch["answer_spans"]
+        if spans.shape[1] != pos.shape[1] or not (mask == (spans[..., 0] >= 0)).all():
+            raise ValueError("answer_spans must give one span per answer <evi> token")
+        return pos, mask, spans
 
     def encode_prompt(self, batch) -> "Prompt":
         """Video tokens, the sequence layout and pass 1: the prefix (everything up to the end of the
@@ -211,20 +226,18 @@ class D2VLM(nn.Module):
             if qspans is None or qspans.shape[1] != q_pos.shape[1] or not (q_mask == (qspans[..., 0] >= 0)).all():
                 raise ValueError("question_spans must give one span per question <evi> token")
             add = evidence.pool_evidence(video, qspans.clamp(min=0)) * q_mask[..., None]
-            flat = flat.index_put((torch.arange(B, device=dev)[:, None].expand_as(q_pos), _gather_idx(lay.col, q_pos)),
-                                  add.to(flat.dtype), accumulate=True)
+            flat = _add_at(flat, lay.col.gather(1, q_pos), add)
         return flat, is_video
 
-    def suffix_embeds(self, pr: "Prompt", pos, mask, spans):
-        """Suffix embeddings with the answer <evi> at `pos` (B, N) (positions in input_ids) raised by
-        the mean of the layer-`inject_layer` video states over their spans (B, N, 2); left as the
-        token embeddings when cfg.semantic_capture is off."""
-        emb = pr.suffix
+    def capture_evidence(self, prompt: "Prompt", pos, mask, spans):
+        """The paper's visual semantic capture: the suffix's input embeddings (B, S, D) with each answer
+        <evi> at `pos` (B, N) (positions in input_ids; `mask` (B, N) the real ones) raised by the mean
+        of the layer-`inject_layer` video states over its span (B, N, 2), in frames. The token
+        embeddings alone when cfg.semantic_capture is off (ablation B2)."""
         if not mask.any() or not self.cfg.semantic_capture:
-            return emb
-        add = evidence.pool_evidence(pr.inject, spans.clamp(min=0)) * mask[..., None]
-        b = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
-        return emb.index_put((b, _gather_idx(pr.col, pos) - pr.P), add.to(emb.dtype), accumulate=True)
+            return prompt.suffix
+        add = evidence.pool_evidence(prompt.inject, spans.clamp(min=0)) * mask[..., None]
+        return _add_at(prompt.suffix, prompt.columns(pos) - prompt.P, add)
 
     def run(self, emb, mask, cache, past_mask, is_video=None, branch=None):
         """The Phi-3 decoder on emb (B, N, D) whose real positions are `mask` (B, N), after the cached
@@ -246,9 +259,9 @@ class D2VLM(nn.Module):
         else:
             seen_before = mask.long().cumsum(1)
         own = torch.eye(N, dtype=torch.bool, device=mask.device)[None]
-        full = torch.cat([past[:, None, :].expand(B, N, M), att | own], 2)
+        visible = torch.cat([past[:, None, :].expand(B, N, M), att | own], 2)
         pos = (past.sum(1, keepdim=True) + seen_before - 1).clamp(min=0)
-        out = self.decoder(inputs_embeds=emb, attention_mask=full[:, None], position_ids=pos,
+        out = self.decoder(inputs_embeds=emb, attention_mask=visible[:, None], position_ids=pos,
                            past_key_values=cache, use_cache=True, output_hidden_states=True)
         return out.hidden_states
 
@@ -310,12 +323,26 @@ class Prompt:
     lengths: torch.Tensor      # (B,) long: real input positions
     P: int
 
+    def columns(self, pos):
+        """Input positions (B, N) -> their LLM columns (B, N) (prefix 0..P-1, then the suffix)."""
+        return self.col.gather(1, pos.clamp(min=0))
 
-def _to_suffix_columns(branch, pr: Prompt):
+    def states(self, hs, layer: int):
+        """One layer's hidden states over all columns (B, P + S, D): the prefix's, then those of hs
+        (the suffix's, as run returns them)."""
+        return torch.cat([self.pre_hs[layer], hs[layer]], 1)
+
+    def at(self, states, pos=None):
+        """states (B, P + S, D) -> those of the input positions pos (B, N) (default: every input
+        position, (B, L, D))."""
+        return _gather(states, self.col if pos is None else self.columns(pos))
+
+
+def _to_suffix_columns(branch, prompt: Prompt):
     """Per-position branch labels (B, L) -> per suffix column (B, S). A packed pair's responses
     (branches 1 and 2) lie wholly in the suffix; the prompt (0) needs no column there."""
     b, t = (branch > 0).nonzero(as_tuple=True)
-    return torch.zeros_like(pr.suf_mask, dtype=torch.long).index_put((b, pr.col[b, t] - pr.P), branch[b, t])
+    return torch.zeros_like(prompt.suf_mask, dtype=torch.long).index_put((b, prompt.col[b, t] - prompt.P), branch[b, t])
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -337,8 +364,10 @@ def _gather(x, idx):
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _gather_idx(col, pos):
-    return col.gather(1, pos.clamp(min=0))
+def _add_at(x, cols, add):
+    """x (B, C, D) with add (B, N, D) added at columns cols (B, N) of each row (repeats accumulate)."""
+    b = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(cols)
+    return x.index_put((b, cols), add.to(x.dtype), accumulate=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The miniature's starting point: what the paper's model knows before D2VLM's SFT, learnt on the
 synthetic world. Paper: "Experiments / implementation details" (D2VLM starts from E.T.Chat stage 2);
-shared/upstream-facts.md §5; docs/training.md "The starting point".
+docs/release.md#what-the-starting-point-has-learnt; docs/training.md "The starting point".
 
 The real run starts from an EVA-CLIP ViT and a Q-Former aligned to text by BLIP-2's pretraining, and
 an LLM that E.T.Chat's stages 1 and 2 taught to caption videos and answer questions about them; none

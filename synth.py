@@ -1,6 +1,6 @@
 """Factorized preference data: rejected responses made by perturbing the chosen one, event by event.
 
-Paper: "Factorized Preference Data Synthesis"; DESIGN.md §7 (the parameters are ours: the authors did
+Paper: "Factorized Preference Data Synthesis"; docs/design.md#preference-data-synthesis (the parameters are ours: the authors did
 not release their generator). Each perturbation touches one event of the response, so the source
 of the error is known and recorded with the pair.
 
@@ -32,7 +32,6 @@ from data import EVI, EVI_END
 from support import cli, outputs
 from support.files import read_json, write_json_rows
 
-MULTI_EVENT_TASKS = ("tal", "evs", "dvc", "slc", "tem")  # tasks whose answer is a list of events
 SHIFT = (0.3, 1.0)      # shift by this fraction of the span's length ...
 MIN_SHIFT = 2.0         # ... but at least this many seconds
 INSERT_LEN = (2.0, 8.0)  # seconds, when the record has no event to copy a length from
@@ -107,7 +106,7 @@ def _insert(record, rng, vocab, borrowed):
     or a line borrowed from another record in dense captions."""
     spans, dur = [list(x) for x in record["spans"]], float(record["duration"])
     mode, head, units, seps, tail = _units(record["response"])
-    if mode is None or record["task"] not in MULTI_EVENT_TASKS or not spans:
+    if mode is None or record["task"] not in data.SPAN_LIST_TASKS or not spans:  # multi-event tasks
         return None
     length = float(np.clip(np.mean([e - s for s, e in spans]), *INSERT_LEN))
     edges = sorted(spans)
@@ -255,11 +254,11 @@ def load_pairs(path, fps: float = 1.0) -> list:
     """Read a pairs file written by save_pairs, check every pair (_check_pair: the fields a record
     holds, checked as data.to_evidence checks them, and the <evi> counts), and add the frame spans
     at `fps`. A bad pair raises one line naming the file, the pair and the field."""
-    raw = read_json(path, "pairs file", item="pair")
-    if not isinstance(raw, list) or not raw:
+    parsed = read_json(path, "pairs file", item="pair")
+    if not isinstance(parsed, list) or not parsed:
         raise ValueError(f"{path}: expected a non-empty JSON list of pairs")
     out = []
-    for i, p in enumerate(raw):
+    for i, p in enumerate(parsed):
         try:
             _check_pair(p)
         except data.BadRecord as e:
@@ -306,7 +305,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=cli.seed, default=0)
     ap.add_argument("--per-sample", type=cli.at_least(1), default=1)
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    ap.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    ap.add_argument("--on-error", choices=list(data.ON_ERROR), default="raise")
     args = ap.parse_args(argv)
     made = {"command": "synth.py", "data": str(outputs.resolved(args.data)), "seed": args.seed,
             "per_sample": args.per_sample, "kinds": args.kinds, "on_error": args.on_error}

@@ -1,6 +1,6 @@
 """Frames: PyAV decoding at 1 fps and CLIP normalisation; writing mp4 files.
 
-Paper: "Experiments / implementation details" (frames sampled at 1 fps, 224 px). DESIGN.md §2.
+Paper: "Experiments / implementation details" (frames sampled at 1 fps, 224 px). docs/design.md#model.
 
     sample_frames(path, fps, size)   one sequential decode; frame k = the decoded frame nearest to t = k / fps
     FrameCache(max_bytes)            sample_frames, each file decoded once while it fits (a video serves many records)

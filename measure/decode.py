@@ -24,8 +24,8 @@ import video
 from config import PRESETS
 from measure import REPO
 
-# E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included, DESIGN
-# §8), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
+# E.T.Instruct-164K: samples, mean video length, LLM tokens of a sample (video tokens included,
+# docs/design.md#training-recipe), and the videos as the dataset ships them (3 fps, 224-px short side; 16:9 assumed)
 ETINSTRUCT = {"samples": 164_000, "video_s": 146.0, "llm_tokens": 300, "fps": 3, "width": 398, "height": 224}
 QFORMER_TEXT = 64   # BERT tokens of a question, about (a small share of the Q-Former's work)
 LOADER = {"mfu": 0.5, "ahead": 2.0}  # the GPU's assumed MFU; how far ahead of it the loader must be

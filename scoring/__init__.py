@@ -1,4 +1,4 @@
-"""The scorers, rule for rule as the official scripts (shared/scoring-spec.md; docs/scoring.md).
+"""The scorers, rule for rule as the official scripts (docs/scoring-rules.md; docs/scoring.md).
 
     rules.py               what every scorer shares: thresholds, the timestamp parser, IoUs, the
                            multiple-choice helpers, the field checks, Unscorable

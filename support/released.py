@@ -1,5 +1,6 @@
 """The released checkpoints' layout: E.T.Chat (PolyU-ChenLab/ETChat-Phi3-Mini-Stage-2, the paper's
-starting point) and D2VLM (wenzhengzeng/D2VLM-Models). shared/upstream-facts.md §1-§2.
+starting point) and D2VLM (wenzhengzeng/D2VLM-Models). docs/release.md#released-checkpoints and
+docs/release.md#parameter-names-and-transforms.
 
     is_released(dir)                  a directory in that layout (not one of our checkpoints)
     config_from(dir, base)            a D2VLMConfig with the widths, depths and vocabularies the directory holds

@@ -1,6 +1,7 @@
 """A training run's directory, runs/<name>/<stage>: what train.py does before and after its loop.
 
-    claim(run_dir, master, ddp)             one writer: rank 0 takes the lock, every rank stops alike
+    Proc                                    this process of the run: DDP or not, rank, world size, device
+    claim(run_dir, proc)                    one writer: rank 0 takes the lock, every rank stops alike
     refuse_used(run_dir)                    a fresh run never writes over another run's checkpoints
     settings(args)                          the run's --set (and --beta) settings
     starting_point(args, run_dir, world)    the config, the --init directory, the checkpoint --resume goes
@@ -30,17 +31,35 @@ from support import released
 from support.files import atomic_path
 
 
-def claim(run_dir, master, ddp):
+@dataclasses.dataclass(frozen=True)
+class Proc:
+    """This process of a training run, from torchrun's environment (train.setup_distributed)."""
+    ddp: bool             # under torchrun (a process group), even with one process
+    rank: int
+    world: int            # processes in all
+    local: int            # rank on this machine (its GPU)
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def claim(run_dir, proc: Proc):
     """Rank 0 creates the run directory and takes its lock (checkpoint.lock_run); every rank stops
     with the same message when it cannot. Returns the lock (rank 0) or None."""
     lock, problem = None, None
-    if master:
+    if proc.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock = ckpt.lock_run(run_dir)
         except SystemExit as e:
             problem = str(e.code)
-    if ddp:
+    if proc.ddp:
         box = [problem]
         dist.broadcast_object_list(box, 0)
         problem = box[0]
@@ -228,14 +247,14 @@ def check_state(st, resume, **expected) -> None:
             raise SystemExit(f"{resume}: was run with {k}={st[k]}, this run has {v}; an exact resume needs the same")
 
 
-def restore(resume, st, model, opt, rank, device) -> None:
+def restore(resume, st, model, opt, proc: Proc) -> None:
     """For an exact resume: the checkpoint's weights, its optimizer state and this rank's RNG state
     (st: resume_state's) into `model`, `opt` and the process."""
     ckpt.load_weights(model, resume)
     opt.load_state_dict(st["optimizer"])
-    torch.set_rng_state(st["rng"][rank]["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(st["rng"][rank]["cuda"], device)
+    torch.set_rng_state(st["rng"][proc.rank]["cpu"])
+    if proc.cuda:
+        torch.cuda.set_rng_state(st["rng"][proc.rank]["cuda"], proc.device)
 
 
 def cut_log(path: Path, step: int) -> None:
@@ -255,15 +274,16 @@ def cut_log(path: Path, step: int) -> None:
         tmp.write_text("".join(keep), encoding="utf-8")
 
 
-def save(run_dir, raw, opt, state, full, keep, world, device, master, ddp):
+def save(run_dir, model, opt, state, proc: Proc, *, full: bool, keep: int):
     """A checkpoint of the run at state["step"] (state: the trainer state but the RNG and the optimizer):
-    rank 0 writes it, with every rank's RNG state; the others wait. Returns its directory (rank 0) or None."""
-    rng = gather(rng_state(device), world)
+    rank 0 writes it, with every rank's RNG state; the others wait. full: every tensor, not only the
+    trained ones; keep: the newest checkpoints kept. Returns its directory (rank 0) or None."""
+    rng = gather(rng_state(proc.device), proc.world)
     saved = None
-    if master:
-        saved = ckpt.save_checkpoint(run_dir, state["step"], raw, {**state, "rng": rng, "optimizer": opt.state_dict()},
+    if proc.master:
+        saved = ckpt.save_checkpoint(run_dir, state["step"], model, {**state, "rng": rng, "optimizer": opt.state_dict()},
                                      full, keep)
-    if ddp:
+    if proc.ddp:
         dist.barrier()
     return saved
 
@@ -290,8 +310,10 @@ def gather(obj, world):
     return out
 
 
-def summarize(log, stage, step, total, done, wall, last, saved_to, digests):
-    """The closing line of log.jsonl and of the run's output."""
+def summarize(log, stage, *, step, total, done, wall, last, saved_to, digests):
+    """The closing line of log.jsonl (log, closed) and of the run's output: the stage's steps to `step`
+    of `total`, `done` of them in this process's `wall` seconds, the `last` log row, the checkpoint
+    saved_to and the ranks' digests."""
     summary = {"summary": True, "stage": stage, "steps": step, "wall_s": round(wall, 1),
                "s_per_step": round(wall / max(done, 1), 4), "final": last if done else None,
                "checkpoint": str(saved_to), "rank_digests": digests}

@@ -54,7 +54,7 @@ def test_realsize_rows_on_a_small_preset():
 
 def test_loader_row_at_real_size(tmp_path, monkeypatch):
     """The loader row on a small 146-s clip: the projected step of d2vlm-3.8b per sample is the
-    FLOP count DESIGN §8 gives (≈ 93 TFLOP, 82 % of it the frozen ViT) at 50 % of an H100."""
+    FLOP count docs/design.md#training-recipe gives (≈ 93 TFLOP, 82 % of it the frozen ViT) at 50 % of an H100."""
     monkeypatch.setitem(decode.ETINSTRUCT, "fps", 1)  # a quick clip to write; still 146 frames at 1 fps
     monkeypatch.setitem(decode.ETINSTRUCT, "width", 64)
     monkeypatch.setitem(decode.ETINSTRUCT, "height", 36)

@@ -29,9 +29,9 @@ def test_synthetic_annotations_follow_the_schemas(synthetic):
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
     assert [r["idx"] for r in test] == list(range(len(test))) and all(r["version"] == 1.0 for r in test)
     for r in test:  # tgt shapes as E.T.Bench has them
-        flat = r["task"] in ("tvg", "epm")
+        flat = r["task"] in data.ONE_SPAN_TASKS
         assert (isinstance(r["tgt"][0], float)) == flat
-        if r["task"] in ("dvc", "slc"):
+        if r["task"] in data.CAPTION_TASKS:
             assert len(r["g"]) == len(r["tgt"])
     # some video has two events of one action class, so tal has several spans
     assert any(len(data.to_evidence(r)["spans"]) > 1 for r in train + test if r["task"] == "tal")

@@ -73,7 +73,7 @@ def test_soft_targets_alpha_3():
 
 def test_soft_targets_batch_of_different_spans():
     spans = torch.tensor([[[0, 0], [2, 4]], [[4, 4], [1, 2]]])
-    y = soft_targets(spans, 5)
+    y = soft_targets(spans, 5, 2.0)
     assert y.shape == (2, 2, 5) and y.dtype == torch.float32
     expected = torch.tensor([[[1, 0.5, 0.25, 0.125, 0.0625], [0.25, 0.5, 1, 1, 1]],
                              [[0.0625, 0.125, 0.25, 0.5, 1], [0.5, 1, 1, 0.5, 0.25]]])

@@ -146,10 +146,10 @@ def test_the_grounding_factor_reads_the_times_as_written(chosen, rejected):
 def test_fpo_loss_is_log2_at_equal_inputs_and_its_gradient_widens_the_margin():
     g = torch.Generator().manual_seed(0)
     c = torch.randn(4, 2, generator=g) * torch.tensor([10.0, 5.0])  # [text, grounding] log-probs of 4 pairs
-    losses, rc, rr = fpo.fpo_loss(c, c)
+    losses, rc, rr = fpo.fpo_loss(c, c, beta=0.1)
     assert losses.shape == (4,) and rc.shape == rr.shape == (4, 2)
     assert losses.tolist() == pytest.approx([math.log(2)] * 4) and torch.equal(rc, rr)
-    losses, rc, rr = fpo.fpo_loss(c, c.clone() + 1, c, c + 1)  # reference = policy: rewards 0
+    losses, rc, rr = fpo.fpo_loss(c, c.clone() + 1, c, c + 1, beta=0.1)  # reference = policy: rewards 0
     assert losses.tolist() == pytest.approx([math.log(2)] * 4) and not rc.any() and not rr.any()
     chosen = torch.randn(4, 2, generator=g, requires_grad=True)
     rejected = torch.randn(4, 2, generator=g, requires_grad=True)

@@ -12,6 +12,7 @@ import checkpoint
 import config
 import data
 import decoding
+import evidence
 import model
 from evidence import EVI, EVI_END
 
@@ -77,6 +78,33 @@ def test_layout_by_hand():
     assert lay.suf_mask.tolist() == [[True, True], [True, False]]
     with pytest.raises(ValueError, match="one <video> token"):
         model.layout(ids, attn, torch.zeros(2, 3, dtype=torch.bool), V)
+
+
+def test_the_two_passes_are_one_forward(tiny):
+    """What model.layout buys: forward (the prefix run once with its cache, then the response on it)
+    computes what one plain decoder run over all columns at once computes (the same embeddings, no
+    cache): the logits and the <evi> similarities, on two samples of unequal lengths and frames."""
+    from transformers import DynamicCache
+    b = batch(tiny, [sample(8, spans=((2, 5),)), sample(5, seed=1, q="Where is the box?")])
+    with torch.no_grad():
+        out = tiny(b)
+        prompt = tiny.encode_prompt(b)
+        pos, mask, spans = tiny.answer_evidence(b)
+        response = tiny.capture_evidence(prompt, pos, mask, spans)
+        lay = model.layout(b["input_ids"], b["attention_mask"].bool(), b["frame_mask"], tiny.token_id[data.VIDEO])
+        flat, is_video = tiny.embed_prompt(b, lay, b["frame_mask"])
+        hs = tiny.run(torch.cat([flat[:, :lay.P], response], 1), torch.cat([lay.pre_mask, lay.suf_mask], 1),
+                      DynamicCache(config=tiny.decoder.config), None,
+                      torch.cat([is_video, torch.zeros_like(lay.suf_mask)], 1))
+        logits = tiny.lm_head(hs[-1].gather(1, lay.col[..., None].expand(-1, -1, hs[-1].shape[-1])))
+        match = hs[CFG.match_layer]
+        feats = tiny.evi_head(match.gather(1, lay.col.gather(1, pos - 1)[..., None].expand(-1, -1, match.shape[-1])))
+        frm = tiny.frm_head(match.gather(1, lay.vid_col[..., None].expand(-1, -1, match.shape[-1])))
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(out["logits"][real], logits[real], atol=1e-5, rtol=1e-5)
+    both = mask[..., None] & b["frame_mask"][:, None, :]  # real <evi>, real frames
+    torch.testing.assert_close(out["sim"][both], evidence.similarity(feats, frm)[both], atol=1e-5, rtol=1e-5)
+    assert mask.sum(1).min() >= 1
 
 
 def test_columns_padded_to_a_multiple_change_no_result(tiny, monkeypatch):
@@ -412,19 +440,19 @@ def test_semantic_capture_off_leaves_answer_evi_as_token_embeddings(evi_happy):
     """Ablation B2: answer <evi> (training and generation) get no video states; question <evi> keep theirs."""
     m = evi_happy
     b = batch(m, [sample(6, seed=0, q=f"What happens after {EVI}?", qspans=((1, 2),))])
-    pr = m.encode_prompt(b)
-    pos, mask = model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] != batches.IGNORE))
-    on = m.suffix_embeds(pr, pos, mask, b["answer_spans"])
+    prompt = m.encode_prompt(b)
+    pos, mask, spans = m.answer_evidence(b)
+    on = m.capture_evidence(prompt, pos, mask, spans)
     m.cfg = dataclasses.replace(CFG, semantic_capture=False)
     try:
-        off = m.suffix_embeds(pr, pos, mask, b["answer_spans"])
-        torch.testing.assert_close(off, pr.suffix, rtol=0, atol=0)
-        cols = model._gather_idx(pr.col, pos)[mask] - pr.P
+        off = m.capture_evidence(prompt, pos, mask, spans)
+        torch.testing.assert_close(off, prompt.suffix, rtol=0, atol=0)
+        cols = prompt.columns(pos)[mask] - prompt.P
         raw = m.decoder.embed_tokens(torch.tensor([m.token_id[EVI]]))[0]
         torch.testing.assert_close(off[0, cols], raw.expand(len(cols), -1), rtol=0, atol=0)
         assert not torch.equal(on[0, cols], off[0, cols])
-        q = model._gather_idx(pr.col, model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] == batches.IGNORE))[0])
-        assert not torch.equal(pr.suffix[0, q[0] - pr.P], raw)  # the question <evi> still takes in its span
+        q = prompt.columns(model._positions((b["input_ids"] == m.token_id[EVI]) & (b["labels"] == batches.IGNORE))[0])
+        assert not torch.equal(prompt.suffix[0, q[0] - prompt.P], raw)  # the question <evi> still takes in its span
         g = decoding.generate(m, batch(m, [sample(6, seed=0)], with_response=False), max_new_tokens=10)
         assert g[0]["spans"]  # <evi> are still emitted and grounded, only not fed their frames
     finally:

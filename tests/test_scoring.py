@@ -1,5 +1,5 @@
 """The scorers (the scoring package: rules, etbench, d2vlm, captions, charades_youcook2): each
-task scored on hand-written responses whose official scores follow from the rules (scoring-spec.md),
+task scored on hand-written responses whose official scores follow from the rules (docs/scoring-rules.md),
 the tricky parses, the release's reproduced bugs, and a fuzz run that must never crash."""
 import json
 import math
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from data import CAPTION_TASKS, ONE_SPAN_TASKS, OPTION_TASKS
 from scoring import etbench
 from scoring.captions import CAPTION_KEYS, CaptionScorers, dvc_format, dvc_format_d2vlm, score_dvc
 from scoring.charades_youcook2 import charades_records, chased_dp, score_charades, score_youcook2
@@ -284,6 +285,10 @@ def test_charades_official_denominator(tmp_path):
     r = charades_records(tmp_path / "test.json")[0]
     assert r["video"] == "charades/compressed_videos/AB12.mp4" and r["tgt"] == [1.5, 7.0] and r["idx"] == 0
     assert "described by the sentence: 'person opens a door'. The format" in r["q"]
+    # the release's str.strip("."): dots at both ends go, spaces stay (a caption ending ". " keeps its dot)
+    ann["annotations"][0]["caption"] = "..person opens a door. "
+    (tmp_path / "test.json").write_text(json.dumps(ann))
+    assert "sentence: 'person opens a door. '. The" in charades_records(tmp_path / "test.json")[0]["q"]
 
 
 def test_chased_dp_is_the_best_order_preserving_matching():
@@ -342,15 +347,15 @@ def test_fuzz_never_crashes(scorers):
         task = rng.choice(list(HEADLINE))
         r = rec(task, _junk(rng), video=f"v{i % 50}.mp4", source=rng.choice(["s1", "s2"]))
         s = sorted(rng.uniform(0, 100) for _ in range(2))
-        if task in ("tvg", "epm", "gvq"):
+        if task in ONE_SPAN_TASKS:
             r["tgt"] = s if rng.random() > 0.05 else [s[0], s[0]]  # some zero-length spans
         elif task == "vhd":
             r["tgt"] = [[s]] if rng.random() > 0.5 else [s]
         else:
             r["tgt"] = [s, [s[1], s[1] + 5]]
-        if task in ("rar", "eca", "rvq", "gvq"):
+        if task in OPTION_TASKS:
             r["o"], r["p"] = OPTIONS[:rng.choice([4, 4, 5, 3])] if rng.random() > 0.1 else OPTIONS, rng.randint(0, 3)
-        if task in ("dvc", "slc"):
+        if task in CAPTION_TASKS:
             r["g"] = ["a red square appears", "a blue circle"]
         recs.append(r)
     for r in recs[:2000]:  # every parser on every string; only tvg_format may raise (the official crashes)
@@ -358,8 +363,8 @@ def test_fuzz_never_crashes(scorers):
         dvc_format(r["a"])
         dvc_format_d2vlm(r["a"])
         tvg_format_d2vlm(r["a"])
-    non_caption = [r for r in recs if r["task"] not in ("dvc", "slc")]
-    out = score_etbench(non_caption + [r for r in recs if r["task"] in ("dvc", "slc")][:150], embed=scorers.embed,
+    non_caption = [r for r in recs if r["task"] not in CAPTION_TASKS]
+    out = score_etbench(non_caption + [r for r in recs if r["task"] in CAPTION_TASKS][:150], embed=scorers.embed,
                         scorers=scorers)
     assert sum(m["Total"] for srcs in out.values() for m in srcs.values()) == len(non_caption) + 150
     table(out)

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
+from data import CAPTION_TASKS, MCQ_TASKS, ONE_SPAN_TASKS, OPTION_TASKS
 from scoring.captions import CAPTION_KEYS, CLOCK, START_END, _captions, dvc_format
 from scoring.charades_youcook2 import score_charades
 from scoring.d2vlm import d2vlm_gvq, d2vlm_mcq, d2vlm_tvg
@@ -23,7 +24,7 @@ OPTIONS = ["a dog runs on the beach", "a man cooks pasta in a kitchen", "a woman
 SEED = 0
 FUZZ_ANSWERS = 5000  # per protocol
 FUZZ_SECONDS = 30  # generous: well under 1 s per protocol on 2 cores
-# the official patterns, as scoring-spec.md §1.2 and §1.11 quote them
+# the official patterns, as docs/scoring-rules.md#timestamp-parser, docs/scoring-rules.md#dvc-and-slc quote them
 OFFICIAL = {"pair": (r"(\d+\.*\d*)\s*-\s*(\d+\.*\d*)", PAIR), "to": (r"(\d+\.*\d*)\s* to \s*(\d+\.*\d*)", _TO),
             "clock": (r"\d+\.*\d*:\d+\.*\d*", CLOCK),
             "start_end": (r"start time (\d+\.*\d*), end time (\d+\.*\d*)", START_END)}
@@ -205,16 +206,16 @@ def _fuzz_record(rng, task, video, answer):
     and without annotators, 3 to 6 options."""
     s = sorted(rng.choice([0.0, 5.0, 10.0, rng.uniform(0, 100)]) for _ in range(2))
     r = rec(task, answer, video=f"v{video}.mp4", source=rng.choice(["s1", "s2"]))
-    if task in ("tvg", "epm", "gvq"):
+    if task in ONE_SPAN_TASKS:
         r["tgt"] = s
     elif task == "vhd":
         r["tgt"] = [[s]] if rng.random() < 0.5 else [s]
-    elif task not in ("rar", "eca", "rvq"):
+    elif task not in MCQ_TASKS:
         r["tgt"] = [s, [s[1], s[1] + 5]]
-    if task in ("rar", "eca", "rvq", "gvq"):
+    if task in OPTION_TASKS:
         r["o"] = OPTIONS[:rng.choice([3, 6] + [4, 5] * 5)]
         r["p"] = rng.randrange(len(r["o"]))
-    if task in ("dvc", "slc"):
+    if task in CAPTION_TASKS:
         r["g"] = ["a red square appears", "a blue circle"]
     return r
 
