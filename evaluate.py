@@ -175,6 +175,31 @@ def load_model(ckpt, args, cfg, tokenizer):
     return modeling.for_inference(m, "cpu")
 
 
+def checkpoint_to_use(args, command: str) -> Path:
+    """--ckpt, else the newest intact checkpoint of runs/default (FPO, else SFT; the damaged ones
+    passed over, a line each, headed by `command`); --qformer-tokenizer only with a released one."""
+    if args.ckpt:
+        ckpt = checkpoint.resolve(args.ckpt, "--ckpt")
+    else:
+        ckpt, passed = checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
+        for d, why in passed:
+            print(f"{command}: passed over {d} ({why})", file=sys.stderr)
+    if args.qformer_tokenizer and not released.is_released(ckpt):
+        raise SystemExit(f"--qformer-tokenizer is for a released --ckpt; {ckpt} carries its own tokenizers")
+    return ckpt
+
+
+def add_model_flags(ap) -> None:
+    """The flags that say how a --ckpt is loaded (load_model): the weight directories a checkpoint of
+    trained tensors only needs, the Q-Former tokenizer a released directory needs, --set."""
+    ap.add_argument("--vision-weights")
+    ap.add_argument("--llm-weights")
+    ap.add_argument("--qformer-tokenizer", help="with a released --ckpt: bert-base-uncased's tokenizer directory (or "
+                                                "InstructBLIP's qformer_tokenizer/)")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                    help="override the checkpoint's D2VLMConfig fields, e.g. --set select_ratio=0.5")
+
+
 def get_args(argv=None):
     ap = cli.ArgumentParser(description="D2VLM evaluation: inference on E.T.Bench-format data, and scoring.")
     ap.add_argument("--score", metavar="PRED", help="score a predictions file (or folder) instead of running the model")
@@ -189,12 +214,7 @@ def get_args(argv=None):
     ap.add_argument("--results", metavar="DIR", help="inference: the folder of the predictions and metrics (default: "
                                                      "eval/<checkpoint name> beside the checkpoint, never inside it)")
     ap.add_argument("--ckpt", help="checkpoint directory (default: the newest of runs/default/fpo, else sft)")
-    ap.add_argument("--vision-weights")
-    ap.add_argument("--llm-weights")
-    ap.add_argument("--qformer-tokenizer", help="with a released --ckpt: bert-base-uncased's tokenizer directory (or "
-                                                "InstructBLIP's qformer_tokenizer/)")
-    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                    help="override the checkpoint's D2VLMConfig fields, e.g. --set select_ratio=0.5")
+    add_model_flags(ap)
     ap.add_argument("--data", help="E.T.Bench-format annotation file (default: the synthetic test split)")
     ap.add_argument("--videos")
     ap.add_argument("--on-error", choices=list(data.ON_ERROR), default="raise",
@@ -305,14 +325,7 @@ def main(argv=None):
                   "(metrics files, hidden files and other extensions)", file=sys.stderr)
         records = load_predictions(args.score, require=("idx",) if args.benchmark == "charades" else ())
         return score(args, records, out, made)
-    if args.ckpt:
-        ckpt = checkpoint.resolve(args.ckpt, "--ckpt")
-    else:
-        ckpt, passed = checkpoint.latest_checkpoint(checkpoint.DEFAULT_RUN)
-        for d, why in passed:
-            print(f"evaluate: passed over {d} ({why})", file=sys.stderr)
-    if args.qformer_tokenizer and not released.is_released(ckpt):
-        raise SystemExit(f"--qformer-tokenizer is for a released --ckpt; {ckpt} carries its own tokenizers")
+    ckpt = checkpoint_to_use(args, "evaluate")
     cfg = configure(checkpoint.read_config(ckpt), args.set)
     if args.video:
         if args.out or args.results:
