@@ -10,7 +10,7 @@ One process: the standard library's HTTP server, whose threads only parse, check
 worker thread that runs the model (it is not thread-safe), taking questions in the order they came
 from a queue: a second user's question waits its turn, and the page says how many are ahead of it.
 
-    GET  /                    the page (PAGE: one HTML file, inline CSS and JS, nothing fetched elsewhere)
+    GET  /                    the page (demo.html: one HTML file, inline CSS and JS, nothing fetched elsewhere)
     GET  /videos/NAME         a synthetic test video, with byte ranges (the player seeks with them)
     POST /api/upload?name=N   a video file's bytes -> {"upload": id}; kept in the server's temporary
                               folder (the newest KEPT_UPLOADS), which goes when the server stops
@@ -54,7 +54,6 @@ import event_videos
 from config import configure
 from evidence import EVI, EVI_END
 from support import cli
-from video import probe
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # this machine only; Gradio's port, the field's habit
 MAX_PORT = 65535
@@ -77,6 +76,7 @@ RANGE = re.compile(r"bytes=(\d*)-(\d*)")  # one byte range, as players ask for t
 TASK_NAMES = {"tvg": "find an event", "epm": "when did I see it", "tal": "every moment of an action",
               "evs": "key segments", "vhd": "the highlight", "dvc": "describe every event",
               "slc": "steps of the procedure"}  # the example questions' buttons, one per synthetic task
+PAGE = Path(__file__).with_name("demo.html")  # the page: one HTML file, inline CSS and JS
 NO_CHECKPOINT = (f"no checkpoint under {checkpoint.DEFAULT_RUN}: make one with `torchrun train.py --stage sft` "
                  "(then `torchrun train.py --stage fpo`, as the README's quickstart), or give --ckpt DIR")
 
@@ -102,8 +102,7 @@ class Answerer:
         SystemExit or ValueError naming `path` on bad input."""
         fps, t0 = self.cfg.fps, time.perf_counter()
         sample = evaluate.video_question(path, question, self.cfg, self.tokenizer, self.max_new)
-        n = len(sample["frames"])
-        end = probe(path)["end"]
+        n, end = len(sample["frames"]), sample["end"]
         if end >= n / fps + LENGTH_SLACK:  # video_question reads the first frames that fit: an answer about
             # the start alone would pass for one about the whole video, so the demo refuses, as evaluation does
             raise ValueError(f"{path}: {end:.1f} s long, more than this model sees: {n} frames at {fps:g} fps "
@@ -479,9 +478,9 @@ def find_checkpoint(args) -> Path:
 
 
 def page(config: dict) -> bytes:
-    """PAGE with `config` (what its script reads) inside."""
+    """PAGE (demo.html) with `config` (what its script reads) inside."""
     text = json.dumps(config).replace("</", "<\\/")  # nothing in it can close the script element
-    return PAGE.replace("__CONFIG__", text).encode("utf-8")
+    return PAGE.read_text(encoding="utf-8").replace("__CONFIG__", text).encode("utf-8")
 
 
 def main(argv=None):
@@ -518,358 +517,5 @@ def main(argv=None):
 def stop(signum, frame):
     """SIGTERM stops the server as Ctrl-C does: the temporary folder is removed on the way out."""
     raise KeyboardInterrupt
-
-
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>D2VLM: when does it happen?</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<style>
-  :root { --ink: #1d2330; --muted: #667085; --line: #d9dee7; --panel: #f6f7f9; --accent: #2f5bd3; --bad: #b42318; }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); }
-  header { display: flex; justify-content: space-between; align-items: baseline; gap: 1em; padding: 12px 24px;
-           border-bottom: 1px solid var(--line); }
-  header h1 { font-size: 19px; margin: 0; }
-  header .model { color: var(--muted); font-size: 13px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-  main { display: grid; grid-template-columns: minmax(0, 11fr) minmax(0, 9fr); gap: 20px 28px; padding: 16px 24px;
-         max-width: 1320px; margin: 0 auto; }
-  section.wide { grid-column: 1 / -1; }
-  h2 { font-size: 14px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); margin: 0 0 8px; }
-  #drop { border: 2px dashed var(--line); border-radius: 8px; padding: 10px 12px; display: flex; flex-wrap: wrap;
-          gap: 8px 16px; align-items: center; margin-bottom: 10px; }
-  #drop.over { border-color: var(--accent); background: #eef2fc; }
-  #drop .or { color: var(--muted); }
-  video { width: 100%; max-height: min(52vh, 480px); background: #000; border-radius: 6px; display: block; }
-  textarea { width: 100%; min-height: 118px; font: inherit; padding: 8px; border: 1px solid var(--line); border-radius: 6px; }
-  button, select { font: inherit; }
-  #examples { display: flex; flex-wrap: wrap; gap: 6px; margin: 6px 0 10px; }
-  #examples button { border: 1px solid var(--line); background: var(--panel); border-radius: 14px; padding: 2px 10px;
-                     font-size: 13px; cursor: pointer; }
-  #ask { background: var(--accent); color: #fff; border: 0; border-radius: 6px; padding: 7px 20px; cursor: pointer; }
-  #ask:disabled { opacity: .5; cursor: default; }
-  #status { display: block; margin-top: 8px; color: var(--muted); }
-  #status.error { color: var(--bad); font-weight: 600; }
-  #answer { margin-top: 14px; }
-  #answer-text { font-size: 17px; white-space: pre-wrap; }
-  #evidence-text { font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; color: var(--muted); white-space: pre-wrap;
-                   margin-top: 4px; }
-  #timings { font-size: 13px; color: var(--muted); margin-top: 8px; }
-  .timeline { margin-top: 10px; display: grid; grid-template-columns: 64px minmax(0, 1fr); row-gap: 3px; font-size: 12px; }
-  .timeline .label { color: var(--muted); align-self: center; white-space: nowrap; }
-  .track { position: relative; height: 16px; background: var(--panel); border-radius: 3px; }
-  .segment { position: absolute; top: 1px; bottom: 1px; border-radius: 3px; cursor: pointer; min-width: 3px;
-             opacity: .85; }
-  .segment:hover { opacity: 1; outline: 2px solid var(--ink); }
-  .playhead { position: absolute; top: -2px; bottom: -2px; width: 2px; background: var(--ink); pointer-events: none; }
-  .axis { position: relative; height: 16px; color: var(--muted); }
-  .axis span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
-  .placeholder { grid-column: 1 / -1; color: var(--muted); font-size: 13px; }
-  .evi { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 6px 18px; align-items: center;
-         padding: 8px 0; border-top: 1px solid var(--line); }
-  .evi .head { grid-column: 1 / -1; font-size: 13px; }
-  .evi .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
-  .evi svg { width: 100%; height: auto; display: block; }
-  .thumbs { display: flex; flex-wrap: wrap; gap: 4px; }
-  .thumbs figure { margin: 0; text-align: center; font-size: 11px; color: var(--muted); cursor: pointer; }
-  .thumbs img { width: 64px; height: 64px; display: block; border-radius: 3px; }
-  @media (max-width: 900px) { main { grid-template-columns: 1fr; } .evi { grid-template-columns: 1fr; } }
-</style>
-</head>
-<body>
-<header><h1>D2VLM: when does it happen?</h1><div class="model" id="model"></div></header>
-<main>
-  <section>
-    <h2>Video</h2>
-    <div id="drop">
-      <label>Drop a video here, or <input type="file" id="file" accept="video/*"></label>
-      <span class="or">or a synthetic test video:</span>
-      <select id="pick"><option value="">choose…</option></select>
-    </div>
-    <video id="player" controls preload="metadata" playsinline></video>
-    <div id="timeline" class="timeline"><div class="placeholder">Each &lt;evi&gt; of the answer is drawn here on
-      the video's timeline; click one to see that moment.</div></div>
-  </section>
-  <section>
-    <h2>Question</h2>
-    <textarea id="question" placeholder="When does the red square appear?"></textarea>
-    <div id="examples"></div>
-    <button id="ask">Ask</button><span id="status" data-state="idle"></span>
-    <div id="answer" hidden>
-      <div id="answer-text"></div>
-      <div id="evidence-text"></div>
-      <div id="timings"></div>
-    </div>
-  </section>
-  <section class="wide" id="evidence-section" hidden>
-    <h2>Evidence: each &lt;evi&gt;'s similarity over the frames (its span shaded) and the frames it picked</h2>
-    <div id="evidence"></div>
-  </section>
-</main>
-<script id="config" type="application/json">__CONFIG__</script>
-<script>
-"use strict";
-const C = JSON.parse(document.getElementById("config").textContent);
-const $ = (id) => document.getElementById(id);
-const player = $("player"), fileInput = $("file"), pick = $("pick"), question = $("question"), askButton = $("ask");
-const COLOURS = ["#e4572e", "#2e86ab", "#57a639", "#f3a712", "#8e44ad", "#17a2b8", "#c0392b", "#6c757d"];
-const SVG = "http://www.w3.org/2000/svg";
-const PLOT = {w: 640, h: 84, left: 30, right: 8, top: 6, bottom: 18};  // the similarity plot, in SVG units
-const MAX_TICKS = 8;
-let source = null, busy = false;  // source: {kind: "file", file, upload} or {kind: "synthetic", name}
-
-$("model").textContent = `${C.checkpoint} · ${C.device}`;
-for (const name of C.videos) pick.add(new Option(name, name));
-
-function setStatus(state, text) {
-  const s = $("status");
-  s.dataset.state = state;
-  s.className = state;
-  s.textContent = text;
-}
-
-function el(tag, attrs = {}, parent = null, ns = null) {
-  const e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (parent) parent.appendChild(e);
-  return e;
-}
-
-function showExamples(name) {
-  const box = $("examples"), examples = (name && C.examples[name]) || C.examples[C.videos[0]] || {};
-  box.replaceChildren();
-  for (const [task, label] of Object.entries(C.tasks)) {
-    if (!examples[task]) continue;
-    const b = el("button", {title: examples[task], "data-task": task}, box);
-    b.textContent = label;
-    b.onclick = () => { question.value = examples[task]; };
-  }
-}
-
-const timelineHint = $("timeline").firstElementChild;
-
-function clearAnswer() {
-  $("answer").hidden = true;
-  $("evidence-section").hidden = true;
-  $("timeline").replaceChildren(timelineHint);
-  delete $("timeline").dataset.total;
-}
-
-function useFile(file) {
-  if (player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
-  source = {kind: "file", file, upload: null};
-  player.src = URL.createObjectURL(file);
-  pick.value = "";
-  showExamples(null);
-  clearAnswer();
-  setStatus("idle", "");
-}
-
-fileInput.onchange = () => { if (fileInput.files[0]) useFile(fileInput.files[0]); };
-pick.onchange = () => {
-  if (!pick.value) return;
-  source = {kind: "synthetic", name: pick.value};
-  player.src = "/videos/" + encodeURIComponent(pick.value);
-  fileInput.value = "";
-  showExamples(pick.value);
-  clearAnswer();
-  setStatus("idle", "");
-};
-const drop = $("drop");
-drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
-drop.ondragleave = () => drop.classList.remove("over");
-drop.ondrop = (e) => {
-  e.preventDefault();
-  drop.classList.remove("over");
-  if (e.dataTransfer.files[0]) { fileInput.value = ""; useFile(e.dataTransfer.files[0]); }
-};
-askButton.onclick = ask;
-question.onkeydown = (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ask(); };
-
-function megabytes(n) { return `${(n / 2 ** 20).toLocaleString("en", {maximumFractionDigits: 1})} MB`; }
-
-async function request(url, options = {}) {
-  const r = await fetch(url, options).catch(() => { throw new Error("no answer from the server (is demo.py still running?)"); });
-  const j = await r.json().catch(() => ({error: `the server answered ${r.status} ${r.statusText}`}));
-  if (!r.ok) throw Object.assign(new Error(j.error), {status: r.status});
-  return j;
-}
-
-function post(url, body, type) {
-  return request(url, {method: "POST", headers: {[C.header]: "1", "Content-Type": type}, body});
-}
-
-async function video() {
-  if (source.kind === "synthetic") return {synthetic: source.name};
-  const f = source.file;
-  if (f.size > C.limits.upload_bytes)
-    throw new Error(`${f.name}: ${megabytes(f.size)}, more than the ${megabytes(C.limits.upload_bytes)} this page takes`);
-  if (!source.upload) {
-    setStatus("busy", `uploading ${f.name} (${megabytes(f.size)}) …`);
-    source.upload = (await post("/api/upload?name=" + encodeURIComponent(f.name), f, "application/octet-stream")).upload;
-  }
-  return {upload: source.upload};
-}
-
-async function submit() {
-  const body = () => video().then((v) => JSON.stringify({video: v, question: question.value}));
-  const text = await body();
-  if (new Blob([text]).size > C.limits.request_bytes)
-    throw new Error(`question: ${question.value.length.toLocaleString("en")} characters, far more than a model's context holds`);
-  try {
-    return await post("/api/ask", text, "application/json");
-  } catch (e) {
-    if (e.status !== 410 || source.kind !== "file") throw e;
-    source.upload = null;  // the server no longer keeps it: send it again, once
-    return await post("/api/ask", await body(), "application/json");
-  }
-}
-
-function queued(ahead) { return `queued: ${ahead} question${ahead === 1 ? "" : "s"} ahead of yours`; }
-
-async function follow(job) {
-  for (;;) {
-    const j = await request("/api/job/" + job);
-    if (j.state === "done") return j.answer;
-    if (j.state === "error") throw new Error(j.message);
-    setStatus(j.state, j.state === "queued" ? queued(j.ahead) : "answering …");
-    await new Promise((resolve) => setTimeout(resolve, C.poll_ms));
-  }
-}
-
-async function ask() {
-  if (busy) return;
-  if (!source) { setStatus("error", "no video yet: drop one in, or pick a synthetic test video"); return; }
-  busy = askButton.disabled = true;
-  clearAnswer();
-  setStatus("busy", "sending …");
-  try {
-    const job = await submit();
-    if (job.ahead) setStatus("queued", queued(job.ahead));
-    render(await follow(job.job));
-    setStatus("done", "");
-  } catch (e) {
-    setStatus("error", e.message);
-  } finally {
-    busy = askButton.disabled = false;
-  }
-}
-
-function seek(t) { player.currentTime = t; }
-
-function tickStep(total) {
-  for (const step of [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600])
-    if (total / step <= MAX_TICKS) return step;
-  return Math.ceil(total / MAX_TICKS / 3600) * 3600;
-}
-
-function tick(t) { return `${+t.toFixed(2)}`; }  // an axis label: 0, 5, 10; 2.5
-
-function seconds(t) { const r = +t.toFixed(2); return Number.isInteger(r) ? r.toFixed(1) : String(r); }  // 1.0, 2.5, as answers write them
-
-function render(a) {
-  const T = a.timeline_s, cut = a.text.indexOf(C.evi_end);
-  $("answer-text").textContent = cut >= 0 ? a.text.slice(cut + C.evi_end.length) : a.text;
-  $("evidence-text").textContent = cut >= 0 ? `evidence: ${a.text.slice(0, cut)}` : "";
-  const stopped = {end: "", max_new_tokens: ` (stopped at the limit of ${a.max_new_tokens} new tokens)`,
-                   context: " (stopped at the end of the model's context)"}[a.stopped];
-  $("timings").textContent = `read the video: ${a.read_s.toFixed(2)} s (${a.frames} frames at ${a.fps} fps) · ` +
-    `generated ${a.tokens} tokens: ${a.generate_s.toFixed(2)} s · waited in the queue: ${a.queued_s.toFixed(2)} s` + stopped;
-  $("answer").hidden = false;
-  drawTimeline(a.spans, a.fps, T);
-  drawEvidence(a, T);
-}
-
-function drawTimeline(spans, fps, T) {
-  const tl = $("timeline");
-  tl.replaceChildren();
-  tl.dataset.total = String(T);
-  if (!spans.length) {
-    el("div", {class: "placeholder"}, tl).textContent = `no ${C.evi} in this answer: nothing to draw`;
-    return;
-  }
-  spans.forEach(([s, e], k) => {
-    el("div", {class: "label"}, tl).textContent = `${C.evi} ${k + 1}`;
-    const track = el("div", {class: "track"}, tl);
-    const end = Math.min(e + 1 / fps, T);  // a span covers its last frame's time step too, as --plot shades it
-    const seg = el("div", {class: "segment", "data-start": String(s), "data-end": String(e), "data-index": String(k),
-                           title: `${C.evi} ${k + 1}: ${seconds(s)} - ${seconds(e)} s (click: go there)`}, track);
-    seg.style.left = `${100 * s / T}%`;
-    seg.style.width = `${100 * Math.max(end - s, 0) / T}%`;
-    seg.style.background = COLOURS[k % COLOURS.length];
-    seg.onclick = () => seek(s);
-    el("div", {class: "playhead"}, track);
-  });
-  el("div", {}, tl);
-  const axis = el("div", {class: "axis"}, tl), step = tickStep(T);
-  for (let t = 0; t <= T + 1e-9; t += step) {
-    const mark = el("span", {}, axis);
-    mark.style.left = `${100 * t / T}%`;
-    mark.textContent = `${tick(t)} s`;
-  }
-  movePlayhead();
-}
-
-function movePlayhead() {
-  const T = +($("timeline").dataset.total || 0);
-  for (const p of document.querySelectorAll(".playhead")) p.style.left = T ? `${100 * Math.min(player.currentTime / T, 1)}%` : "0";
-}
-player.addEventListener("timeupdate", movePlayhead);
-player.addEventListener("seeked", movePlayhead);
-
-function plot(probs, span, fps, T, colour, parent) {
-  const {w, h, left, right, top, bottom} = PLOT, iw = w - left - right, ih = h - top - bottom;
-  const x = (t) => left + iw * t / T, y = (p) => top + ih * (1 - p);
-  const svg = el("svg", {viewBox: `0 0 ${w} ${h}`, role: "img"}, parent, SVG);
-  if (span) {
-    const [s, e] = span;
-    el("rect", {x: x(s), y: top, width: Math.max(x(Math.min(e + 1 / fps, T)) - x(s), 1), height: ih, fill: colour,
-                "fill-opacity": 0.22}, svg, SVG);
-  }
-  el("rect", {x: left, y: top, width: iw, height: ih, fill: "none", stroke: "#d9dee7"}, svg, SVG);
-  for (const p of [0, 0.5, 1]) {
-    el("line", {x1: left, x2: left + iw, y1: y(p), y2: y(p), stroke: "#eef0f4"}, svg, SVG);
-    const label = el("text", {x: left - 4, y: y(p) + 3, "text-anchor": "end", "font-size": 10, fill: "#667085"}, svg, SVG);
-    label.textContent = String(p);
-  }
-  const step = tickStep(T);
-  for (let t = 0; t <= T + 1e-9; t += step) {
-    const label = el("text", {x: x(t), y: h - 5, "text-anchor": "middle", "font-size": 10, fill: "#667085"}, svg, SVG);
-    label.textContent = `${tick(t)} s`;
-  }
-  const points = probs.map((p, k) => `${x(k / fps).toFixed(1)},${y(p).toFixed(1)}`).join(" ");
-  el("polyline", {points, fill: "none", stroke: colour, "stroke-width": 1.8}, svg, SVG);
-}
-
-function drawEvidence(a, T) {
-  const box = $("evidence");
-  box.replaceChildren();
-  $("evidence-section").hidden = !a.probs.length;
-  a.probs.forEach((probs, k) => {
-    const colour = COLOURS[k % COLOURS.length], span = a.spans[k], row = el("div", {class: "evi"}, box);
-    const head = el("div", {class: "head"}, row);
-    el("span", {class: "swatch", style: `background:${colour}`}, head);
-    head.append(`${C.evi} ${k + 1}` + (span ? `: ${seconds(span[0])} - ${seconds(span[1])} s` : "") +
-                ` · peak similarity ${Math.max(...probs).toFixed(2)}`);
-    plot(probs, span, a.fps, T, colour, el("div", {}, row));
-    const thumbs = el("div", {class: "thumbs"}, row);
-    for (const f of a.picks[k] || []) {
-      const fig = el("figure", {title: `frame ${f}: ${seconds(f / a.fps)} s (click: go there)`}, thumbs);
-      el("img", {src: a.images[f], alt: `frame ${f}`}, fig);
-      el("figcaption", {}, fig).textContent = `${tick(f / a.fps)} s`;
-      fig.onclick = () => seek(f / a.fps);
-    }
-  });
-}
-showExamples(null);
-</script>
-</body>
-</html>
-"""
-
-
 if __name__ == "__main__":
     cli.run(main)

@@ -108,7 +108,8 @@ def autocast(m):
 
 
 def video_question(video, question, cfg, tokenizer, max_new_tokens=DEFAULT_DECODING["max_new_tokens"], upright=True):
-    """The sample of one question about one video file, {"evidence", "frames"} (upright: turned as
+    """The sample of one question about one video file, {"evidence", "frames", "end": the time of its
+    last frame, s} (upright: turned as
     the file's display matrix says, as a player shows it), checked before any weight is loaded: the question is text a record may hold (data.check_text), its timestamps
     ("after 3.0 - 5.0 seconds", which become question <evi>) lie inside the video, the prompt and
     max_new_tokens leave room for frames in cfg.max_len. SystemExit naming --question otherwise."""
@@ -129,7 +130,7 @@ def video_question(video, question, cfg, tokenizer, max_new_tokens=DEFAULT_DECOD
         raise SystemExit(f"--question and --max-new-tokens leave no room for frames in max_len={cfg.max_len}")
     frames = sample_frames(video, cfg.fps, cfg.image_size, max_frames=budget, upright=upright)
     evidence = {"prompt": prompt, "question_frames": data.to_frames(qspans, cfg.fps), "response": "", "frames": []}
-    return {"evidence": evidence, "frames": frames}
+    return {"evidence": evidence, "frames": frames, "end": end}
 
 
 def answer_video(m, sample, max_new_tokens=DEFAULT_DECODING["max_new_tokens"],

@@ -16,7 +16,7 @@ FILE_REF = re.compile(r"(?<![\w/.:-])((?:\.\./|\./)?(?:[\w-]+/)*[\w-]+\.md)(#[\w
 PY_REF = re.compile(r"(?<![\w/.-])((?:support|scoring|measure|tests)/\w+\.py)\b")
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
 # `module.attr`; a file name (`config.py`, `model.safetensors`) is not a code name
-CODE_NAME = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\.(?!(?:py|md|json|jsonl|safetensors|txt|pt|png|mp4|sh)`)[A-Za-z_]\w*)`")
+CODE_NAME = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\.(?!(?:py|md|html|json|jsonl|safetensors|txt|pt|png|mp4|sh)`)[A-Za-z_]\w*)`")
 SELF = Path(__file__).resolve()  # holds broken references on purpose
 
 
@@ -133,8 +133,8 @@ def test_every_code_name_the_docs_cite_exists():
 
 
 @pytest.mark.parametrize("text, why", [
-    ("see DESIGN.md §2", "no such file"),
-    ("the notes in ../shared/upstream-facts.md", "no such file"),
+    ("see NOTES.md §2", "no such file"),
+    ("the facts in ../elsewhere/facts.md", "no such file"),
     ("docs/design.md#no-such-section", "no such heading"),
     ("[the rules](scoring-rules.md#tvg-and-epmm)", "no such heading"),
     ("support/nothing.py", "no such file"),
